@@ -1,0 +1,3 @@
+from tasklab.cli import main
+
+main()

@@ -1,0 +1,137 @@
+"""Celery app factory with production defaults; docs/celery-config.md explains each choice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from tasklab.settings import Settings
+
+# Queues, most urgent first: a worker consuming several queues polls them in this order.
+QUEUES = ("high", "default", "low", "data_sync", "scheduled")
+DEFAULT_QUEUE = "default"
+# tasklab priorities run 0 (least urgent) .. 9 (most urgent), like RabbitMQ; on Redis kombu
+# pops 0 first, so the priority is mirrored when published there (see redis_priority()).
+MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 5
+# Modules whose tasks every tasklab worker registers.
+TASK_MODULES = [
+    "tasklab.lab.probes",
+]
+
+
+def redis_priority(priority: int) -> int:
+    """Map a tasklab priority (9 most urgent) to a kombu-Redis priority (0 popped first)."""
+    return MAX_PRIORITY - priority
+
+
+def broker_priority(settings: Settings, priority: int) -> int:
+    return redis_priority(priority) if settings.broker_is_redis else priority
+
+
+def make_celery(
+    settings: Settings, *, name: str = "tasklab", include: list[str] | None = None,
+    for_publishing: bool = False,
+) -> Celery:
+    """Build a Celery app from settings.
+
+    ``for_publishing`` builds a producer-side app whose broker sockets time out after
+    ``publish_timeout_s``, so a frozen broker fails a publish fast instead of hanging a request.
+    """
+    app = Celery(name, include=list(TASK_MODULES if include is None else include))
+    app.conf.update(_config(settings, for_publishing=for_publishing))
+    return app
+
+
+def _config(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
+    is_redis = settings.broker_is_redis
+    conf: dict[str, Any] = {
+        "broker_url": settings.effective_broker_url,
+        "result_backend": settings.effective_result_backend,
+        # JSON only: pickle lets whoever can write to the broker run code in the worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Ack after the task ran, and re-queue if the worker process died, so a crash mid-task
+        # is retried instead of lost. Tasks must be idempotent (tasklab jobs are, by fencing).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # On connection loss, late-ack messages are redelivered anyway; cancel the running copy
+        # rather than let it run twice.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Prefetch a few messages per process: enough to hide broker round trips on short
+        # tasks, few enough that long tasks do not sit reserved behind a busy process.
+        "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
+        "worker_concurrency": settings.effective_concurrency,
+        "worker_pool": settings.worker_pool,
+        # Recycle child processes to bound leaks in task code.
+        "worker_max_tasks_per_child": settings.worker_max_tasks_per_child,
+        "worker_max_memory_per_child": settings.worker_max_memory_per_child_kb,
+        # Soft limit raises SoftTimeLimitExceeded inside the task so it can clean up; the hard
+        # limit kills the process if it does not.
+        "task_soft_time_limit": settings.task_soft_time_limit_s,
+        "task_time_limit": settings.task_time_limit_s,
+        # Keep results in the backend only as long as someone could want them; bounds memory.
+        "result_expires": settings.result_expires_s,
+        # Events feed monitoring (tasklab exporter, Flower).
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        # Queues and routing.
+        "task_queues": _queues(settings),
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_default_priority": broker_priority(settings, DEFAULT_PRIORITY),
+        "task_queue_max_priority": MAX_PRIORITY,
+        "task_create_missing_queues": True,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+    if is_redis:
+        conf.update(_redis_transport(settings, for_publishing=for_publishing))
+    return conf
+
+
+def _redis_transport(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
+    vt = settings.visibility_timeout_s
+    transport: dict[str, Any] = {
+        # Unacked messages come back after this; must exceed the longest task time limit and
+        # countdown, or long tasks get delivered twice. tasklab's leases recover crashed
+        # tasks much sooner, so this can stay long.
+        "visibility_timeout": vt,
+        # Ten real priority levels (kombu's default is 4 steps: 0, 3, 6, 9).
+        "priority_steps": list(range(MAX_PRIORITY + 1)),
+        "sep": ":",
+        "queue_order_strategy": "priority",
+        "socket_connect_timeout": settings.publish_timeout_s,
+        "health_check_interval": 10,
+    }
+    if for_publishing:
+        transport["socket_timeout"] = settings.publish_timeout_s
+    return {
+        "broker_transport_options": transport,
+        # Celery reads the visibility timeout in these places too; keep them all equal.
+        "result_backend_transport_options": {"visibility_timeout": vt},
+        "visibility_timeout": vt,
+        "redis_socket_connect_timeout": settings.publish_timeout_s,
+        "redis_backend_health_check_interval": 10,
+        "redis_retry_on_timeout": True,
+    }
+
+
+def _queues(settings: Settings) -> list[Queue]:
+    if settings.broker_is_redis:
+        return [Queue(q, Exchange(q), routing_key=q) for q in QUEUES]
+    args: dict[str, Any]
+    if settings.amqp_queue_type == "quorum":
+        # Quorum queues replicate messages across nodes (survive a node loss) but, on
+        # RabbitMQ < 4, have no priorities.
+        args = {"x-queue-type": "quorum"}
+    else:
+        args = {"x-max-priority": MAX_PRIORITY}
+    return [Queue(q, Exchange(q), routing_key=q, queue_arguments=args, durable=True)
+            for q in QUEUES]

@@ -1,0 +1,1 @@
+"""Performance lab: stress, bench, tune, drill, load and report."""

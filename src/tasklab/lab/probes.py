@@ -1,0 +1,58 @@
+"""Probe tasks the lab measures with. Add ``tasklab.lab.probes`` to a worker's imports to use
+the lab against your own Celery app; the tasks bind to whichever app is current."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+from celery import shared_task
+
+
+@shared_task(name="tasklab.probe.noop")
+def noop(sent_at: float | None = None) -> dict[str, Any]:
+    """Do nothing; report when it ran so the caller can split queue wait from run time."""
+    return {"sent_at": sent_at, "started_at": time.time(), "finished_at": time.time(),
+            "pid": os.getpid()}
+
+
+@shared_task(name="tasklab.probe.sleep")
+def sleep(seconds: float, sent_at: float | None = None) -> dict[str, Any]:
+    """I/O-bound stand-in: waits without using CPU."""
+    started = time.time()
+    time.sleep(seconds)
+    return {"sent_at": sent_at, "started_at": started, "finished_at": time.time(),
+            "pid": os.getpid()}
+
+
+@shared_task(name="tasklab.probe.cpu")
+def cpu(rounds: int = 20_000, sent_at: float | None = None) -> dict[str, Any]:
+    """CPU-bound stand-in: repeated hashing."""
+    started = time.time()
+    digest = b"tasklab"
+    for _ in range(rounds):
+        digest = hashlib.sha256(digest).digest()
+    return {"sent_at": sent_at, "started_at": started, "finished_at": time.time(),
+            "pid": os.getpid(), "digest": digest.hex()[:8]}
+
+
+@shared_task(name="tasklab.probe.mixed")
+def mixed(rounds: int = 5_000, seconds: float = 0.01,
+          sent_at: float | None = None) -> dict[str, Any]:
+    """Half hashing, half waiting."""
+    started = time.time()
+    cpu.run(rounds)
+    time.sleep(seconds)
+    return {"sent_at": sent_at, "started_at": started, "finished_at": time.time(),
+            "pid": os.getpid()}
+
+
+class ProbeFailure(RuntimeError):
+    """Raised on purpose by the ``fail`` probe."""
+
+
+@shared_task(name="tasklab.probe.fail")
+def fail(message: str = "probe failure") -> None:
+    raise ProbeFailure(message)

