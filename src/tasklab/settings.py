@@ -259,3 +259,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return {}
     with path.open("rb") as f:
         return tomllib.load(f)
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """Environment variables that rebuild ``settings`` in a child process."""
+    env: dict[str, str] = {}
+    for name, info in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if value is None or value == info.default:
+            continue
+        key = PLAIN_ENV.get(name, f"{ENV_PREFIX}{name.upper()}")
+        env[key] = str(value)
+    return env
