@@ -19,6 +19,8 @@ DEFAULT_PRIORITY = 5
 # Modules whose tasks every tasklab worker registers.
 TASK_MODULES = [
     "tasklab.lab.probes",
+    "tasklab.lab.probe_jobs",
+    "tasklab.jobs.maintenance",
 ]
 
 
@@ -40,7 +42,8 @@ def make_celery(
     ``for_publishing`` builds a producer-side app whose broker sockets time out after
     ``publish_timeout_s``, so a frozen broker fails a publish fast instead of hanging a request.
     """
-    app = Celery(name, include=list(TASK_MODULES if include is None else include))
+    modules = [*TASK_MODULES, *settings.imports] if include is None else include
+    app = Celery(name, include=list(modules))
     app.conf.update(_config(settings, for_publishing=for_publishing))
     return app
 
@@ -93,7 +96,17 @@ def _config(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
     }
     if is_redis:
         conf.update(_redis_transport(settings, for_publishing=for_publishing))
+    elif for_publishing:
+        conf["broker_transport_options"] = _fail_fast(settings)
+        conf["broker_connection_timeout"] = settings.publish_timeout_s
     return conf
+
+
+def _fail_fast(settings: Settings) -> dict[str, Any]:
+    """Producer-side: no reconnect loop and short socket timeouts, so a dead or frozen broker
+    costs one publish at most ``publish_timeout_s`` (the circuit breaker does the rest)."""
+    return {"max_retries": 0, "connect_retries_timeout": settings.publish_timeout_s,
+            "socket_timeout": settings.publish_timeout_s}
 
 
 def _redis_transport(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
@@ -111,7 +124,7 @@ def _redis_transport(settings: Settings, *, for_publishing: bool) -> dict[str, A
         "health_check_interval": 10,
     }
     if for_publishing:
-        transport["socket_timeout"] = settings.publish_timeout_s
+        transport.update(_fail_fast(settings))
     return {
         "broker_transport_options": transport,
         # Celery reads the visibility timeout in these places too; keep them all equal.

@@ -7,6 +7,7 @@ Precedence: explicit arguments > environment (``DATABASE_URL``, ``REDIS_URL``, `
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(7200, ge=60)
     result_expires_s: int = Field(3600, ge=60)
     amqp_queue_type: Literal["classic", "quorum"] = "classic"
+    # Extra modules whose @job / Celery tasks the worker imports (your application's tasks).
+    imports: list[str] = Field(default_factory=list)
 
     # Job layer
     lease_s: float = Field(30.0, ge=1)
@@ -269,5 +272,5 @@ def to_env(settings: Settings) -> dict[str, str]:
         if value is None or value == info.default:
             continue
         key = PLAIN_ENV.get(name, f"{ENV_PREFIX}{name.upper()}")
-        env[key] = str(value)
+        env[key] = json.dumps(value) if isinstance(value, list) else str(value)
     return env

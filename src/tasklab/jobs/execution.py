@@ -1,0 +1,200 @@
+"""Running one delivery of a job: claim, run under a lease, record the outcome (fenced).
+
+The same path runs in Celery workers and in the local fallback executor.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from tasklab.errors import JobError, StaleAttempt
+from tasklab.jobs import store
+from tasklab.jobs.lease import LeaseKeeper
+from tasklab.jobs.registry import JobSpec
+from tasklab.observe import metrics
+
+log = logging.getLogger("tasklab.jobs")
+PROGRESS_MIN_INTERVAL_S = 0.5
+_current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
+    "tasklab_job", default=None)
+
+
+class JobCancelled(JobError):
+    """Raised inside a job (by ``progress()``) when someone asked to cancel it."""
+
+
+def current_job() -> JobContext:
+    ctx = _current.get()
+    if ctx is None:
+        raise JobError("current_job() called outside a running tasklab job")
+    return ctx
+
+
+@dataclass
+class JobContext:
+    """What a running job sees of itself: id, attempt, progress and the fenced transaction."""
+
+    id: str
+    task: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    engine: Engine
+    lease_s: float
+    completed_in_transaction: bool = False
+    _last_progress_at: float = field(default=0.0, repr=False)
+
+    def progress(self, current: int, total: int | None = None,
+                 message: str | None = None) -> None:
+        """Record progress (at most every 0.5 s, and always at the end); raise JobCancelled
+        if a cancel was requested. Also renews the lease."""
+        now = time.time()
+        last = total is not None and current >= total
+        if not last and now - self._last_progress_at < PROGRESS_MIN_INTERVAL_S:
+            return
+        self._last_progress_at = now
+        with self.engine.begin() as conn:
+            row = conn.execute(store.progress(
+                self.id, self.attempt, current=current, total=total, message=message,
+                renew_until=now + self.lease_s)).first()
+        if row is None:
+            raise StaleAttempt(f"job {self.id} attempt {self.attempt} is no longer current")
+        if row[0]:
+            raise JobCancelled(f"job {self.id} was cancelled")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session whose commit also completes the job, fenced by the attempt number: if
+        another attempt took over (or the job already finished), nothing commits and
+        StaleAttempt is raised, so the effects happen exactly once."""
+        with Session(self.engine) as session, session.begin():
+            yield session
+            done = session.execute(store.complete(self.id, self.attempt, result=None,
+                                                  now=time.time()))
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                raise StaleAttempt(f"job {self.id} attempt {self.attempt} lost its claim; "
+                                   "effects rolled back")
+        self.completed_in_transaction = True
+
+
+@dataclass
+class Outcome:
+    status: str  # skipped | succeeded | retrying | dead | cancelled | stale
+    retry_in_s: float | None = None
+
+
+class Executor:
+    """Claims and runs deliveries; ``reschedule`` publishes the next attempt of a retry."""
+
+    def __init__(self, engine: Engine, *, lease_owner: str, via: str, default_lease_s: float,
+                 leases: LeaseKeeper,
+                 reschedule: Callable[[JobSpec, str, str, int, float], None]) -> None:
+        self.engine = engine
+        self.lease_owner = lease_owner
+        self.via = via
+        self.default_lease_s = default_lease_s
+        self.leases = leases
+        self.reschedule = reschedule
+
+    def run(self, spec: JobSpec, job_id: str) -> Outcome:
+        lease_s = spec.lease_s or self.default_lease_s
+        with self.engine.begin() as conn:
+            row = conn.execute(store.claim(job_id, lease_owner=self.lease_owner,
+                                           lease_s=lease_s, via=self.via,
+                                           now=time.time())).first()
+        if row is None:
+            metrics.DUPLICATE_DELIVERIES.labels(spec.name).inc()
+            return Outcome("skipped")
+        m = row._mapping
+        ctx = JobContext(id=job_id, task=spec.name, queue=m["queue"], attempt=m["attempt"],
+                         max_attempts=m["max_attempts"], engine=self.engine, lease_s=lease_s)
+        wait_from = m["next_attempt_at"] or m["queued_at"] or m["created_at"]
+        metrics.JOB_QUEUE_WAIT.labels(spec.name, ctx.queue).observe(
+            max(0.0, m["started_at"] - wait_from))
+        return self._execute(spec, ctx, list(m["args"]), dict(m["kwargs"]))
+
+    def _execute(self, spec: JobSpec, ctx: JobContext, args: list[Any],
+                 kwargs: dict[str, Any]) -> Outcome:
+        token = _current.set(ctx)
+        self.leases.hold(ctx.id, ctx.attempt, ctx.lease_s)
+        started = time.perf_counter()
+        try:
+            result = spec.func(ctx, *args, **kwargs) if spec.bind else spec.func(*args, **kwargs)
+        except JobCancelled:
+            return self._finish_cancelled(spec, ctx)
+        except StaleAttempt as e:
+            log.warning("job %s: %s", ctx.id, e)
+            return Outcome("stale")
+        except Exception as e:
+            return self._fail(spec, ctx, e)
+        finally:
+            metrics.JOB_DURATION.labels(spec.name, ctx.queue).observe(
+                time.perf_counter() - started)
+            self.leases.release(ctx.id)
+            _current.reset(token)
+        return self._succeed(spec, ctx, result)
+
+    def _succeed(self, spec: JobSpec, ctx: JobContext, result: Any) -> Outcome:
+        value = _jsonable(result)
+        now = time.time()
+        with self.engine.begin() as conn:
+            if ctx.completed_in_transaction:
+                conn.execute(store.set_result(ctx.id, ctx.attempt, value))
+                updated = 1
+            else:
+                updated = conn.execute(store.complete(ctx.id, ctx.attempt, result=value,
+                                                      now=now)).rowcount
+        if updated != 1:
+            log.warning("job %s attempt %s finished after losing its claim; result dropped",
+                        ctx.id, ctx.attempt)
+            return Outcome("stale")
+        metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "succeeded").inc()
+        return Outcome("succeeded")
+
+    def _fail(self, spec: JobSpec, ctx: JobContext, exc: Exception) -> Outcome:
+        retry = spec.retry.should_retry(exc, ctx.attempt, ctx.max_attempts)
+        delay = spec.retry.delay_s(ctx.attempt) if retry else None
+        now = time.time()
+        error = f"{type(exc).__name__}: {exc}"
+        with self.engine.begin() as conn:
+            updated = conn.execute(store.fail(
+                ctx.id, ctx.attempt, error=error, tb=traceback.format_exc(),
+                retry_at=None if delay is None else now + delay, now=now)).rowcount
+        if updated != 1:
+            return Outcome("stale")
+        if delay is None:
+            log.error("job %s (%s) is DEAD after %d attempt(s): %s", ctx.id, spec.name,
+                      ctx.attempt, error)
+            metrics.JOB_DEAD_LETTERS.labels(spec.name, ctx.queue).inc()
+            metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "dead").inc()
+            return Outcome("dead")
+        log.warning("job %s (%s) attempt %d failed, retry in %.1f s: %s", ctx.id, spec.name,
+                    ctx.attempt, delay, error)
+        metrics.JOB_RETRIES.labels(spec.name, ctx.queue).inc()
+        self.reschedule(spec, ctx.id, ctx.queue, ctx.attempt, delay)
+        return Outcome("retrying", retry_in_s=delay)
+
+    def _finish_cancelled(self, spec: JobSpec, ctx: JobContext) -> Outcome:
+        with self.engine.begin() as conn:
+            conn.execute(store.mark_cancelled_running(ctx.id, ctx.attempt, time.time()))
+        metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "cancelled").inc()
+        return Outcome("cancelled")
+
+
+def _jsonable(value: Any) -> Any:
+    """Results are stored as JSON; anything orjson cannot encode is stored as its repr."""
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except TypeError:
+        return repr(value)

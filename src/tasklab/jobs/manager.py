@@ -1,0 +1,283 @@
+"""``JobManager``: submit, inspect, cancel, retry and wait for durable jobs (sync and async).
+
+A job is committed to SQL before ``submit`` returns. Then it is published to the broker; if the
+broker does not take it, it runs in a bounded local executor (via=local), or stays PENDING for
+the reaper to publish when the broker is back. Either way it is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tasklab.celery_app import MAX_PRIORITY
+from tasklab.database import make_async_engine, make_engine
+from tasklab.errors import BrokerUnavailable, JobError, JobNotFound, JobStateError, JobTimeout
+from tasklab.jobs import store
+from tasklab.jobs.execution import Executor
+from tasklab.jobs.fallback import LocalExecutor
+from tasklab.jobs.lease import LeaseKeeper
+from tasklab.jobs.publisher import Publisher
+from tasklab.jobs.records import FINAL, Job, JobStatus
+from tasklab.jobs.registry import JobSpec, get_spec
+from tasklab.observe import metrics
+from tasklab.settings import Settings
+
+log = logging.getLogger("tasklab.jobs")
+MAX_PAGE_SIZE = 100
+
+
+class JobManager:
+    def __init__(self, settings: Settings, *, engine: Engine | None = None,
+                 async_engine: AsyncEngine | None = None, publisher: Publisher | None = None,
+                 local_fallback: bool = True) -> None:
+        self.settings = settings
+        self.engine = engine or make_engine(settings)
+        self._async_engine = async_engine
+        self.publisher = publisher or Publisher(settings)
+        self.local = LocalExecutor(workers=settings.local_workers if local_fallback else 0,
+                                   queue_max=settings.local_queue_max)
+        self._leases = LeaseKeeper(self.engine)
+        self._executor = Executor(
+            self.engine, lease_owner=f"local:{socket.gethostname()}:{os.getpid()}", via="local",
+            default_lease_s=settings.lease_s, leases=self._leases,
+            reschedule=self._reschedule_local)
+
+    @property
+    def async_engine(self) -> AsyncEngine:
+        if self._async_engine is None:
+            self._async_engine = make_async_engine(self.settings)
+        return self._async_engine
+
+    # --- submit -----------------------------------------------------------------------------
+    def _prepare(self, task: str | JobSpec, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                 queue: str | None, priority: int | None, idempotency_key: str | None,
+                 owner: str | None, countdown_s: float) -> tuple[JobSpec, dict[str, Any]]:
+        spec = get_spec(task)
+        prio = spec.priority if priority is None else priority
+        if not isinstance(prio, int) or not 0 <= prio <= MAX_PRIORITY:
+            raise JobError(f"priority must be an int 0..{MAX_PRIORITY}, got {prio!r}")
+        if countdown_s < 0:
+            raise JobError("countdown_s must be >= 0")
+        now = time.time()
+        values = {"job_id": store.new_job_id(), "task": spec.name, "args": list(args),
+                  "kwargs": kwargs, "queue": queue or spec.queue, "priority": prio,
+                  "owner": owner or "", "idempotency_key": idempotency_key,
+                  "max_attempts": spec.retry.max_attempts, "now": now,
+                  "next_attempt_at": now + countdown_s if countdown_s else None,
+                  "status": JobStatus.QUEUED}
+        return spec, values
+
+    def submit(self, task: str | JobSpec, *args: Any, queue: str | None = None,
+               priority: int | None = None, idempotency_key: str | None = None,
+               owner: str | None = None, countdown_s: float = 0, **kwargs: Any) -> Job:
+        """Record the job durably, then hand it to the broker (or the local fallback)."""
+        spec, values = self._prepare(task, args, kwargs, queue=queue, priority=priority,
+                                     idempotency_key=idempotency_key, owner=owner,
+                                     countdown_s=countdown_s)
+        if idempotency_key is not None:
+            existing = self._by_key(values["owner"], idempotency_key)
+            if existing is not None:
+                return existing
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(store.insert_job(**values))
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            found = self._by_key(values["owner"], idempotency_key)
+            if found is None:
+                raise
+            return found
+        via = self._dispatch(spec, values, countdown_s)
+        metrics.JOBS_SUBMITTED.labels(spec.name, values["queue"], via).inc()
+        return self.get(values["job_id"])
+
+    def _dispatch(self, spec: JobSpec, values: dict[str, Any], countdown_s: float) -> str:
+        """Publish; on failure mark PENDING and try the local executor. Returns via."""
+        job_id = values["job_id"]
+        try:
+            self.publisher.publish(spec.name, job_id, queue=values["queue"],
+                                   priority=values["priority"], countdown_s=countdown_s)
+            return "broker"
+        except BrokerUnavailable as e:
+            with self.engine.begin() as conn:
+                conn.execute(store.mark_pending(job_id, via="local"))
+            if countdown_s == 0 and self.local.try_run(
+                    spec.name, lambda: self._executor.run(spec, job_id).status):
+                log.warning("job %s (%s) runs locally: %s", job_id, spec.name, e)
+            else:
+                log.warning("job %s (%s) waits in SQL for the broker: %s", job_id, spec.name, e)
+            return "local"
+
+    def _reschedule_local(self, spec: JobSpec, job_id: str, queue: str, attempt: int,
+                          delay_s: float) -> None:
+        """A locally run job failed: its next attempt goes to the broker if it is back."""
+        try:
+            self.publisher.publish(spec.name, job_id, queue=queue, priority=spec.priority,
+                                   countdown_s=delay_s)
+        except BrokerUnavailable:
+            pass  # stays RETRYING; the reaper publishes it once due and the broker answers
+
+    def _by_key(self, owner: str, key: str) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(store.select_by_idempotency(owner, key)).first()
+        return Job.from_row(row) if row else None
+
+    async def asubmit(self, task: str | JobSpec, *args: Any, queue: str | None = None,
+                      priority: int | None = None, idempotency_key: str | None = None,
+                      owner: str | None = None, countdown_s: float = 0, **kwargs: Any) -> Job:
+        spec, values = self._prepare(task, args, kwargs, queue=queue, priority=priority,
+                                     idempotency_key=idempotency_key, owner=owner,
+                                     countdown_s=countdown_s)
+        if idempotency_key is not None:
+            existing = await self._aby_key(values["owner"], idempotency_key)
+            if existing is not None:
+                return existing
+        try:
+            async with self.async_engine.begin() as conn:
+                await conn.execute(store.insert_job(**values))
+        except IntegrityError:
+            found = (await self._aby_key(values["owner"], idempotency_key)
+                     if idempotency_key else None)
+            if found is None:
+                raise
+            return found
+        via = await self._adispatch(spec, values, countdown_s)
+        metrics.JOBS_SUBMITTED.labels(spec.name, values["queue"], via).inc()
+        return await self.aget(values["job_id"])
+
+    async def _adispatch(self, spec: JobSpec, values: dict[str, Any], countdown_s: float) -> str:
+        # Publishing is blocking kombu I/O (bounded by publish_timeout_s): keep it off the loop.
+        return await asyncio.to_thread(self._dispatch, spec, values, countdown_s)
+
+    async def _aby_key(self, owner: str, key: str) -> Job | None:
+        async with self.async_engine.connect() as conn:
+            row = (await conn.execute(store.select_by_idempotency(owner, key))).first()
+        return Job.from_row(row) if row else None
+
+    # --- read -------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job:
+        with self.engine.connect() as conn:
+            row = conn.execute(store.select_job(job_id)).first()
+        if row is None:
+            raise JobNotFound(job_id)
+        return Job.from_row(row)
+
+    async def aget(self, job_id: str) -> Job:
+        async with self.async_engine.connect() as conn:
+            row = (await conn.execute(store.select_job(job_id))).first()
+        if row is None:
+            raise JobNotFound(job_id)
+        return Job.from_row(row)
+
+    def list(self, *, owner: str | None = None, status: str | None = None,
+             task: str | None = None, page: int = 1,
+             page_size: int = 20) -> tuple[list[Job], int]:
+        rows_stmt, total_stmt = store.select_page(
+            owner=owner, status=_status_filter(status), task=task, page=max(1, page),
+            page_size=_page_size(page_size))
+        with self.engine.connect() as conn:
+            rows = conn.execute(rows_stmt).all()
+            total = conn.execute(total_stmt).scalar_one()
+        return [Job.from_row(r) for r in rows], int(total)
+
+    async def alist(self, *, owner: str | None = None, status: str | None = None,
+                    task: str | None = None, page: int = 1,
+                    page_size: int = 20) -> tuple[list[Job], int]:
+        rows_stmt, total_stmt = store.select_page(
+            owner=owner, status=_status_filter(status), task=task, page=max(1, page),
+            page_size=_page_size(page_size))
+        async with self.async_engine.connect() as conn:
+            rows = (await conn.execute(rows_stmt)).all()
+            total = (await conn.execute(total_stmt)).scalar_one()
+        return [Job.from_row(r) for r in rows], int(total)
+
+    # --- control ----------------------------------------------------------------------------
+    def cancel(self, job_id: str, *, terminate: bool = False) -> Job:
+        """Cancel a waiting job at once; ask a running one to stop (at its next progress()),
+        or with ``terminate`` kill its worker process and mark it CANCELLED now."""
+        job = self.get(job_id)
+        if job.status in FINAL:
+            raise JobStateError(f"job {job_id} is already {job.status.value}")
+        now = time.time()
+        with self.engine.begin() as conn:
+            if conn.execute(store.cancel_waiting(job_id, now)).rowcount == 0:
+                conn.execute(store.request_cancel_running(job_id, now=now, terminate=terminate))
+        if terminate and job.message_id and job.status is JobStatus.STARTED:
+            self.publisher.app.control.revoke(job.message_id, terminate=True, signal="SIGKILL")
+        return self.get(job_id)
+
+    def retry(self, job_id: str) -> Job:
+        """Re-run a DEAD (or CANCELLED) job with a fresh set of attempts."""
+        job = self.get(job_id)
+        spec = get_spec(job.task)
+        with self.engine.begin() as conn:
+            updated = conn.execute(store.retry_dead(job_id, spec.retry.max_attempts)).rowcount
+        if updated != 1:
+            raise JobStateError(f"only DEAD or CANCELLED jobs can be retried; {job_id} is "
+                                f"{job.status.value}")
+        values = {"job_id": job_id, "queue": job.queue, "priority": job.priority}
+        self._dispatch(spec, values, 0)
+        return self.get(job_id)
+
+    def wait(self, job_id: str, timeout_s: float = 60.0) -> Job:
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            job = self.get(job_id)
+            if job.done:
+                return job
+            if time.monotonic() >= deadline:
+                raise JobTimeout(f"job {job_id} is still {job.status.value} after {timeout_s}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    async def await_job(self, job_id: str, timeout_s: float = 60.0) -> Job:
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            job = await self.aget(job_id)
+            if job.done:
+                return job
+            if time.monotonic() >= deadline:
+                raise JobTimeout(f"job {job_id} is still {job.status.value} after {timeout_s}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {status: int(n) for status, n in conn.execute(store.count_by_status())}
+
+    def close(self, *, wait: bool = False) -> None:
+        self.local.shutdown(wait=wait)
+        self.publisher.close()
+        self.engine.dispose()
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._async_engine is not None:
+            await self._async_engine.dispose()
+
+
+def _status_filter(status: str | None) -> str | None:
+    if status is None:
+        return None
+    try:
+        return JobStatus(status.upper()).value
+    except ValueError:
+        raise JobError(f"unknown status {status!r}; one of {[s.value for s in JobStatus]}")
+
+
+def _page_size(page_size: int) -> int:
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise JobError(f"page_size must be 1..{MAX_PAGE_SIZE}")
+    return page_size

@@ -1,0 +1,48 @@
+"""Publishing job messages to the broker, behind a circuit breaker.
+
+A message carries only the job id; the record in SQL is the truth. Publishing never retries
+inside kombu (that is what makes Celery hang when the broker is down): it fails within
+``publish_timeout_s`` and the breaker makes later attempts free until a probe succeeds.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from celery import Celery
+
+from tasklab.celery_app import broker_priority, make_celery
+from tasklab.errors import BrokerUnavailable
+from tasklab.jobs.breaker import CircuitBreaker
+from tasklab.observe import metrics
+from tasklab.settings import Settings
+
+
+class Publisher:
+    def __init__(self, settings: Settings, *, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.app = app or make_celery(settings, include=[], for_publishing=True)
+        self.breaker = CircuitBreaker(settings.breaker_reset_s)
+
+    def publish(self, task: str, job_id: str, *, queue: str, priority: int,
+                countdown_s: float = 0) -> str:
+        """Send one message; return its id. Raises BrokerUnavailable at once if the circuit
+        is open, or after at most publish_timeout_s if the broker does not answer."""
+        if not self.breaker.allow():
+            metrics.BROKER_PUBLISH_FAILURES.labels("circuit_open").inc()
+            raise BrokerUnavailable("broker circuit is open")
+        message_id = uuid.uuid4().hex
+        try:
+            self.app.send_task(
+                task, args=[job_id], task_id=message_id, queue=queue,
+                routing_key=queue, priority=broker_priority(self.settings, priority),
+                countdown=countdown_s or None, retry=False, ignore_result=True)
+        except Exception as e:  # kombu/redis/amqp raise many types; all mean "not accepted"
+            metrics.BROKER_PUBLISH_FAILURES.labels(type(e).__name__).inc()
+            self.breaker.record_failure(type(e).__name__)
+            raise BrokerUnavailable(f"broker did not accept the message: {e}") from e
+        self.breaker.record_success()
+        return message_id
+
+    def close(self) -> None:
+        self.app.close()

@@ -1,0 +1,64 @@
+"""Per-process job runtime inside Celery workers: engine, lease keeper, executor, reaper."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Engine
+
+from tasklab.database import make_engine
+from tasklab.jobs.execution import Executor
+from tasklab.jobs.lease import LeaseKeeper
+from tasklab.jobs.publisher import Publisher
+from tasklab.jobs.registry import JobSpec
+from tasklab.settings import Settings, load_settings
+
+_runtime: WorkerRuntime | None = None
+_lock = threading.Lock()
+
+
+class WorkerRuntime:
+    """Built lazily in each pool process (after fork), never in the parent at import."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+        self.engine: Engine = make_engine(settings)
+        self.leases = LeaseKeeper(self.engine)
+        self.publisher = Publisher(settings)
+        self.executor = Executor(
+            self.engine, lease_owner=f"{socket.gethostname()}:{self.pid}", via="broker",
+            default_lease_s=settings.lease_s, leases=self.leases, reschedule=self.reschedule)
+
+    def reschedule(self, spec: JobSpec, job_id: str, queue: str, attempt: int,
+                   delay_s: float) -> None:
+        """Publish the next attempt with a countdown; if the broker is down the job stays
+        RETRYING and the reaper publishes it once due."""
+        from tasklab.errors import BrokerUnavailable
+
+        try:
+            self.publisher.publish(spec.name, job_id, queue=queue, priority=spec.priority,
+                                   countdown_s=delay_s)
+        except BrokerUnavailable:
+            pass
+
+
+def settings_of(app: Celery) -> Settings:
+    settings = getattr(app, "tasklab_settings", None)
+    return settings if isinstance(settings, Settings) else load_settings()
+
+
+def runtime(app: Celery) -> WorkerRuntime:
+    global _runtime
+    with _lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            _runtime = WorkerRuntime(settings_of(app))
+        return _runtime
+
+
+def run_delivery(app: Celery, spec: JobSpec, job_id: str) -> Any:
+    return runtime(app).executor.run(spec, job_id).status
