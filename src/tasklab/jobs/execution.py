@@ -52,8 +52,8 @@ class JobContext:
     max_attempts: int
     engine: Engine
     lease_s: float
-    completed_in_transaction: bool = False
     _last_progress_at: float = field(default=0.0, repr=False)
+    _pending: Session | None = field(default=None, repr=False)
 
     def progress(self, current: int, total: int | None = None,
                  message: str | None = None) -> None:
@@ -75,17 +75,44 @@ class JobContext:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A session whose commit also completes the job, fenced by the attempt number: if
-        another attempt took over (or the job already finished), nothing commits and
-        StaleAttempt is raised, so the effects happen exactly once."""
-        with Session(self.engine) as session, session.begin():
+        """A session whose effects commit together with the job's completion, fenced by the
+        attempt number: if another attempt took over (or the job already finished), nothing
+        commits and StaleAttempt is raised, so the effects happen exactly once.
+
+        The commit happens when the job function returns (so its result is stored in the
+        same transaction); if the function raises afterwards, the effects are rolled back.
+        """
+        if self._pending is not None:
+            raise JobError("job.transaction() may be used once per attempt")
+        session = Session(self.engine)
+        session.begin()
+        try:
             yield session
             done = session.execute(store.complete(self.id, self.attempt, result=None,
                                                   now=time.time()))
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise StaleAttempt(f"job {self.id} attempt {self.attempt} lost its claim; "
                                    "effects rolled back")
-        self.completed_in_transaction = True
+        except BaseException:
+            session.rollback()
+            session.close()
+            raise
+        self._pending = session
+
+    def _commit_pending(self, result: Any) -> None:
+        session, self._pending = self._pending, None
+        assert session is not None
+        try:
+            session.execute(store.set_result(self.id, self.attempt, result))
+            session.commit()
+        finally:
+            session.close()
+
+    def _discard_pending(self) -> None:
+        session, self._pending = self._pending, None
+        if session is not None:
+            session.rollback()
+            session.close()
 
 
 @dataclass
@@ -132,12 +159,18 @@ class Executor:
         try:
             result = spec.func(ctx, *args, **kwargs) if spec.bind else spec.func(*args, **kwargs)
         except JobCancelled:
+            ctx._discard_pending()
             return self._finish_cancelled(spec, ctx)
         except StaleAttempt as e:
+            ctx._discard_pending()
             log.warning("job %s: %s", ctx.id, e)
             return Outcome("stale")
         except Exception as e:
+            ctx._discard_pending()
             return self._fail(spec, ctx, e)
+        except BaseException:  # time limit, worker shutdown: the lease/reaper takes over
+            ctx._discard_pending()
+            raise
         finally:
             metrics.JOB_DURATION.labels(spec.name, ctx.queue).observe(
                 time.perf_counter() - started)
@@ -148,11 +181,11 @@ class Executor:
     def _succeed(self, spec: JobSpec, ctx: JobContext, result: Any) -> Outcome:
         value = _jsonable(result)
         now = time.time()
-        with self.engine.begin() as conn:
-            if ctx.completed_in_transaction:
-                conn.execute(store.set_result(ctx.id, ctx.attempt, value))
-                updated = 1
-            else:
+        if ctx._pending is not None:
+            ctx._commit_pending(value)
+            updated = 1
+        else:
+            with self.engine.begin() as conn:
                 updated = conn.execute(store.complete(ctx.id, ctx.attempt, result=value,
                                                       now=now)).rowcount
         if updated != 1:

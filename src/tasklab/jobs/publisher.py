@@ -25,13 +25,13 @@ class Publisher:
         self.breaker = CircuitBreaker(settings.breaker_reset_s)
 
     def publish(self, task: str, job_id: str, *, queue: str, priority: int,
-                countdown_s: float = 0) -> str:
+                countdown_s: float = 0, message_id: str | None = None) -> str:
         """Send one message; return its id. Raises BrokerUnavailable at once if the circuit
         is open, or after at most publish_timeout_s if the broker does not answer."""
         if not self.breaker.allow():
             metrics.BROKER_PUBLISH_FAILURES.labels("circuit_open").inc()
             raise BrokerUnavailable("broker circuit is open")
-        message_id = uuid.uuid4().hex
+        message_id = message_id or uuid.uuid4().hex
         try:
             self.app.send_task(
                 task, args=[job_id], task_id=message_id, queue=queue,
