@@ -97,6 +97,7 @@ class Job:
     lease_owner: str | None = None
     lease_expires_at: float | None = None
     cancel_requested: bool = False
+    publish_count: int = 0
 
     @property
     def done(self) -> bool:

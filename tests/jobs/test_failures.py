@@ -1,0 +1,241 @@
+"""Each way a job could be lost, against real servers: SIGKILLed workers, a stopped broker, a
+broker restarted empty, duplicate and stale deliveries, a dead result backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasklab.embedded import EmbeddedRedis, free_port
+from tasklab.jobs import JobManager, JobStatus
+from tasklab.jobs.execution import Executor
+from tasklab.jobs.lease import LeaseKeeper
+from tasklab.jobs.recovery import Reaper
+from tasklab.lab import probe_jobs
+from tasklab.migrations import migrate
+from tasklab.settings import Settings
+from tests.jobs.conftest import effect_counts
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own, which the test may stop and restart (empty) on its port."""
+    server = EmbeddedRedis(tmp_path / "broker", port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_settings(tmp_path: Path, broker: EmbeddedRedis, database_url: str | None) -> Settings:
+    settings = Settings(home_dir=tmp_path / ".tasklab", redis_url=broker.url,
+                        database_url=database_url, worker_concurrency=2, lease_s=3,
+                        reaper_interval_s=0.3, requeue_after_s=2, breaker_reset_s=0.3,
+                        worker_prefetch_multiplier=1)
+    migrate(settings)
+    return settings
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def ledger(jm: JobManager, ids: list[str]) -> dict[str, int]:
+    statuses = [jm.get(i).status for i in ids]
+    final = {JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED}
+    return {"submitted": len(ids),
+            "succeeded": statuses.count(JobStatus.SUCCEEDED),
+            "dead": statuses.count(JobStatus.DEAD),
+            "cancelled": statuses.count(JobStatus.CANCELLED),
+            "lost": sum(s not in final for s in statuses)}
+
+
+def test_a_job_whose_worker_is_sigkilled_mid_task_completes_exactly_once(
+    fault_settings: Settings, worker_factory
+) -> None:
+    jm = JobManager(fault_settings)
+    first = worker_factory(fault_settings, name="doomed").start()
+    ids = [jm.submit(probe_jobs.effect, hold_s=2.0).id for _ in range(4)]
+    wait_until(lambda: sum(jm.get(i).status is JobStatus.STARTED for i in ids) >= 2, 30,
+               "two jobs to start")
+    first.kill()
+    killed_at = time.monotonic()
+    worker_factory(fault_settings, name="rescuer").start()
+    wait_until(lambda: all(jm.get(i).done for i in ids), 60, "all jobs to finish")
+    recovery_s = time.monotonic() - killed_at
+    assert ledger(jm, ids) == {"submitted": 4, "succeeded": 4, "dead": 0, "cancelled": 0,
+                               "lost": 0}
+    assert effect_counts(jm) == dict.fromkeys(ids, 1)  # no duplicate effects
+    assert any(jm.get(i).attempt >= 2 for i in ids)  # the killed attempts were re-run
+    # lease_s (3) + hold (2 s per job, 2 at a time) + worker boot; generous for a shared box
+    assert recovery_s < fault_settings.lease_s + 30
+    jm.close()
+
+
+def test_a_long_job_is_not_redelivered_while_its_worker_is_alive(
+    fault_settings: Settings, worker_factory
+) -> None:
+    jm = JobManager(fault_settings)
+    worker_factory(fault_settings).start()
+    j = jm.submit(probe_jobs.effect, hold_s=3 * fault_settings.lease_s)  # outlives 3 leases
+    done = jm.wait(j.id, timeout_s=60)
+    assert done.status is JobStatus.SUCCEEDED and done.attempt == 1
+    assert effect_counts(jm) == {j.id: 1}
+    jm.close()
+
+
+def test_with_the_broker_down_jobs_run_locally_then_return_to_the_broker(
+    fault_settings: Settings, broker: EmbeddedRedis, worker_factory
+) -> None:
+    jm = JobManager(fault_settings)
+    port = broker.port
+    broker.stop()
+    t0 = time.monotonic()
+    first = jm.submit(probe_jobs.effect)
+    first_submit_s = time.monotonic() - t0
+    assert jm.publisher.breaker.is_open
+    t0 = time.monotonic()
+    second = jm.submit(probe_jobs.effect)
+    open_submit_s = time.monotonic() - t0
+    for j in (first, second):
+        done = jm.wait(j.id, timeout_s=30)
+        assert done.status is JobStatus.SUCCEEDED and done.via == "local"
+    assert first_submit_s < 2.0  # publish fails fast: publish_timeout_s is 1 s
+    assert open_submit_s < first_submit_s + 0.5  # once open, no broker round trip at all
+    # The broker comes back (empty), on the same port.
+    broker.port = port
+    broker.start()
+    worker_factory(fault_settings).start()
+    time.sleep(fault_settings.breaker_reset_s)  # let the breaker allow a half-open probe
+    back = jm.submit(probe_jobs.effect)
+    assert jm.wait(back.id, timeout_s=30).via == "broker"
+    assert not jm.publisher.breaker.is_open
+    assert effect_counts(jm) == {first.id: 1, second.id: 1, back.id: 1}
+    jm.close()
+
+
+def test_jobs_the_local_executor_cannot_take_wait_in_sql_for_the_broker(
+    fault_settings: Settings, broker: EmbeddedRedis, worker_factory
+) -> None:
+    settings = fault_settings.model_copy(update={"local_workers": 0})
+    jm = JobManager(settings)
+    port = broker.port
+    broker.stop()
+    ids = [jm.submit(probe_jobs.effect).id for _ in range(5)]
+    assert {jm.get(i).status for i in ids} == {JobStatus.PENDING}
+    broker.port = port
+    broker.start()
+    worker_factory(settings).start()  # its reaper publishes the PENDING jobs
+    wait_until(lambda: all(jm.get(i).done for i in ids), 60, "pending jobs to run")
+    assert ledger(jm, ids)["succeeded"] == 5
+    assert effect_counts(jm) == dict.fromkeys(ids, 1)
+    jm.close()
+
+
+def test_queued_jobs_survive_a_broker_restarted_empty(
+    fault_settings: Settings, broker: EmbeddedRedis, worker_factory
+) -> None:
+    jm = JobManager(fault_settings)
+    ids = [jm.submit(probe_jobs.effect).id for _ in range(10)]
+    port = broker.port
+    broker.stop()  # Redis keeps nothing on disk: every queued message is gone
+    broker.port = port
+    broker.start()
+    worker_factory(fault_settings).start()
+    wait_until(lambda: all(jm.get(i).done for i in ids), 60, "lost messages to be re-published")
+    assert ledger(jm, ids)["lost"] == 0
+    assert effect_counts(jm) == dict.fromkeys(ids, 1)
+    jm.close()
+
+
+def test_the_reaper_republishes_at_once_when_it_sees_the_broker_flushed(
+    fault_settings: Settings, broker: EmbeddedRedis
+) -> None:
+    import redis
+
+    jm = JobManager(fault_settings)
+    reaper = Reaper(fault_settings.model_copy(update={"requeue_after_s": 3600}), jm.engine,
+                    jm.publisher)
+    reaper.tick()  # learns the broker's epoch
+    ids = [jm.submit(probe_jobs.noop).id for _ in range(3)]
+    client = redis.Redis.from_url(broker.url)
+    client.flushall()
+    counts = reaper.tick()
+    assert counts["message_lost"] == 3
+    assert client.llen("default") + sum(client.llen(f"default:{p}") for p in range(1, 10)) == 3
+    assert {jm.get(i).publish_count for i in ids} == {2}
+    client.close()
+    reaper.close()
+    jm.close()
+
+
+def test_a_duplicate_delivery_is_skipped(fault_settings: Settings, worker_factory) -> None:
+    jm = JobManager(fault_settings)
+    j = jm.submit(probe_jobs.effect)
+    jm.publisher.publish(probe_jobs.effect.name, j.id, queue="default", priority=5)
+    worker_factory(fault_settings).start()
+    assert jm.wait(j.id, timeout_s=30).attempt == 1
+    marker = jm.submit(probe_jobs.effect)  # both messages consumed once this one is done
+    jm.wait(marker.id, timeout_s=30)
+    assert effect_counts(jm)[j.id] == 1
+    jm.close()
+
+
+def test_a_stale_attempt_cannot_commit_its_effects(fault_settings: Settings,
+                                                  broker: EmbeddedRedis) -> None:
+    """Attempt 1 loses its lease while still running; attempt 2 takes over. Attempt 1's
+    transaction must then roll back: the fence on the attempt number."""
+    from tasklab.jobs import store
+
+    jm = JobManager(fault_settings)
+    j = jm.submit(probe_jobs.effect)
+    outcomes = []
+
+    def stalled_then_commit(spec, job_id, *a, **k):  # noqa: ANN001
+        return None
+
+    def make(owner: str) -> Executor:
+        return Executor(jm.engine, lease_owner=owner, via="broker", default_lease_s=0.2,
+                        leases=LeaseKeeper(jm.engine), reschedule=stalled_then_commit)
+
+    first = make("a")
+    with jm.engine.begin() as conn:  # attempt 1 claims, then its lease lapses
+        row = conn.execute(store.claim(j.id, lease_owner="a", lease_s=0.0, via="broker",
+                                       now=time.time())).first()
+        assert row is not None and row.attempt == 1
+        conn.execute(store.release_expired(j.id, 1, time.time() + 1, dead=False))
+    outcomes.append(make("b").run(probe_jobs.effect, j.id).status)  # attempt 2 completes
+    from tasklab.jobs.execution import JobContext
+
+    stale = JobContext(id=j.id, task=probe_jobs.effect.name, queue="default", attempt=1,
+                       max_attempts=5, engine=jm.engine, lease_s=1)
+    from tasklab.errors import StaleAttempt
+
+    with pytest.raises(StaleAttempt), stale.transaction() as session:
+        from tasklab.jobs.records import effects
+
+        session.execute(effects.insert().values(job_id=j.id, attempt=1, created_at=0.0))
+    assert outcomes == ["succeeded"]
+    assert effect_counts(jm) == {j.id: 1}
+    assert jm.get(j.id).attempt == 2
+    del first
+    jm.close()
+
+
+def test_a_dead_result_backend_does_not_drop_jobs(fault_settings: Settings,
+                                                 worker_factory) -> None:
+    settings = fault_settings.model_copy(
+        update={"result_backend": f"redis://127.0.0.1:{free_port()}/0"})
+    jm = JobManager(settings)
+    worker_factory(settings).start()
+    ids = [jm.submit(probe_jobs.effect).id for _ in range(5)]
+    wait_until(lambda: all(jm.get(i).done for i in ids), 60, "jobs to finish")
+    assert ledger(jm, ids)["succeeded"] == 5
+    jm.close()
