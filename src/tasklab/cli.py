@@ -128,12 +128,142 @@ def demo(
     run_demo(settings_of(ctx), tasks=tasks, console=console)
 
 
+jobs_app = typer.Typer(help="Inspect and operate durable jobs.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Apply migrations up to the latest schema (also done by `up`, `seed` and `demo`)."""
+    from tasklab.migrations import migrate
+
+    migrate(settings_of(ctx.find_root()))
+    console.print("database schema is up to date")
+
+
+def _manager(ctx: typer.Context) -> Any:
+    from tasklab.jobs import JobManager
+
+    return JobManager(settings_of(ctx.find_root()), local_fallback=False)
+
+
+def _job_table(jobs: list[Any], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("id", "task", "status", "attempt", "queue", "via", "error"):
+        table.add_column(col, overflow="fold")
+    for j in jobs:
+        table.add_row(j.id, j.task, j.status.value, f"{j.attempt}/{j.max_attempts}", j.queue,
+                      j.via, (j.error or "")[:80])
+    return table
+
+
+@jobs_app.command("list")
+def jobs_list(
+    ctx: typer.Context,
+    status: Annotated[str | None, typer.Option(help="PENDING, QUEUED, ..., DEAD")] = None,
+    task: Annotated[str | None, typer.Option()] = None,
+    page: Annotated[int, typer.Option(min=1)] = 1,
+    page_size: Annotated[int, typer.Option(min=1, max=100)] = 20,
+) -> None:
+    """List jobs, newest first."""
+    jm = _manager(ctx)
+    try:
+        jobs, total = jm.list(status=status, task=task, page=page, page_size=page_size)
+    finally:
+        jm.close()
+    console.print(_job_table(jobs, f"jobs (page {page}, {total} in all)"))
+
+
+@jobs_app.command("dead")
+def jobs_dead(ctx: typer.Context, page: Annotated[int, typer.Option(min=1)] = 1) -> None:
+    """The dead-letter queue: jobs that used up their attempts."""
+    jobs_list(ctx, status="DEAD", task=None, page=page, page_size=50)
+
+
+@jobs_app.command("show")
+def jobs_show(ctx: typer.Context, job_id: str,
+              as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Everything recorded about one job, including its error and traceback."""
+    import orjson
+
+    jm = _manager(ctx)
+    try:
+        data = jm.get(job_id).to_dict()
+    finally:
+        jm.close()
+    if as_json:
+        typer.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        return
+    table = Table(title=f"job {job_id}", show_header=False)
+    for key, value in data.items():
+        table.add_row(key, "" if value is None else str(value))
+    console.print(table)
+
+
+@jobs_app.command("retry")
+def jobs_retry(ctx: typer.Context, job_id: str) -> None:
+    """Run a DEAD (or CANCELLED) job again with a fresh set of attempts."""
+    jm = _manager(ctx)
+    try:
+        job = jm.retry(job_id)
+    finally:
+        jm.close()
+    console.print(f"job {job.id} is {job.status.value} again (attempt {job.attempt} of "
+                  f"{job.max_attempts})")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(ctx: typer.Context, job_id: str,
+                terminate: Annotated[bool, typer.Option(help="Kill it if running")] = False,
+                ) -> None:
+    """Cancel a waiting job, or ask a running one to stop."""
+    jm = _manager(ctx)
+    try:
+        job = jm.cancel(job_id, terminate=terminate)
+    finally:
+        jm.close()
+    console.print(f"job {job.id}: {job.status.value}"
+                  + (" (stop requested)" if job.cancel_requested and not job.done else ""))
+
+
+@app.command()
+def reaper(ctx: typer.Context) -> None:
+    """Run the job reaper alone (workers already run one; this is for API-only hosts)."""
+    from tasklab.database import make_engine
+    from tasklab.jobs.publisher import Publisher
+    from tasklab.jobs.recovery import Reaper
+
+    settings = settings_of(ctx)
+    r = Reaper(settings, make_engine(settings), Publisher(settings))
+    import time
+
+    while True:
+        counts = r.tick()
+        if any(counts.values()):
+            console.print(f"reaper: {counts}")
+        time.sleep(settings.reaper_interval_s)
+
+
 def main(argv: list[str] | None = None) -> Any:
     from tasklab.processes import exit_on_sigterm
 
     exit_on_sigterm()
+    from sqlalchemy.exc import DBAPIError
+
     try:
         return app(args=argv, standalone_mode=True)
     except TasklabError as e:
         err_console.print(f"error: {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except DBAPIError as e:
+        err_console.print(f"error: {_db_hint(e)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+def _db_hint(e: Exception) -> str:
+    text = str(getattr(e, "orig", e)).splitlines()[0]
+    if "no such table" in text or "does not exist" in text:
+        return f"{text}: the schema is missing or old; run `tasklab db upgrade`"
+    return f"database error: {text}"

@@ -26,7 +26,10 @@ def embedded_env(settings: Settings, stack: ExitStack, console: Console) -> dict
 
 def run_stack(settings: Settings, *, host: str, port: int, api_workers: int,
               concurrency: int, beat: bool = True) -> None:
+    from tasklab.migrations import migrate
+
     console = Console(stderr=True)
+    migrate(settings)
     with ExitStack() as stack:
         env = child_env(embedded_env(settings, stack, console))
         components = [

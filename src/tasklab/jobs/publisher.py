@@ -21,8 +21,15 @@ from tasklab.settings import Settings
 class Publisher:
     def __init__(self, settings: Settings, *, app: Celery | None = None) -> None:
         self.settings = settings
-        self.app = app or make_celery(settings, include=[], for_publishing=True)
+        self._app = app
         self.breaker = CircuitBreaker(settings.breaker_reset_s)
+
+    @property
+    def app(self) -> Celery:
+        """Built on first use, so read-only users of JobManager need no broker configured."""
+        if self._app is None:
+            self._app = make_celery(self.settings, include=[], for_publishing=True)
+        return self._app
 
     def publish(self, task: str, job_id: str, *, queue: str, priority: int,
                 countdown_s: float = 0, message_id: str | None = None) -> str:
@@ -45,4 +52,5 @@ class Publisher:
         return message_id
 
     def close(self) -> None:
-        self.app.close()
+        if self._app is not None:
+            self._app.close()
