@@ -21,6 +21,7 @@ TASK_MODULES = [
     "tasklab.lab.probes",
     "tasklab.lab.probe_jobs",
     "tasklab.jobs.maintenance",
+    "tasklab.service.domain.jobs",
 ]
 
 
@@ -80,8 +81,8 @@ def _config(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
         # Keep results in the backend only as long as someone could want them; bounds memory.
         "result_expires": settings.result_expires_s,
         # Events feed monitoring (tasklab exporter, Flower).
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
         "task_track_started": True,
         # Queues and routing.
         "task_queues": _queues(settings),
@@ -94,6 +95,10 @@ def _config(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
     }
+    if for_publishing:
+        # The job record already has the submit time; a "task-sent" event per publish would
+        # double the broker round trips on the hot path.
+        conf["task_send_sent_event"] = False
     if is_redis:
         conf.update(_redis_transport(settings, for_publishing=for_publishing))
     elif for_publishing:

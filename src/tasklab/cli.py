@@ -66,7 +66,9 @@ def worker(
     argv = ["worker", "--loglevel", settings.log_level, "-n", hostname,
             "-Q", queues or ",".join(QUEUES),
             "--concurrency", str(concurrency or settings.effective_concurrency),
-            "--pool", pool or settings.worker_pool, "-E"]
+            "--pool", pool or settings.worker_pool]
+    if settings.task_events:
+        argv.append("-E")
     celery.worker_main(argv)
 
 

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(7200, ge=60)
     result_expires_s: int = Field(3600, ge=60)
     amqp_queue_type: Literal["classic", "quorum"] = "classic"
+    # Celery task events feed monitoring (Flower, tasklab exporter); they cost three extra
+    # broker messages per task.
+    task_events: bool = True
     # Extra modules whose @job / Celery tasks the worker imports (your application's tasks).
     imports: list[str] = Field(default_factory=list)
 

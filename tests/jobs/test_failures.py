@@ -207,7 +207,7 @@ def test_a_stale_attempt_cannot_commit_its_effects(fault_settings: Settings,
 
     first = make("a")
     with jm.engine.begin() as conn:  # attempt 1 claims, then its lease lapses
-        row = conn.execute(store.claim(j.id, lease_owner="a", lease_s=0.0, via="broker",
+        row = conn.execute(*store.claim(j.id, lease_owner="a", lease_s=0.0, via="broker",
                                        now=time.time())).first()
         assert row is not None and row.attempt == 1
         conn.execute(store.release_expired(j.id, 1, time.time() + 1, dead=False))

@@ -65,7 +65,7 @@ class JobContext:
             return
         self._last_progress_at = now
         with self.engine.begin() as conn:
-            row = conn.execute(store.progress(
+            row = conn.execute(*store.progress(
                 self.id, self.attempt, current=current, total=total, message=message,
                 renew_until=now + self.lease_s)).first()
         if row is None:
@@ -88,7 +88,7 @@ class JobContext:
         session.begin()
         try:
             yield session
-            done = session.execute(store.complete(self.id, self.attempt, result=None,
+            done = session.execute(*store.complete(self.id, self.attempt, result=None,
                                                   now=time.time()))
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise StaleAttempt(f"job {self.id} attempt {self.attempt} lost its claim; "
@@ -103,7 +103,7 @@ class JobContext:
         session, self._pending = self._pending, None
         assert session is not None
         try:
-            session.execute(store.set_result(self.id, self.attempt, result))
+            session.execute(*store.set_result(self.id, self.attempt, result))
             session.commit()
         finally:
             session.close()
@@ -137,7 +137,7 @@ class Executor:
     def run(self, spec: JobSpec, job_id: str) -> Outcome:
         lease_s = spec.lease_s or self.default_lease_s
         with self.engine.begin() as conn:
-            row = conn.execute(store.claim(job_id, lease_owner=self.lease_owner,
+            row = conn.execute(*store.claim(job_id, lease_owner=self.lease_owner,
                                            lease_s=lease_s, via=self.via,
                                            now=time.time())).first()
         if row is None:
@@ -186,7 +186,7 @@ class Executor:
             updated = 1
         else:
             with self.engine.begin() as conn:
-                updated = conn.execute(store.complete(ctx.id, ctx.attempt, result=value,
+                updated = conn.execute(*store.complete(ctx.id, ctx.attempt, result=value,
                                                       now=now)).rowcount
         if updated != 1:
             log.warning("job %s attempt %s finished after losing its claim; result dropped",

@@ -90,7 +90,7 @@ class JobManager:
                 return existing
         try:
             with self.engine.begin() as conn:
-                conn.execute(store.insert_job(**values))
+                conn.execute(*store.insert_job(**values))
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -100,7 +100,7 @@ class JobManager:
             return found
         via = self._dispatch(spec, values, countdown_s)
         metrics.JOBS_SUBMITTED.labels(spec.name, values["queue"], via).inc()
-        return self.get(values["job_id"])
+        return _submitted_job(values, via)
 
     def _dispatch(self, spec: JobSpec, values: dict[str, Any], countdown_s: float,
                   *, mark_queued: bool = False) -> str:
@@ -122,9 +122,9 @@ class JobManager:
                 conn.execute(store.mark_pending(job_id, via="local"))
             if countdown_s == 0 and self.local.try_run(
                     spec.name, lambda: self._executor.run(spec, job_id).status):
-                log.warning("job %s (%s) runs locally: %s", job_id, spec.name, e)
+                log.info("job %s (%s) runs locally: %s", job_id, spec.name, e)
             else:
-                log.warning("job %s (%s) waits in SQL for the broker: %s", job_id, spec.name, e)
+                log.info("job %s (%s) waits in SQL for the broker: %s", job_id, spec.name, e)
             return "local"
 
     def _reschedule_local(self, spec: JobSpec, job_id: str, queue: str, attempt: int,
@@ -153,7 +153,7 @@ class JobManager:
                 return existing
         try:
             async with self.async_engine.begin() as conn:
-                await conn.execute(store.insert_job(**values))
+                await conn.execute(*store.insert_job(**values))
         except IntegrityError:
             found = (await self._aby_key(values["owner"], idempotency_key)
                      if idempotency_key else None)
@@ -162,7 +162,7 @@ class JobManager:
             return found
         via = await self._adispatch(spec, values, countdown_s)
         metrics.JOBS_SUBMITTED.labels(spec.name, values["queue"], via).inc()
-        return await self.aget(values["job_id"])
+        return _submitted_job(values, via)
 
     async def _adispatch(self, spec: JobSpec, values: dict[str, Any], countdown_s: float) -> str:
         # Publishing is blocking kombu I/O (bounded by publish_timeout_s): keep it off the loop.
@@ -176,14 +176,14 @@ class JobManager:
     # --- read -------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
         with self.engine.connect() as conn:
-            row = conn.execute(store.select_job(job_id)).first()
+            row = conn.execute(*store.select_job(job_id)).first()
         if row is None:
             raise JobNotFound(job_id)
         return Job.from_row(row)
 
     async def aget(self, job_id: str) -> Job:
         async with self.async_engine.connect() as conn:
-            row = (await conn.execute(store.select_job(job_id))).first()
+            row = (await conn.execute(*store.select_job(job_id))).first()
         if row is None:
             raise JobNotFound(job_id)
         return Job.from_row(row)
@@ -275,6 +275,21 @@ class JobManager:
         self.close()
         if self._async_engine is not None:
             await self._async_engine.dispose()
+
+
+def _submitted_job(values: dict[str, Any], via: str) -> Job:
+    """The job as submit() left it, without reading it back (a local run may already have
+    moved it on; get() shows the latest)."""
+    queued = via == "broker"
+    return Job(id=values["job_id"], task=values["task"], args=values["args"],
+               kwargs=values["kwargs"], queue=values["queue"], priority=values["priority"],
+               owner=values["owner"], idempotency_key=values["idempotency_key"],
+               status=JobStatus.QUEUED if queued else JobStatus.PENDING, attempt=0,
+               max_attempts=values["max_attempts"], progress_current=None,
+               progress_total=None, progress_message=None, result=None, error=None,
+               traceback=None, via=via, message_id=values["message_id"] if queued else None,
+               created_at=values["now"], queued_at=values["now"] if queued else None,
+               started_at=None, finished_at=None, publish_count=1 if queued else 0)
 
 
 def _status_filter(status: str | None) -> str | None:

@@ -8,33 +8,57 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.sql.dml import Insert, Update
+from sqlalchemy.sql import Executable
+from sqlalchemy.sql.dml import Update
 
 from tasklab.jobs.records import CLAIMABLE, FINAL, JobStatus, jobs
 
 MAX_ERROR_CHARS = 4000
 MAX_TRACEBACK_CHARS = 16000
+# Hot-path statements are built once with bind parameters (named p_* so they never collide
+# with column names) and executed as (statement, params): building SQLAlchemy constructs per
+# call cost more than the SQL itself.
+Prepared = tuple[Executable, dict[str, Any]]
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def _fenced(job_id: str, attempt: int) -> Update:
+    return jobs.update().where(jobs.c.id == job_id, jobs.c.attempt == attempt,
+                               jobs.c.status == JobStatus.STARTED.value)
+
+
+def _fenced_p() -> Update:
+    """The fence with bind parameters, for statements built once at import."""
+    return jobs.update().where(jobs.c.id == sa.bindparam("p_id"),
+                               jobs.c.attempt == sa.bindparam("p_attempt"),
+                               jobs.c.status == JobStatus.STARTED.value)
+
+
+_INSERT = jobs.insert()
+
+
 def insert_job(*, job_id: str, task: str, args: list[Any], kwargs: dict[str, Any], queue: str,
                priority: int, owner: str, idempotency_key: str | None, max_attempts: int,
                status: JobStatus, now: float, next_attempt_at: float | None = None,
-               message_id: str | None = None) -> Insert:
+               message_id: str | None = None) -> Prepared:
     queued = status is JobStatus.QUEUED
-    return jobs.insert().values(
-        id=job_id, task=task, args=args, kwargs=kwargs, queue=queue, priority=priority,
-        owner=owner, idempotency_key=idempotency_key, status=status.value, attempt=0,
-        max_attempts=max_attempts, created_at=now, queued_at=now if queued else None,
-        next_attempt_at=next_attempt_at, message_id=message_id,
-        publish_count=1 if queued else 0, via="broker")
+    return _INSERT, {
+        "id": job_id, "task": task, "args": args, "kwargs": kwargs, "queue": queue,
+        "priority": priority, "owner": owner, "idempotency_key": idempotency_key,
+        "status": status.value, "attempt": 0, "max_attempts": max_attempts, "created_at": now,
+        "queued_at": now if queued else None, "next_attempt_at": next_attempt_at,
+        "message_id": message_id, "publish_count": 1 if queued else 0, "via": "broker",
+        "cancel_requested": False}
 
 
-def select_job(job_id: str) -> sa.Select[Any]:
-    return sa.select(jobs).where(jobs.c.id == job_id)
+_SELECT = sa.select(jobs).where(jobs.c.id == sa.bindparam("p_id"))
+
+
+def select_job(job_id: str) -> Prepared:
+    return _SELECT, {"p_id": job_id}
 
 
 def select_by_idempotency(owner: str, key: str) -> sa.Select[Any]:
@@ -72,36 +96,43 @@ def mark_pending(job_id: str, via: str) -> Update:
             .values(status=JobStatus.PENDING.value, via=via))
 
 
-def claim(job_id: str, *, lease_owner: str, lease_s: float, via: str, now: float) -> Update:
+_CLAIM = (jobs.update()
+          .where(jobs.c.id == sa.bindparam("p_id"),
+                 jobs.c.status.in_([st.value for st in CLAIMABLE]),
+                 jobs.c.cancel_requested == sa.false())
+          .values(status=JobStatus.STARTED.value, attempt=jobs.c.attempt + 1,
+                  lease_owner=sa.bindparam("p_owner"), lease_expires_at=sa.bindparam("p_until"),
+                  started_at=sa.bindparam("p_now"), via=sa.bindparam("p_via"),
+                  next_attempt_at=None)
+          .returning(*jobs.c))
+
+
+def claim(job_id: str, *, lease_owner: str, lease_s: float, via: str, now: float) -> Prepared:
     """Take a job for one attempt. Only one caller can win; the row comes back if it did."""
-    return (jobs.update()
-            .where(jobs.c.id == job_id,
-                   jobs.c.status.in_([s.value for s in CLAIMABLE]),
-                   jobs.c.cancel_requested == sa.false())
-            .values(status=JobStatus.STARTED.value, attempt=jobs.c.attempt + 1,
-                    lease_owner=lease_owner, lease_expires_at=now + lease_s, started_at=now,
-                    via=via, next_attempt_at=None)
-            .returning(*jobs.c))
+    return _CLAIM, {"p_id": job_id, "p_owner": lease_owner, "p_until": now + lease_s,
+                    "p_now": now, "p_via": via}
 
 
-def _fenced(job_id: str, attempt: int) -> Update:
-    return jobs.update().where(jobs.c.id == job_id, jobs.c.attempt == attempt,
-                               jobs.c.status == JobStatus.STARTED.value)
+_COMPLETE = _fenced_p().values(
+    status=JobStatus.SUCCEEDED.value, result=sa.bindparam("p_result", type_=sa.JSON),
+    finished_at=sa.bindparam("p_now"), lease_owner=None, lease_expires_at=None,
+    progress_current=sa.func.coalesce(jobs.c.progress_total, jobs.c.progress_current))
 
 
-def complete(job_id: str, attempt: int, *, result: Any, now: float) -> Update:
-    return _fenced(job_id, attempt).values(
-        status=JobStatus.SUCCEEDED.value, result=result, finished_at=now, lease_owner=None,
-        lease_expires_at=None, progress_current=sa.func.coalesce(
-            jobs.c.progress_total, jobs.c.progress_current))
+def complete(job_id: str, attempt: int, *, result: Any, now: float) -> Prepared:
+    return _COMPLETE, {"p_id": job_id, "p_attempt": attempt, "p_result": result, "p_now": now}
 
 
-def set_result(job_id: str, attempt: int, result: Any) -> Update:
+_SET_RESULT = (jobs.update()
+               .where(jobs.c.id == sa.bindparam("p_id"),
+                      jobs.c.attempt == sa.bindparam("p_attempt"),
+                      jobs.c.status == JobStatus.SUCCEEDED.value)
+               .values(result=sa.bindparam("p_result", type_=sa.JSON)))
+
+
+def set_result(job_id: str, attempt: int, result: Any) -> Prepared:
     """Record the return value of a job whose completion committed inside job.transaction()."""
-    return (jobs.update()
-            .where(jobs.c.id == job_id, jobs.c.attempt == attempt,
-                   jobs.c.status == JobStatus.SUCCEEDED.value)
-            .values(result=result))
+    return _SET_RESULT, {"p_id": job_id, "p_attempt": attempt, "p_result": result}
 
 
 def fail(job_id: str, attempt: int, *, error: str, tb: str, retry_at: float | None,
@@ -138,17 +169,26 @@ def request_cancel_running(job_id: str, *, now: float, terminate: bool) -> Updat
     return stmt.values(cancel_requested=True)
 
 
+_PROGRESS = (_fenced_p()
+             .values(progress_current=sa.bindparam("p_current"),
+                     progress_total=sa.bindparam("p_total"),
+                     progress_message=sa.bindparam("p_message"),
+                     lease_expires_at=sa.bindparam("p_until"))
+             .returning(jobs.c.cancel_requested))
+
+
 def progress(job_id: str, attempt: int, *, current: int, total: int | None,
-             message: str | None, renew_until: float) -> Update:
-    return (_fenced(job_id, attempt)
-            .values(progress_current=current, progress_total=total,
-                    progress_message=None if message is None else message[:500],
-                    lease_expires_at=renew_until)
-            .returning(jobs.c.cancel_requested))
+             message: str | None, renew_until: float) -> Prepared:
+    return _PROGRESS, {"p_id": job_id, "p_attempt": attempt, "p_current": current,
+                       "p_total": total, "p_message": None if message is None else message[:500],
+                       "p_until": renew_until}
 
 
-def renew_lease(job_id: str, attempt: int, until: float) -> Update:
-    return _fenced(job_id, attempt).values(lease_expires_at=until)
+_RENEW = _fenced_p().values(lease_expires_at=sa.bindparam("p_until"))
+
+
+def renew_lease(job_id: str, attempt: int, until: float) -> Prepared:
+    return _RENEW, {"p_id": job_id, "p_attempt": attempt, "p_until": until}
 
 
 def retry_dead(job_id: str, extra_attempts: int) -> Update:
