@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -10,6 +11,8 @@ from tasklab.jobs import JobManager
 from tasklab.jobs.records import effects
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
+from tests.conftest import _reset_postgres
+from tests.support.worker import WorkerProcess
 
 
 @pytest.fixture
@@ -25,6 +28,35 @@ def job_settings(tmp_path: Path, redis_url: str, database_url: str | None) -> Se
 @pytest.fixture
 def manager(job_settings: Settings) -> Iterator[JobManager]:
     jm = JobManager(job_settings)
+    yield jm
+    jm.close()
+
+
+# Queues the shared worker consumes; tests that must see a job wait use "low" (not consumed).
+LIVE_QUEUES = "high,default"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def live_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  embedded_redis: Any) -> Iterator[Settings]:
+    """One migrated database and one real worker shared by a module's tests (per backend)."""
+    database_url = None
+    if request.param == "postgres":
+        database_url = request.getfixturevalue("postgres_url")
+        _reset_postgres(database_url)
+    home = tmp_path_factory.mktemp("live")
+    settings = Settings(home_dir=home / ".tasklab", redis_url=embedded_redis.url,
+                        database_url=database_url, worker_concurrency=2, lease_s=4,
+                        reaper_interval_s=0.3, requeue_after_s=30, breaker_reset_s=0.5)
+    migrate(settings)
+    worker = WorkerProcess(settings, queues=LIVE_QUEUES, name="live").start()
+    yield settings
+    worker.stop()
+
+
+@pytest.fixture
+def live(live_settings: Settings) -> Iterator[JobManager]:
+    jm = JobManager(live_settings)
     yield jm
     jm.close()
 

@@ -82,9 +82,10 @@ def test_a_job_whose_worker_is_sigkilled_mid_task_completes_exactly_once(
 def test_a_long_job_is_not_redelivered_while_its_worker_is_alive(
     fault_settings: Settings, worker_factory
 ) -> None:
-    jm = JobManager(fault_settings)
-    worker_factory(fault_settings).start()
-    j = jm.submit(probe_jobs.effect, hold_s=3 * fault_settings.lease_s)  # outlives 3 leases
+    settings = fault_settings.model_copy(update={"lease_s": 1.2})
+    jm = JobManager(settings)
+    worker_factory(settings).start()
+    j = jm.submit(probe_jobs.effect, hold_s=3 * settings.lease_s)  # outlives 3 leases
     done = jm.wait(j.id, timeout_s=60)
     assert done.status is JobStatus.SUCCEEDED and done.attempt == 1
     assert effect_counts(jm) == {j.id: 1}
