@@ -240,3 +240,44 @@ def test_a_dead_result_backend_does_not_drop_jobs(fault_settings: Settings,
     wait_until(lambda: all(jm.get(i).done for i in ids), 60, "jobs to finish")
     assert ledger(jm, ids)["succeeded"] == 5
     jm.close()
+
+
+def test_a_frozen_broker_fails_the_publish_fast_and_the_job_runs_locally(
+    fault_settings: Settings, broker: EmbeddedRedis
+) -> None:
+    import os
+    import signal
+
+    jm = JobManager(fault_settings)
+    jm.submit(probe_jobs.noop, queue="low")  # connect while the broker answers
+    assert broker.pid is not None
+    os.kill(broker.pid, signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        t0 = time.monotonic()
+        j = jm.submit(probe_jobs.effect)
+        elapsed = time.monotonic() - t0
+        done = jm.wait(j.id, timeout_s=30)
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    assert done.status is JobStatus.SUCCEEDED and done.via == "local"
+    assert elapsed < fault_settings.publish_timeout_s * 3  # bounded by the socket timeout
+    jm.close()
+
+
+def test_finished_jobs_past_retention_are_purged(fault_settings: Settings) -> None:
+    from tasklab.jobs import store
+
+    jm = JobManager(fault_settings)
+    old = jm.submit(probe_jobs.noop, queue="low")
+    fresh = jm.submit(probe_jobs.noop, queue="low")
+    waiting = jm.submit(probe_jobs.noop, queue="low")
+    with jm.engine.begin() as conn:
+        for job_id, finished in ((old.id, 1.0), (fresh.id, time.time())):
+            conn.execute(store.jobs.update().where(store.jobs.c.id == job_id)
+                         .values(status="SUCCEEDED", finished_at=finished))
+    reaper = Reaper(fault_settings, jm.engine, jm.publisher)
+    assert reaper.purge() == 1
+    remaining = {j.id for j in jm.list(page_size=100)[0]}
+    assert remaining == {fresh.id, waiting.id}
+    reaper.close()
+    jm.close()
