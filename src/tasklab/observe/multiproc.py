@@ -1,0 +1,143 @@
+"""Prometheus multiprocess mode: one directory of mmap files shared by every tasklab process.
+
+Why: uvicorn runs several API workers and Celery forks pool children; each is its own process
+with its own counters. prometheus_client aggregates them when every process writes its values
+under ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` reads them all (``MultiProcessCollector``).
+
+Ordering matters. prometheus_client picks its value class **once, when ``prometheus_client``
+is first imported** (``prometheus_client.values.ValueClass``): if the variable is not in the
+environment at that moment, the process keeps plain in-memory values for good. So:
+
+* the parent (``tasklab up``, or ``tasklab api --workers N``) calls ``prepare_dir(settings)``
+  and puts the returned variable into the environment it passes to its children, before any
+  child starts; children import prometheus_client after they start, so they see it;
+* Celery prefork children are forked from a worker main process that already has the variable
+  and already chose the multiprocess value class; the values notice the new pid after the fork
+  and open their own files;
+* nothing sets the variable from inside a process that has already imported prometheus_client:
+  ``value_class_matches_env()`` detects that mistake and ``check(settings)`` logs it.
+
+Dead processes: gauges in ``live*`` modes must be dropped when their process exits
+(``mark_process_dead``). Celery children do it from ``worker_process_shutdown``; children that
+were SIGKILLed are caught by ``reap_dead_processes`` when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tasklab.settings import Settings
+
+ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
+_LEGACY_ENV_VAR = "prometheus_multiproc_dir"
+DIR_NAME = "prometheus-multiproc"
+STARTED_AT_FILE = "started_at"  # not *.db: MultiProcessCollector ignores it
+_PID_IN_FILE = re.compile(r"_(\d+)\.db$")
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
+
+log = logging.getLogger(__name__)
+
+
+def dir_for(settings: Settings) -> Path:
+    """Where tasklab keeps the multiprocess files: under ``home_dir``, never shared."""
+    return (settings.home_dir / DIR_NAME).resolve()
+
+
+def prepare_dir(settings: Settings) -> dict[str, str]:
+    """Empty (or create) the directory and return the env the parent passes to its children.
+
+    Call it in the parent once per start, before any child runs: files left by a previous run
+    would otherwise be added to this run's counters.
+    """
+    path = dir_for(settings)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / STARTED_AT_FILE).write_text(f"{time.time():.3f}")
+    return {ENV_VAR: str(path)}
+
+
+def dir_from_env() -> Path | None:
+    """The directory this process writes to, or None in single-process mode."""
+    value = os.environ.get(ENV_VAR) or os.environ.get(_LEGACY_ENV_VAR)
+    return Path(value) if value else None
+
+
+def value_class_matches_env() -> bool:
+    """False if the env var and the value class prometheus_client chose at import disagree."""
+    from prometheus_client import values
+
+    multiprocess_values = values.ValueClass is not values.MutexValue
+    return multiprocess_values == (dir_from_env() is not None)
+
+
+def check(settings: Settings) -> list[str]:
+    """Log (and return) the multiprocess misconfigurations this process can see."""
+    problems = []
+    if not value_class_matches_env():
+        problems.append(f"{ENV_VAR} was set after prometheus_client was imported: this "
+                        "process's metrics are not shared; set it in the parent's environment")
+    if settings.api_workers > 1 and dir_from_env() is None:
+        problems.append(f"api_workers={settings.api_workers} without {ENV_VAR}: each scrape "
+                        "sees one worker's metrics; start the API with `tasklab up` or "
+                        "`tasklab api` (they prepare the directory)")
+    for problem in problems:
+        log.warning("prometheus multiprocess: %s", problem)
+    return problems
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a finished process's live gauges (no-op in single-process mode)."""
+    path = dir_from_env()
+    if path is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
+
+
+def on_worker_process_shutdown(sender: Any = None, pid: int | None = None,
+                               **_kwargs: Any) -> None:
+    """Celery ``worker_process_shutdown`` receiver (runs in the exiting pool child)."""
+    mark_process_dead(pid or os.getpid())
+
+
+def connect_celery_signals() -> None:
+    """Connect the pool-child shutdown hook; call once in the worker process."""
+    from celery.signals import worker_process_shutdown
+
+    worker_process_shutdown.connect(on_worker_process_shutdown, weak=False,
+                                    dispatch_uid="tasklab.observe.multiproc")
+
+
+def pids_in(path: Path) -> set[int]:
+    """Pids that have written metric files in ``path``."""
+    pids = set()
+    for entry in path.glob("*.db"):
+        match = _PID_IN_FILE.search(entry.name)
+        if match:
+            pids.add(int(match.group(1)))
+    return pids
+
+
+def reap_dead_processes(path: Path) -> list[int]:
+    """Drop the live gauges of processes that died without saying so (SIGKILL, OOM)."""
+    dead = set()
+    for entry in path.glob("gauge_live*.db"):
+        match = _LIVE_GAUGE_FILE.match(entry.name)
+        if match and not psutil.pid_exists(int(match.group(1))):
+            dead.add(int(match.group(1)))
+    if dead:
+        from prometheus_client import multiprocess
+
+        for pid in dead:
+            multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
+    return sorted(dead)
