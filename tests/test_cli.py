@@ -41,6 +41,12 @@ def test_an_unknown_job_id_is_a_one_line_error() -> None:
     assert out.returncode == 2 and out.stderr.strip() == "error: no job with id 'nope'"
 
 
+def _redis_url_of(tree: list[psutil.Process]) -> str:
+    server = next(p for p in tree if "redis-server" in p.name())
+    port = next(c.laddr.port for c in server.net_connections() if c.status == "LISTEN")
+    return f"redis://127.0.0.1:{port}/0"
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -49,10 +55,10 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 def test_up_serves_health_and_stops_everything_within_10_s_on_sigint(tmp_path: Path) -> None:
-    port = free_port()
+    port, exporter_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tasklab", "up", "--port", str(port),
-                             "--concurrency", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                             "--concurrency", "1", "--exporter-port", str(exporter_port)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -68,6 +74,10 @@ def test_up_serves_health_and_stops_everything_within_10_s_on_sigint(tmp_path: P
         assert "redis-server" in names and "worker" in names and "beat" in names
         ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5)
         assert ready.status_code == 200
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert "tasklab_http_requests_total" in metrics.text
+        status = run_cli("status", "--json", env={"REDIS_URL": _redis_url_of(tree)})
+        assert status.returncode == 0 and '"broker_reachable": true' in status.stdout
         proc.send_signal(signal.SIGINT)
         t0 = time.monotonic()
         proc.wait(timeout=15)

@@ -92,9 +92,16 @@ def api(
     workers: Annotated[int | None, typer.Option(min=1, max=64)] = None,
 ) -> None:
     """Serve the HTTP API with uvicorn."""
+    import os
+
     import uvicorn
 
+    from tasklab.observe import multiproc
+
     settings = settings_of(ctx)
+    if (workers or settings.api_workers) > 1 and multiproc.dir_from_env() is None:
+        # Several uvicorn processes: metrics must be aggregated over all of them.
+        os.environ.update(multiproc.prepare_dir(settings))
     uvicorn.run("tasklab.service.app:create_app_from_env", factory=True,
                 host=host or settings.api_host, port=port or settings.api_port,
                 workers=workers or settings.api_workers, log_level=settings.log_level.lower(),
@@ -109,14 +116,82 @@ def up(
     workers: Annotated[int | None, typer.Option(min=1, max=64, help="uvicorn workers")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Celery processes")] = None,
     no_beat: Annotated[bool, typer.Option("--no-beat")] = False,
+    exporter_port: Annotated[int | None, typer.Option(min=0, max=65535,
+                                                      help="0: no exporter")] = None,
+    flower: Annotated[bool, typer.Option("--flower", help="Also run Flower (if installed)")]
+    = False,
 ) -> None:
     """Run the whole stack: embedded Redis (if no URL is set), worker, beat and the API."""
-    from tasklab.stack import run_stack
+    from tasklab.stack import StackOptions, run_stack
 
     settings = settings_of(ctx)
-    run_stack(settings, host=host or settings.api_host, port=port or settings.api_port,
-              api_workers=workers or settings.api_workers,
-              concurrency=concurrency or settings.effective_concurrency, beat=not no_beat)
+    run_stack(settings, StackOptions(
+        host=host or settings.api_host, port=port or settings.api_port,
+        api_workers=workers or settings.api_workers,
+        concurrency=concurrency or settings.effective_concurrency, beat=not no_beat,
+        exporter_port=settings.exporter_port if exporter_port is None else exporter_port,
+        flower=flower))
+
+
+@app.command()
+def exporter(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(min=1, max=65535)] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    interval: Annotated[float, typer.Option(min=0.2, help="refresh seconds")] = 5.0,
+) -> None:
+    """Serve queue, worker and beat metrics for Prometheus on their own port."""
+    from tasklab.observe.exporter import run_exporter
+
+    settings = settings_of(ctx)
+    run_exporter(settings, port or settings.exporter_port or 9810, host=host, interval_s=interval)
+
+
+@app.command()
+def status(ctx: typer.Context,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Workers, queue depths and ages, jobs by status and fallback state, in one table."""
+    from tasklab.observe.status import collect_status, render_status
+
+    report = collect_status(settings_of(ctx))
+    if as_json:
+        import orjson
+
+        typer.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        console.print(render_status(report))
+
+
+@app.command()
+def purge(
+    ctx: typer.Context,
+    queue: Annotated[str, typer.Argument(help="Queue to empty")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask")] = False,
+) -> None:
+    """Delete every waiting message of one queue (job records stay; the reaper re-publishes
+    QUEUED jobs whose message is gone, so cancel those jobs first if they must not run)."""
+    from tasklab.celery_app import QUEUES, make_celery
+
+    if queue not in QUEUES:
+        fail(f"unknown queue {queue!r}; one of {', '.join(QUEUES)}")
+    if not yes and not typer.confirm(f"Delete every waiting message in {queue!r}?"):
+        raise typer.Exit(1)
+    celery = make_celery(settings_of(ctx), include=[])
+    with celery.connection_for_write() as conn:
+        removed = conn.default_channel.queue_purge(queue) or 0
+    celery.close()
+    console.print(f"purged {removed} message(s) from {queue}")
+
+
+@app.command()
+def flower(ctx: typer.Context,
+           port: Annotated[int, typer.Option(min=1, max=65535)] = 5555) -> None:
+    """Run Flower (the Celery web monitor) against the configured broker, if installed."""
+    from tasklab.worker import build_worker_app
+
+    settings = settings_of(ctx)
+    build_worker_app(settings).start(["flower", f"--port={port}",
+                                      f"--address={settings.api_host}"])
 
 
 @app.command()

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from tasklab.observe.sql import instrument
 from tasklab.settings import Settings
 
 
@@ -36,10 +37,12 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
             url, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000,
                                "check_same_thread": False}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas(settings))
-        return engine
-    return create_engine(
-        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout_s, pool_pre_ping=True, **kwargs)
+    else:
+        engine = create_engine(
+            url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout_s, pool_pre_ping=True, **kwargs)
+    instrument(engine, slow_query_ms=settings.slow_query_ms)
+    return engine
 
 
 def make_async_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
@@ -49,7 +52,9 @@ def make_async_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
         engine = create_async_engine(
             url, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000}, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas(settings))
-        return engine
-    return create_async_engine(
-        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout_s, pool_pre_ping=True, **kwargs)
+    else:
+        engine = create_async_engine(
+            url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout_s, pool_pre_ping=True, **kwargs)
+    instrument(engine.sync_engine, slow_query_ms=settings.slow_query_ms)
+    return engine

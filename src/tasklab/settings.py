@@ -109,6 +109,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=0, le=65535)
     api_workers: int = Field(1, ge=1, le=64)
+    exporter_port: int = Field(9810, ge=0, le=65535)  # 0: `tasklab up` runs no exporter
 
     @field_validator("database_url", "redis_url", "broker_url", "result_backend")
     @classmethod

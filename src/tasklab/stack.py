@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 from rich.console import Console
 
 from tasklab.embedded import EmbeddedRedis
+from tasklab.observe.multiproc import prepare_dir
 from tasklab.processes import on_stop_signals
 from tasklab.settings import Settings
 from tasklab.supervisor import Component, Supervisor, child_env, tasklab_argv
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    host: str
+    port: int
+    api_workers: int
+    concurrency: int
+    beat: bool = True
+    exporter_port: int = 0
+    flower: bool = False
 
 
 def embedded_env(settings: Settings, stack: ExitStack, console: Console) -> dict[str, str]:
@@ -24,23 +38,37 @@ def embedded_env(settings: Settings, stack: ExitStack, console: Console) -> dict
     return env
 
 
-def run_stack(settings: Settings, *, host: str, port: int, api_workers: int,
-              concurrency: int, beat: bool = True) -> None:
+def components(opts: StackOptions, console: Console) -> list[Component]:
+    comps = [
+        Component("worker", tasklab_argv("worker", "--concurrency", str(opts.concurrency))),
+        Component("api", tasklab_argv("api", "--host", opts.host, "--port", str(opts.port),
+                                      "--workers", str(opts.api_workers))),
+    ]
+    if opts.beat:
+        comps.append(Component("beat", tasklab_argv("beat")))
+    if opts.exporter_port:
+        comps.append(Component("exporter", tasklab_argv(
+            "exporter", "--port", str(opts.exporter_port), "--host", opts.host)))
+    if opts.flower:
+        if importlib.util.find_spec("flower") is None:
+            console.print("flower is not installed (pip install 'tasklab[flower]'); skipped")
+        else:
+            comps.append(Component("flower", tasklab_argv("flower")))
+    return comps
+
+
+def run_stack(settings: Settings, opts: StackOptions) -> None:
     from tasklab.migrations import migrate
 
     console = Console(stderr=True)
     migrate(settings)
     with ExitStack() as stack:
-        env = child_env(embedded_env(settings, stack, console))
-        components = [
-            Component("worker", tasklab_argv("worker", "--concurrency", str(concurrency))),
-            Component("api", tasklab_argv("api", "--host", host, "--port", str(port),
-                                          "--workers", str(api_workers))),
-        ]
-        if beat:
-            components.append(Component("beat", tasklab_argv("beat")))
-        supervisor = Supervisor(components, env=env, console=console)
+        # Every process writes metrics into one fresh multiprocess directory.
+        env = child_env({**embedded_env(settings, stack, console), **prepare_dir(settings)})
+        supervisor = Supervisor(components(opts, console), env=env, console=console)
         on_stop_signals(supervisor.request_stop)
-        console.print(f"tasklab up: API on http://{host}:{port} — Ctrl-C stops everything")
+        console.print(f"tasklab up: API on http://{opts.host}:{opts.port}"
+                      + (f", metrics exporter on :{opts.exporter_port}"
+                         if opts.exporter_port else "") + " — Ctrl-C stops everything")
         supervisor.run()
     console.print("tasklab up: stopped")

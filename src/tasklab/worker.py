@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery, signals
 
 from tasklab.celery_app import make_celery
+from tasklab.observe import beat, multiproc
 from tasklab.settings import Settings, load_settings
 
 _reaper: Any = None
@@ -20,6 +21,8 @@ def build_worker_app(settings: Settings) -> Celery:
     celery = make_celery(settings)
     celery.tasklab_settings = settings  # type: ignore[attr-defined]
     celery.conf.beat_schedule = beat_schedule(settings)
+    multiproc.connect_celery_signals()
+    beat.connect_beat_signals()
     signals.worker_ready.connect(_start_reaper, weak=False)
     signals.worker_shutdown.connect(_stop_reaper, weak=False)
     return celery
@@ -31,6 +34,7 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "task": "tasklab.jobs.purge", "schedule": 3600.0,
             "options": {"queue": "scheduled"},
         },
+        **beat.beat_schedule_entries(),
     }
 
 
