@@ -90,3 +90,24 @@ def test_settings_round_trip_through_the_environment(monkeypatch: pytest.MonkeyP
     for k, v in to_env(original).items():
         monkeypatch.setenv(k, v)
     assert load_settings() == original
+
+
+def test_time_limits_and_visibility_timeout_must_be_ordered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TASKLAB_TASK_SOFT_TIME_LIMIT_S", "400")
+    with pytest.raises(ConfigError, match="soft_time_limit"):
+        load_settings()
+    monkeypatch.delenv("TASKLAB_TASK_SOFT_TIME_LIMIT_S")
+    monkeypatch.setenv("TASKLAB_VISIBILITY_TIMEOUT_S", "300")
+    with pytest.raises(ConfigError, match="visibility_timeout_s"):
+        load_settings()
+
+
+def test_one_postgres_url_with_sslmode_serves_both_drivers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@db:5432/app?sslmode=require")
+    s = load_settings()
+    assert s.sync_database_url.endswith("?sslmode=require")
+    assert s.async_database_url == "postgresql+asyncpg://u@db:5432/app?ssl=require"

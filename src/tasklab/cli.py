@@ -221,9 +221,16 @@ def db_upgrade(ctx: typer.Context) -> None:
 
 
 def _manager(ctx: typer.Context) -> Any:
+    import importlib
+
+    from tasklab.celery_app import TASK_MODULES
     from tasklab.jobs import JobManager
 
-    return JobManager(settings_of(ctx.find_root()), local_fallback=False)
+    settings = settings_of(ctx.find_root())
+    # `retry` re-publishes a job by name: its declaring module must be imported here too.
+    for module in (*TASK_MODULES, *settings.imports):
+        importlib.import_module(module)
+    return JobManager(settings, local_fallback=False)
 
 
 def _job_table(jobs: list[Any], title: str) -> Table:

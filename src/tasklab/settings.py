@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -122,6 +122,16 @@ class Settings(BaseSettings):
             raise ValueError(f"unsupported URL scheme {scheme!r}; expected one of {schemes}")
         return value
 
+    @model_validator(mode="after")
+    def _limits_are_ordered(self) -> Settings:
+        # A soft limit after the hard one never fires; a visibility timeout shorter than a
+        # task may run makes Redis deliver the task again while it still runs.
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ValueError("task_soft_time_limit_s must be below task_time_limit_s")
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError("visibility_timeout_s must exceed task_time_limit_s")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -147,10 +157,12 @@ class Settings(BaseSettings):
 
     @property
     def async_database_url(self) -> str:
-        """URL for the asyncio engine (the HTTP API)."""
-        return _with_driver(
+        """URL for the asyncio engine (the HTTP API). asyncpg spells libpq's ``sslmode``
+        as ``ssl``, so one DATABASE_URL serves both drivers."""
+        url = _with_driver(
             self.sync_database_url, sqlite="sqlite+aiosqlite", postgresql="postgresql+asyncpg"
         )
+        return url.replace("?sslmode=", "?ssl=").replace("&sslmode=", "&ssl=")
 
     @property
     def effective_broker_url(self) -> str:

@@ -52,8 +52,13 @@ class Reaper:
         flushed = self._broker_was_flushed()
         empty = self._empty_queues()
         queued_before = now if flushed else now - self.settings.requeue_after_s
-        counts.update(self._publish_stranded(now, queued_before, None if flushed else empty))
-        return counts
+        counts.update({"unpublished": 0, "message_lost": 0})
+        while True:  # after a flush every queued job must go back, batch after batch
+            batch = self._publish_stranded(now, queued_before, None if flushed else empty)
+            for key, n in batch.items():
+                counts[key] += n
+            if sum(batch.values()) < BATCH:
+                return counts
 
     def _release_expired(self, now: float) -> int:
         released = 0
@@ -91,7 +96,7 @@ class Reaper:
 
     def _empty_queues(self) -> list[str]:
         if self._redis is None:
-            return []  # without a cheap depth probe, only PENDING and flush recovery apply
+            return self._empty_amqp_queues()
         try:
             pipe = self._redis.pipeline(transaction=False)
             for q in QUEUES:
@@ -103,6 +108,18 @@ class Reaper:
         per_queue = len(lengths) // len(QUEUES)
         return [q for i, q in enumerate(QUEUES)
                 if sum(lengths[i * per_queue:(i + 1) * per_queue]) == 0]
+
+    def _empty_amqp_queues(self) -> list[str]:
+        """RabbitMQ: ready-message counts by passive declare (unacked ones are not counted,
+        so a job reserved by a live worker may be re-published: the claim skips the copy)."""
+        from tasklab.observe.queues import amqp_queue_depths
+
+        try:
+            with self.publisher.app.connection_for_read() as conn:
+                depths = amqp_queue_depths(conn, QUEUES)
+        except Exception:  # broker unreachable: nothing can be re-published anyway
+            return []
+        return [q for q, d in depths.items() if d.total == 0]
 
     def _publish_stranded(self, now: float, queued_before: float,
                           empty: list[str] | None) -> dict[str, int]:

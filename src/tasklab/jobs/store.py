@@ -231,7 +231,10 @@ def stranded(*, pending_before: float, queued_before: float, limit: int,
     due_retry = sa.and_(jobs.c.status == JobStatus.RETRYING.value,
                         jobs.c.next_attempt_at < queued_before)
     old_queued = sa.and_(jobs.c.status == JobStatus.QUEUED.value,
-                         jobs.c.queued_at < queued_before)
+                         jobs.c.queued_at < queued_before,
+                         # a countdown message waits (reserved) in a worker until it is due
+                         sa.or_(jobs.c.next_attempt_at.is_(None),
+                                jobs.c.next_attempt_at < queued_before))
     pending = sa.and_(jobs.c.status == JobStatus.PENDING.value,
                       jobs.c.created_at < pending_before)
     conds: list[Any] = [sa.or_(pending, old_queued, due_retry)]
