@@ -1,0 +1,1 @@
+"""A minimal Celery application of "your own", to point the tasklab lab at (see README.md)."""

@@ -1,0 +1,100 @@
+"""Every bench dimension on embedded defaults, with tiny sizes: the JSON's shape, never speed."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from rich.console import Console
+
+from tasklab.lab.bench import DIMENSIONS, BenchSizes, _queue_rates, configured_brokers, run_bench
+from tasklab.lab.errors import LabError
+from tasklab.settings import Settings
+from tests.conftest import required_url
+from tests.lab.helpers import printed, read_json, slo
+
+
+def test_bench_runs_every_dimension_on_one_embedded_stack_and_writes_its_figures(
+    lab_settings: Settings, console: Console
+) -> None:
+    result = run_bench(
+        lab_settings,
+        dimensions=DIMENSIONS,
+        sizes=BenchSizes.tiny(),
+        console=console,
+        targets=["jobs.tasklab_throughput_per_s=1"],
+    )
+    data = read_json(result.path)
+    figures = data["figures"]
+
+    assert data["command"] == "bench" and data["params"]["dimensions"] == list(DIMENSIONS)
+    assert data["params"]["worker"] == {
+        "pool": "prefork",
+        "concurrency": 2,
+        "prefetch_multiplier": 4,
+        "nodes": 1,
+    }
+    assert data["versions"]["server.redis"] and data["versions"]["server.sqlite"]
+    for via in ("celery", "jobs"):
+        assert figures[f"submit.{via}_submit_ms_p99"] > 0
+        assert figures[f"submit.{via}_lost"] == 0
+        for level in (4, 8):
+            assert figures[f"concurrent.{via}_{level}_submit_per_s"] > 0
+            assert figures[f"concurrent.{via}_{level}_errors"] == 0
+        assert figures[f"execute.{via}_execute_per_s"] > 0
+        assert figures[f"memory.{via}_redis_bytes_per_job"] >= 0  # whole-server: noisy
+        assert figures[f"memory.{via}_queue_key_bytes_per_job"] > 0
+    assert {r["path"] for r in data["tables"]["overhead"]} == {"asyncio", "celery", "jobs"}
+    assert "overhead.jobs_overhead_pct" in figures and "overhead.celery_overhead_pct" in figures
+    assert figures["memory.worker_rss_mb"] > 0
+    assert figures["queue.redis_enqueue_per_s"] > 0 and figures["queue.redis_dequeue_per_s"] > 0
+
+    # Issue 3: both paths, same run, throughput and end-to-end percentiles, and their ratio.
+    for path in ("celery", "tasklab"):
+        assert figures[f"jobs.{path}_succeeded"] == BenchSizes.tiny().jobs_n
+        for p in ("p50", "p95", "p99"):
+            assert figures[f"jobs.{path}_e2e_ms_{p}"] > 0
+    assert figures["jobs.throughput_ratio"] == pytest.approx(
+        figures["jobs.tasklab_throughput_per_s"] / figures["jobs.celery_throughput_per_s"]
+    )
+    assert {s["label"] for s in data["series"] if s["kind"] == "cdf"} == {"celery", "tasklab"}
+    assert slo(data, "jobs.tasklab_throughput_per_s") == {
+        "figure": "jobs.tasklab_throughput_per_s",
+        "value": figures["jobs.tasklab_throughput_per_s"],
+        "target": 1.0,
+        "op": ">=",
+        "pass": True,
+    }
+    assert {s["figure"] for s in data["slos"]} >= {
+        "jobs.throughput_ratio",
+        "jobs.tasklab_submit_ms_p99",
+    }
+    # Issue 5's cache benchmark, folded into the same envelope with its targets.
+    assert 0 < figures["cache.overall_hit_rate"] <= 1
+    assert figures["cache.l1_hit_us_p50"] > 0 and figures["cache.tiered_per_s"] > 0
+    assert {"cache.overall_hit_rate", "cache.l1_hit_us_p99"} <= {s["figure"] for s in data["slos"]}
+    assert "jobs.throughput_ratio" in printed(console)
+
+
+def test_an_unknown_dimension_is_refused_before_anything_starts(
+    lab_settings: Settings, console: Console
+) -> None:
+    with pytest.raises(LabError, match="unknown bench dimension"):
+        run_bench(lab_settings, dimensions=["submit", "warp"], console=console)
+    assert not lab_settings.results_dir.exists()
+
+
+def test_rabbitmq_joins_the_queue_dimension_when_a_url_is_configured() -> None:
+    settings = Settings(broker_url="amqp://guest:guest@mq:5672//")
+    assert configured_brokers(settings, {"TEST_RABBITMQ_URL": "amqp://x@y//"}) == [
+        "amqp://x@y//",
+        "amqp://guest:guest@mq:5672//",
+    ]
+    assert configured_brokers(Settings(), {}) == []
+
+
+@pytest.mark.rabbitmq
+def test_the_queue_dimension_measures_rabbitmq_when_it_is_configured() -> None:
+    url = required_url("TEST_RABBITMQ_URL")
+    rates = _queue_rates(url, 50, f"lab-queue-test-{uuid.uuid4().hex[:6]}", lambda _: None)
+    assert rates["enqueue_per_s"] > 0 and rates["dequeue_per_s"] > 0
