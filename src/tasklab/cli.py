@@ -205,6 +205,15 @@ def demo(
     run_demo(settings_of(ctx), tasks=tasks, console=console)
 
 
+def _register_part_commands() -> None:
+    from tasklab.lab import commands as lab
+
+    for name in ("stress", "bench", "tune", "report"):
+        app.command(name)(getattr(lab, name))
+
+
+_register_part_commands()
+
 jobs_app = typer.Typer(help="Inspect and operate durable jobs.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")

@@ -1,0 +1,192 @@
+"""The lab's CLI commands (registered on ``tasklab`` by tasklab.cli): thin wrappers over
+run_stress / run_bench / run_tune / run_report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tasklab.settings import Settings
+
+console = Console()
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.find_root().obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+TargetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--target", "--slo", help="Change a threshold: NAME=VALUE, or NAME<=VALUE (<, >, >=, ==)."
+    ),
+]
+AppOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--app", help="Your Celery app, module:attribute (its workers import tasklab.lab.probes)."
+    ),
+]
+ExternalOpt = Annotated[
+    bool,
+    typer.Option(
+        "--external-workers", help="Use the workers already running instead of starting some."
+    ),
+]
+PoolOpt = Annotated[str | None, typer.Option(help="Worker pool: prefork, threads or solo.")]
+ConcOpt = Annotated[int | None, typer.Option(min=1, help="Worker concurrency.")]
+PrefetchOpt = Annotated[
+    int | None, typer.Option("--prefetch", min=1, help="Worker prefetch multiplier.")
+]
+
+
+def stress(
+    ctx: typer.Context,
+    scenario: Annotated[
+        list[str] | None, typer.Option(help="fast, long, priority, failures, leak (repeatable).")
+    ] = None,
+    all_scenarios: Annotated[bool, typer.Option("--all")] = False,
+    via: Annotated[str | None, typer.Option(help="jobs (durable) or celery (plain).")] = None,
+    tasks: Annotated[int | None, typer.Option(min=1, help="Tasks of the fast scenario.")] = None,
+    target: TargetOpt = None,
+    app_spec: AppOpt = None,
+    external_workers: ExternalOpt = False,
+    pool: PoolOpt = None,
+    concurrency: ConcOpt = None,
+    prefetch: PrefetchOpt = None,
+) -> None:
+    """Load the stack with a scenario; check throughput, latency, outcomes and the ledger."""
+    from dataclasses import replace
+
+    from tasklab.lab.harness import worker_config
+    from tasklab.lab.stress import SCENARIOS, StressSizes, run_stress
+
+    settings = _settings(ctx)
+    sizes = StressSizes() if tasks is None else replace(StressSizes(), fast_n=tasks)
+    result = run_stress(
+        settings,
+        scenarios=SCENARIOS if all_scenarios else (scenario or ["fast"]),
+        sizes=sizes,
+        app_spec=app_spec,
+        via=via,
+        external_workers=external_workers,
+        targets=target or [],
+        worker=worker_config(
+            settings, pool=pool, concurrency=concurrency, prefetch_multiplier=prefetch
+        ),
+        console=console,
+    )
+    raise typer.Exit(0 if result.passed else 1)
+
+
+def bench(
+    ctx: typer.Context,
+    dimension: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="submit, concurrent, overhead, execute, memory, queue, jobs, cache "
+            "(repeatable; default all)."
+        ),
+    ] = None,
+    tasks: Annotated[int | None, typer.Option(min=1, help="Tasks of the jobs dimension.")] = None,
+    submitters: Annotated[int, typer.Option(min=1, help="Threads submitting in `jobs`.")] = 1,
+    target: TargetOpt = None,
+    app_spec: AppOpt = None,
+    external_workers: ExternalOpt = False,
+    pool: PoolOpt = None,
+    concurrency: ConcOpt = None,
+    prefetch: PrefetchOpt = None,
+) -> None:
+    """Benchmarks: submit latency, concurrent submitters, overhead, worker throughput, memory,
+    broker rates, raw Celery vs tasklab jobs, the cache."""
+    from dataclasses import replace
+
+    from tasklab.lab.bench import DIMENSIONS, BenchSizes, configured_brokers, run_bench
+    from tasklab.lab.harness import worker_config
+
+    settings = _settings(ctx)
+    sizes = replace(
+        BenchSizes(), jobs_submitters=submitters, **({"jobs_n": tasks} if tasks else {})
+    )
+    result = run_bench(
+        settings,
+        dimensions=dimension or DIMENSIONS,
+        sizes=sizes,
+        app_spec=app_spec,
+        external_workers=external_workers,
+        brokers=configured_brokers(settings, dict(os.environ)),
+        worker=worker_config(
+            settings, pool=pool, concurrency=concurrency, prefetch_multiplier=prefetch
+        ),
+        targets=target or [],
+        console=console,
+    )
+    raise typer.Exit(0 if result.passed else 1)
+
+
+def tune(
+    ctx: typer.Context,
+    workload: Annotated[str, typer.Option(help="cpu, io or mixed probe.")] = "mixed",
+    task: Annotated[str | None, typer.Option(help="A named task to measure instead.")] = None,
+    args: Annotated[str | None, typer.Option("--args", help="Its arguments, a JSON list.")] = None,
+    pools: Annotated[str | None, typer.Option(help="e.g. prefork,threads")] = None,
+    concurrency: Annotated[str | None, typer.Option(help="e.g. 2,4,8")] = None,
+    prefetch: Annotated[str | None, typer.Option(help="e.g. 1,4")] = None,
+    budget: Annotated[float, typer.Option(min=1, help="Seconds for the sweep.")] = 60.0,
+    burst: Annotated[int, typer.Option(min=1, help="Tasks per trial's burst.")] = 100,
+    rate: Annotated[float | None, typer.Option(help="Steady-load tasks/s for queue wait.")] = None,
+    write: Annotated[
+        Path | None, typer.Option(help="Write the recommendation: *.env or *.py.")
+    ] = None,
+    target: TargetOpt = None,
+    app_spec: AppOpt = None,
+) -> None:
+    """Analyse system, workers and Celery config; sweep pool x concurrency x prefetch; recommend."""
+    from tasklab.lab.tune import parse_grid, parse_task_args, run_tune
+
+    run_tune(
+        _settings(ctx),
+        workload=workload,
+        task=task,
+        task_args=parse_task_args(args),
+        app_spec=app_spec,
+        grid=parse_grid(pools=pools, concurrencies=concurrency, prefetches=prefetch),
+        budget_s=budget,
+        burst_n=burst,
+        rate_per_s=rate,
+        write=write,
+        targets=target or [],
+        console=console,
+    )
+
+
+def report(
+    ctx: typer.Context,
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Result JSON files (default: the newest of each command)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Default .tasklab/report/index.html")] = None,
+    compare: Annotated[Path | None, typer.Option(help="An older result to compare with.")] = None,
+    tolerance: Annotated[float, typer.Option(min=0, help="Regression tolerance, %.")] = 10.0,
+) -> None:
+    """One self-contained HTML page from lab results; --compare marks regressions."""
+    from tasklab.lab.report import regressions, run_report
+
+    settings = _settings(ctx)
+    run_report(
+        settings,
+        paths=files or [],
+        out=out,
+        compare=compare,
+        tolerance_pct=tolerance,
+        console=console,
+    )
+    if compare is not None and regressions(files or [], compare, tolerance):
+        raise typer.Exit(1)
