@@ -24,8 +24,12 @@ from tests.support.worker import WorkerProcess
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Tests build settings explicitly; the caller's TASKLAB_* and URLs must not leak in."""
     for name in list(os.environ):
-        if name.startswith("TASKLAB_") or name in ("REDIS_URL", "BROKER_URL", "DATABASE_URL",
-                                                   "RESULT_BACKEND"):
+        if name.startswith("TASKLAB_") or name in (
+            "REDIS_URL",
+            "BROKER_URL",
+            "DATABASE_URL",
+            "RESULT_BACKEND",
+        ):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
 
@@ -59,8 +63,9 @@ def postgres_url() -> Iterator[str]:
     """A fresh database on the TEST_POSTGRES_URL server, dropped at the end of the session."""
     base = required_url("TEST_POSTGRES_URL")
     name = f"tasklab_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1),
-                          isolation_level="AUTOCOMMIT")
+    admin = create_engine(
+        base.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+    )
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = base.rsplit("/", 1)[0] + f"/{name}"
@@ -91,8 +96,13 @@ def _reset_postgres(url: str) -> None:
 @pytest.fixture
 def settings(tmp_path: Path, redis_url: str) -> Settings:
     """Settings on the embedded Redis and SQLite under the test's own directory."""
-    return Settings(home_dir=tmp_path / ".tasklab", redis_url=redis_url,
-                    worker_concurrency=2, lease_s=5, reaper_interval_s=0.5)
+    return Settings(
+        home_dir=tmp_path / ".tasklab",
+        redis_url=redis_url,
+        worker_concurrency=2,
+        lease_s=5,
+        reaper_interval_s=0.5,
+    )
 
 
 @pytest.fixture

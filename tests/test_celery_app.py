@@ -45,8 +45,7 @@ def test_priorities_are_mirrored_on_redis_only() -> None:
     queues = make_celery(amqp_s).conf.task_queues
     assert all(q.queue_arguments == {"x-max-priority": 9} for q in queues)
     quorum = make_celery(amqp_s.model_copy(update={"amqp_queue_type": "quorum"}))
-    assert all(q.queue_arguments == {"x-queue-type": "quorum"}
-               for q in quorum.conf.task_queues)
+    assert all(q.queue_arguments == {"x-queue-type": "quorum"} for q in quorum.conf.task_queues)
 
 
 def test_pickle_is_refused_by_the_worker_config() -> None:
@@ -63,14 +62,16 @@ def round_trip(settings: Settings, worker_factory) -> None:
     app.close()
 
 
-def test_a_task_round_trips_through_embedded_redis_and_a_real_worker(settings,
-                                                                     worker_factory) -> None:
+def test_a_task_round_trips_through_embedded_redis_and_a_real_worker(
+    settings, worker_factory
+) -> None:
     round_trip(settings, worker_factory)
 
 
 @pytest.mark.redis_server
-def test_a_task_round_trips_through_the_standard_redis_server(tmp_path: Path,
-                                                              worker_factory) -> None:
+def test_a_task_round_trips_through_the_standard_redis_server(
+    tmp_path: Path, worker_factory
+) -> None:
     url = required_url("TEST_REDIS_URL")
     assert not url.rstrip("/").endswith("/0"), "tests never use db 0 of a shared server"
     import redis
@@ -81,11 +82,16 @@ def test_a_task_round_trips_through_the_standard_redis_server(tmp_path: Path,
 
 
 @pytest.mark.rabbitmq
-def test_tasks_and_durable_jobs_round_trip_through_rabbitmq(tmp_path: Path, redis_url: str,
-                                                            worker_factory) -> None:
+def test_tasks_and_durable_jobs_round_trip_through_rabbitmq(
+    tmp_path: Path, redis_url: str, worker_factory
+) -> None:
     url = required_url("TEST_RABBITMQ_URL")
-    settings = Settings(home_dir=tmp_path / ".tasklab", broker_url=url, result_backend=redis_url,
-                        worker_concurrency=1)
+    settings = Settings(
+        home_dir=tmp_path / ".tasklab",
+        broker_url=url,
+        result_backend=redis_url,
+        worker_concurrency=1,
+    )
     migrate(settings)
     round_trip(settings, worker_factory)
     jm = JobManager(settings)

@@ -14,13 +14,17 @@ from tasklab.embedded import free_port
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tasklab", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "tasklab", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
 
 
 def test_config_prints_masked_settings_and_their_sources() -> None:
-    out = run_cli("config", env={"REDIS_URL": "redis://:s3cret@h:6379/0",
-                                 "TASKLAB_LEASE_S": "12"})
+    out = run_cli("config", env={"REDIS_URL": "redis://:s3cret@h:6379/0", "TASKLAB_LEASE_S": "12"})
     assert out.returncode == 0
     assert "s3cret" not in out.stdout and "***" in out.stdout
     assert "env:TASKLAB_LEASE_S" in out.stdout and "default" in out.stdout
@@ -56,9 +60,23 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 def test_up_serves_health_and_stops_everything_within_10_s_on_sigint(tmp_path: Path) -> None:
     port, exporter_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tasklab", "up", "--port", str(port),
-                             "--concurrency", "1", "--exporter-port", str(exporter_port)],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tasklab",
+            "up",
+            "--port",
+            str(port),
+            "--concurrency",
+            "1",
+            "--exporter-port",
+            str(exporter_port),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -74,8 +74,9 @@ def test_a_sigkilled_owner_takes_its_redis_with_it_and_leaves_a_stale_pidfile(
 def test_a_stale_pidfile_whose_server_survived_is_cleaned_and_the_server_killed(
     tmp_path: Path,
 ) -> None:
-    orphan = subprocess.Popen([str(find_redis_server()), "--port", "0", "--save", ""],
-                              stdout=subprocess.DEVNULL)
+    orphan = subprocess.Popen(
+        [str(find_redis_server()), "--port", "0", "--save", ""], stdout=subprocess.DEVNULL
+    )
     dead_owner = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_owner.wait()
     pidfile = tmp_path / "redis.pid.json"

@@ -17,15 +17,18 @@ def test_defaults_are_embedded_sqlite_and_no_redis_url() -> None:
     s = load_settings()
     assert s.redis_url is None and s.database_url is None
     assert s.sync_database_url.startswith("sqlite:///") and s.sync_database_url.endswith(
-        "tasklab.db")
+        "tasklab.db"
+    )
     assert s.async_database_url.startswith("sqlite+aiosqlite:///")
 
 
 def test_env_beats_file_and_file_beats_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_toml(tmp_path / "tasklab.toml", 'lease_s = 12\nworker_prefetch_multiplier = 7\n'
-               'REDIS_URL = "redis://file-host:6379/1"\n')
+    write_toml(
+        tmp_path / "tasklab.toml",
+        'lease_s = 12\nworker_prefetch_multiplier = 7\nREDIS_URL = "redis://file-host:6379/1"\n',
+    )
     monkeypatch.setenv("TASKLAB_LEASE_S", "42")
     s = load_settings()
     assert s.lease_s == 42  # env wins over file
@@ -56,12 +59,15 @@ def test_an_unknown_tasklab_variable_is_an_error_naming_it(
         load_settings()
 
 
-@pytest.mark.parametrize(("name", "value", "key"), [
-    ("TASKLAB_LEASE_S", "soon", "lease_s"),
-    ("TASKLAB_WORKER_POOL", "forkbomb", "worker_pool"),
-    ("REDIS_URL", "http://example/", "redis_url"),
-    ("TASKLAB_API_PORT", "70000", "api_port"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "key"),
+    [
+        ("TASKLAB_LEASE_S", "soon", "lease_s"),
+        ("TASKLAB_WORKER_POOL", "forkbomb", "worker_pool"),
+        ("REDIS_URL", "http://example/", "redis_url"),
+        ("TASKLAB_API_PORT", "70000", "api_port"),
+    ],
+)
 def test_an_invalid_value_is_an_error_naming_the_key(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str, key: str
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from tasklab.settings import Settings
 
@@ -22,6 +22,7 @@ TASK_MODULES = [
     "tasklab.lab.probe_jobs",
     "tasklab.jobs.maintenance",
     "tasklab.service.domain.jobs",
+    "tasklab.observe.beat",
 ]
 
 
@@ -35,7 +36,10 @@ def broker_priority(settings: Settings, priority: int) -> int:
 
 
 def make_celery(
-    settings: Settings, *, name: str = "tasklab", include: list[str] | None = None,
+    settings: Settings,
+    *,
+    name: str = "tasklab",
+    include: list[str] | None = None,
     for_publishing: bool = False,
 ) -> Celery:
     """Build a Celery app from settings.
@@ -110,8 +114,11 @@ def _config(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
 def _fail_fast(settings: Settings) -> dict[str, Any]:
     """Producer-side: no reconnect loop and short socket timeouts, so a dead or frozen broker
     costs one publish at most ``publish_timeout_s`` (the circuit breaker does the rest)."""
-    return {"max_retries": 0, "connect_retries_timeout": settings.publish_timeout_s,
-            "socket_timeout": settings.publish_timeout_s}
+    return {
+        "max_retries": 0,
+        "connect_retries_timeout": settings.publish_timeout_s,
+        "socket_timeout": settings.publish_timeout_s,
+    }
 
 
 def _redis_transport(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
@@ -151,5 +158,6 @@ def _queues(settings: Settings) -> list[Queue]:
         args = {"x-queue-type": "quorum"}
     else:
         args = {"x-max-priority": MAX_PRIORITY}
-    return [Queue(q, Exchange(q), routing_key=q, queue_arguments=args, durable=True)
-            for q in QUEUES]
+    return [
+        Queue(q, Exchange(q), routing_key=q, queue_arguments=args, durable=True) for q in QUEUES
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -12,8 +13,11 @@ from rich.table import Table
 from tasklab.errors import ConfigError, TasklabError
 from tasklab.settings import Settings, describe, load_settings
 
-app = typer.Typer(help="tasklab: a fast, observable, loss-free Celery job layer.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="tasklab: a fast, observable, loss-free Celery job layer.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -24,8 +28,8 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def settings_of(ctx: typer.Context) -> Settings:
-    settings = ctx.obj
+def settings_of(ctx: typer.Context | click.Context) -> Settings:
+    settings = ctx.find_root().obj
     assert isinstance(settings, Settings)
     return settings
 
@@ -63,10 +67,19 @@ def worker(
 
     settings = settings_of(ctx)
     celery = build_worker_app(settings)
-    argv = ["worker", "--loglevel", settings.log_level, "-n", hostname,
-            "-Q", queues or ",".join(QUEUES),
-            "--concurrency", str(concurrency or settings.effective_concurrency),
-            "--pool", pool or settings.worker_pool]
+    argv = [
+        "worker",
+        "--loglevel",
+        settings.log_level,
+        "-n",
+        hostname,
+        "-Q",
+        queues or ",".join(QUEUES),
+        "--concurrency",
+        str(concurrency or settings.effective_concurrency),
+        "--pool",
+        pool or settings.worker_pool,
+    ]
     if settings.task_events:
         argv.append("-E")
     celery.worker_main(argv)
@@ -102,10 +115,15 @@ def api(
     if (workers or settings.api_workers) > 1 and multiproc.dir_from_env() is None:
         # Several uvicorn processes: metrics must be aggregated over all of them.
         os.environ.update(multiproc.prepare_dir(settings))
-    uvicorn.run("tasklab.service.app:create_app_from_env", factory=True,
-                host=host or settings.api_host, port=port or settings.api_port,
-                workers=workers or settings.api_workers, log_level=settings.log_level.lower(),
-                access_log=False)
+    uvicorn.run(
+        "tasklab.service.app:create_app_from_env",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers or settings.api_workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
 
 
 @app.command()
@@ -116,21 +134,29 @@ def up(
     workers: Annotated[int | None, typer.Option(min=1, max=64, help="uvicorn workers")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Celery processes")] = None,
     no_beat: Annotated[bool, typer.Option("--no-beat")] = False,
-    exporter_port: Annotated[int | None, typer.Option(min=0, max=65535,
-                                                      help="0: no exporter")] = None,
-    flower: Annotated[bool, typer.Option("--flower", help="Also run Flower (if installed)")]
-    = False,
+    exporter_port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="0: no exporter")
+    ] = None,
+    flower: Annotated[
+        bool, typer.Option("--flower", help="Also run Flower (if installed)")
+    ] = False,
 ) -> None:
     """Run the whole stack: embedded Redis (if no URL is set), worker, beat and the API."""
     from tasklab.stack import StackOptions, run_stack
 
     settings = settings_of(ctx)
-    run_stack(settings, StackOptions(
-        host=host or settings.api_host, port=port or settings.api_port,
-        api_workers=workers or settings.api_workers,
-        concurrency=concurrency or settings.effective_concurrency, beat=not no_beat,
-        exporter_port=settings.exporter_port if exporter_port is None else exporter_port,
-        flower=flower))
+    run_stack(
+        settings,
+        StackOptions(
+            host=host or settings.api_host,
+            port=port or settings.api_port,
+            api_workers=workers or settings.api_workers,
+            concurrency=concurrency or settings.effective_concurrency,
+            beat=not no_beat,
+            exporter_port=settings.exporter_port if exporter_port is None else exporter_port,
+            flower=flower,
+        ),
+    )
 
 
 @app.command()
@@ -148,8 +174,7 @@ def exporter(
 
 
 @app.command()
-def status(ctx: typer.Context,
-           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Workers, queue depths and ages, jobs by status and fallback state, in one table."""
     from tasklab.observe.status import collect_status, render_status
 
@@ -184,14 +209,12 @@ def purge(
 
 
 @app.command()
-def flower(ctx: typer.Context,
-           port: Annotated[int, typer.Option(min=1, max=65535)] = 5555) -> None:
+def flower(ctx: typer.Context, port: Annotated[int, typer.Option(min=1, max=65535)] = 5555) -> None:
     """Run Flower (the Celery web monitor) against the configured broker, if installed."""
     from tasklab.worker import build_worker_app
 
     settings = settings_of(ctx)
-    build_worker_app(settings).start(["flower", f"--port={port}",
-                                      f"--address={settings.api_host}"])
+    build_worker_app(settings).start(["flower", f"--port={port}", f"--address={settings.api_host}"])
 
 
 @app.command()
@@ -225,7 +248,7 @@ def db_upgrade(ctx: typer.Context) -> None:
     """Apply migrations up to the latest schema (also done by `up`, `seed` and `demo`)."""
     from tasklab.migrations import migrate
 
-    migrate(settings_of(ctx.find_root()))
+    migrate(settings_of(ctx))
     console.print("database schema is up to date")
 
 
@@ -235,7 +258,7 @@ def _manager(ctx: typer.Context) -> Any:
     from tasklab.celery_app import TASK_MODULES
     from tasklab.jobs import JobManager
 
-    settings = settings_of(ctx.find_root())
+    settings = settings_of(ctx)
     # `retry` re-publishes a job by name: its declaring module must be imported here too.
     for module in (*TASK_MODULES, *settings.imports):
         importlib.import_module(module)
@@ -247,8 +270,15 @@ def _job_table(jobs: list[Any], title: str) -> Table:
     for col in ("id", "task", "status", "attempt", "queue", "via", "error"):
         table.add_column(col, overflow="fold")
     for j in jobs:
-        table.add_row(j.id, j.task, j.status.value, f"{j.attempt}/{j.max_attempts}", j.queue,
-                      j.via, (j.error or "")[:80])
+        table.add_row(
+            j.id,
+            j.task,
+            j.status.value,
+            f"{j.attempt}/{j.max_attempts}",
+            j.queue,
+            j.via,
+            (j.error or "")[:80],
+        )
     return table
 
 
@@ -276,8 +306,9 @@ def jobs_dead(ctx: typer.Context, page: Annotated[int, typer.Option(min=1)] = 1)
 
 
 @jobs_app.command("show")
-def jobs_show(ctx: typer.Context, job_id: str,
-              as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def jobs_show(
+    ctx: typer.Context, job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
     """Everything recorded about one job, including its error and traceback."""
     import orjson
 
@@ -303,22 +334,27 @@ def jobs_retry(ctx: typer.Context, job_id: str) -> None:
         job = jm.retry(job_id)
     finally:
         jm.close()
-    console.print(f"job {job.id} is {job.status.value} again (attempt {job.attempt} of "
-                  f"{job.max_attempts})")
+    console.print(
+        f"job {job.id} is {job.status.value} again (attempt {job.attempt} of {job.max_attempts})"
+    )
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(ctx: typer.Context, job_id: str,
-                terminate: Annotated[bool, typer.Option(help="Kill it if running")] = False,
-                ) -> None:
+def jobs_cancel(
+    ctx: typer.Context,
+    job_id: str,
+    terminate: Annotated[bool, typer.Option(help="Kill it if running")] = False,
+) -> None:
     """Cancel a waiting job, or ask a running one to stop."""
     jm = _manager(ctx)
     try:
         job = jm.cancel(job_id, terminate=terminate)
     finally:
         jm.close()
-    console.print(f"job {job.id}: {job.status.value}"
-                  + (" (stop requested)" if job.cancel_requested and not job.done else ""))
+    console.print(
+        f"job {job.id}: {job.status.value}"
+        + (" (stop requested)" if job.cancel_requested and not job.done else "")
+    )
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""SQL engines built from settings: SQLite (WAL, busy timeout) by default, PostgreSQL in production."""
+"""SQL engines from settings: SQLite (WAL, busy timeout) by default, PostgreSQL in production."""
 
 from __future__ import annotations
 
@@ -34,13 +34,23 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     if _is_sqlite(url):
         settings.home_dir.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000,
-                               "check_same_thread": False}, **kwargs)
+            url,
+            connect_args={
+                "timeout": settings.sqlite_busy_timeout_ms / 1000,
+                "check_same_thread": False,
+            },
+            **kwargs,
+        )
         event.listen(engine, "connect", _sqlite_pragmas(settings))
     else:
         engine = create_engine(
-            url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
-            pool_timeout=settings.db_pool_timeout_s, pool_pre_ping=True, **kwargs)
+            url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout_s,
+            pool_pre_ping=True,
+            **kwargs,
+        )
     instrument(engine, slow_query_ms=settings.slow_query_ms)
     return engine
 
@@ -50,11 +60,17 @@ def make_async_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
     if _is_sqlite(url):
         settings.home_dir.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(
-            url, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000}, **kwargs)
+            url, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000}, **kwargs
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas(settings))
     else:
         engine = create_async_engine(
-            url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
-            pool_timeout=settings.db_pool_timeout_s, pool_pre_ping=True, **kwargs)
+            url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout_s,
+            pool_pre_ping=True,
+            **kwargs,
+        )
     instrument(engine.sync_engine, slow_query_ms=settings.slow_query_ms)
     return engine

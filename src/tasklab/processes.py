@@ -59,7 +59,7 @@ def on_stop_signals(callback: Callable[[int], None]) -> None:
 
 def pid_alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 

@@ -168,8 +168,10 @@ class Settings(BaseSettings):
     def effective_broker_url(self) -> str:
         url = self.broker_url or self.redis_url
         if not url:
-            raise ConfigError("broker_url", "no broker: set BROKER_URL or REDIS_URL, or start "
-                              "the embedded stack (tasklab up)")
+            raise ConfigError(
+                "broker_url",
+                "no broker: set BROKER_URL or REDIS_URL, or start the embedded stack (tasklab up)",
+            )
         return url
 
     @property

@@ -41,14 +41,28 @@ def embedded_env(settings: Settings, stack: ExitStack, console: Console) -> dict
 def components(opts: StackOptions, console: Console) -> list[Component]:
     comps = [
         Component("worker", tasklab_argv("worker", "--concurrency", str(opts.concurrency))),
-        Component("api", tasklab_argv("api", "--host", opts.host, "--port", str(opts.port),
-                                      "--workers", str(opts.api_workers))),
+        Component(
+            "api",
+            tasklab_argv(
+                "api",
+                "--host",
+                opts.host,
+                "--port",
+                str(opts.port),
+                "--workers",
+                str(opts.api_workers),
+            ),
+        ),
     ]
     if opts.beat:
         comps.append(Component("beat", tasklab_argv("beat")))
     if opts.exporter_port:
-        comps.append(Component("exporter", tasklab_argv(
-            "exporter", "--port", str(opts.exporter_port), "--host", opts.host)))
+        comps.append(
+            Component(
+                "exporter",
+                tasklab_argv("exporter", "--port", str(opts.exporter_port), "--host", opts.host),
+            )
+        )
     if opts.flower:
         if importlib.util.find_spec("flower") is None:
             console.print("flower is not installed (pip install 'tasklab[flower]'); skipped")
@@ -67,8 +81,10 @@ def run_stack(settings: Settings, opts: StackOptions) -> None:
         env = child_env({**embedded_env(settings, stack, console), **prepare_dir(settings)})
         supervisor = Supervisor(components(opts, console), env=env, console=console)
         on_stop_signals(supervisor.request_stop)
-        console.print(f"tasklab up: API on http://{opts.host}:{opts.port}"
-                      + (f", metrics exporter on :{opts.exporter_port}"
-                         if opts.exporter_port else "") + " — Ctrl-C stops everything")
+        console.print(
+            f"tasklab up: API on http://{opts.host}:{opts.port}"
+            + (f", metrics exporter on :{opts.exporter_port}" if opts.exporter_port else "")
+            + " — Ctrl-C stops everything"
+        )
         supervisor.run()
     console.print("tasklab up: stopped")

@@ -18,8 +18,14 @@ from tasklab.processes import die_with_parent, kill_tree
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 30.0  # a component that ran this long gets its restart backoff reset
 STOP_GRACE_S = 7.0  # SIGTERM, then SIGKILL after this: total stop stays under 10 s
-_COLORS = {"redis": "red", "worker": "cyan", "beat": "magenta", "api": "green",
-           "flower": "yellow", "reaper": "blue"}
+_COLORS = {
+    "redis": "red",
+    "worker": "cyan",
+    "beat": "magenta",
+    "api": "green",
+    "flower": "yellow",
+    "reaper": "blue",
+}
 
 
 @dataclass
@@ -35,8 +41,9 @@ class Component:
 
 
 class Supervisor:
-    def __init__(self, components: list[Component], *, env: dict[str, str],
-                 console: Console | None = None) -> None:
+    def __init__(
+        self, components: list[Component], *, env: dict[str, str], console: Console | None = None
+    ) -> None:
         self.components = components
         self.env = env
         self.console = console or Console(stderr=True)
@@ -48,12 +55,18 @@ class Supervisor:
 
     def start(self, comp: Component) -> None:
         comp.process = subprocess.Popen(
-            comp.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+            comp.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
         comp.started_at = time.monotonic()
         assert comp.process.stdout is not None
-        reader = threading.Thread(target=self._pump, args=(comp.name, comp.process.stdout),
-                                  daemon=True)
+        reader = threading.Thread(
+            target=self._pump, args=(comp.name, comp.process.stdout), daemon=True
+        )
         reader.start()
         comp.readers = [reader]
         self.log(comp.name, f"started (pid {comp.process.pid})")
@@ -78,8 +91,10 @@ class Supervisor:
         comp.process = None
         comp.restarts += 1
         comp.next_start_at = now + comp.backoff_s
-        self.log(comp.name, f"exited with code {code}; restart #{comp.restarts} in "
-                            f"{comp.backoff_s:.0f} s")
+        self.log(
+            comp.name,
+            f"exited with code {code}; restart #{comp.restarts} in {comp.backoff_s:.0f} s",
+        )
         comp.backoff_s = min(comp.backoff_s * 2, BACKOFF_MAX_S)
 
     def request_stop(self, _signum: int = 0) -> None:

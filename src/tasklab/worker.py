@@ -19,7 +19,7 @@ _reaper: Any = None
 
 def build_worker_app(settings: Settings) -> Celery:
     celery = make_celery(settings)
-    celery.tasklab_settings = settings  # type: ignore[attr-defined]
+    celery.tasklab_settings = settings
     celery.conf.beat_schedule = beat_schedule(settings)
     multiproc.connect_celery_signals()
     beat.connect_beat_signals()
@@ -31,7 +31,8 @@ def build_worker_app(settings: Settings) -> Celery:
 def beat_schedule(settings: Settings) -> dict[str, Any]:
     return {
         "tasklab-purge-finished-jobs": {
-            "task": "tasklab.jobs.purge", "schedule": 3600.0,
+            "task": "tasklab.jobs.purge",
+            "schedule": 3600.0,
             "options": {"queue": "scheduled"},
         },
         **beat.beat_schedule_entries(),

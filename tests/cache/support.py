@@ -22,8 +22,9 @@ from tasklab.cache import TieredCache
 from tasklab.settings import Settings
 
 
-def wait_until(predicate: Callable[[], object], timeout_s: float = 5.0,
-               interval_s: float = 0.002) -> bool:
+def wait_until(
+    predicate: Callable[[], object], timeout_s: float = 5.0, interval_s: float = 0.002
+) -> bool:
     """Poll ``predicate`` until it is truthy; False after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -185,8 +186,9 @@ class _ChildHost:
     def get(self, name: str, key: str) -> Any:
         return self.caches[name].get(key)
 
-    def stampede(self, name: str, key: str, threads: int, start_at: float,
-                 loader_s: float) -> dict[str, Any]:
+    def stampede(
+        self, name: str, key: str, threads: int, start_at: float, loader_s: float
+    ) -> dict[str, Any]:
         """``threads`` threads call get_or_set(key) at ``start_at`` (CLOCK_MONOTONIC)."""
         cache = self.caches[name]
         calls: list[int] = []
@@ -210,8 +212,7 @@ class _ChildHost:
         return {"calls": len(calls), "results": sorted(set(results)), "answered": len(results)}
 
 
-def forked_child(cache: TieredCache, conn: multiprocessing.connection.Connection,
-                 key: str) -> None:
+def forked_child(cache: TieredCache, conn: multiprocessing.connection.Connection, key: str) -> None:
     """Runs in a fork of the test process: fill L1 from the inherited cache, report, then
     report when the parent's write evicted the key."""
     try:

@@ -54,7 +54,8 @@ async def test_with_the_lock_two_caches_sharing_redis_load_once_between_them(
         return loader
 
     results = await asyncio.gather(
-        *[c.aget_or_set("hot", loader_for("a" if c is a else "b")) for c in [a, b] * 50])
+        *[c.aget_or_set("hot", loader_for("a" if c is a else "b")) for c in [a, b] * 50]
+    )
     assert len(calls) == 1 and set(results) == {"loaded"}
     await a.aclose()
     await b.aclose()

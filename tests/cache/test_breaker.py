@@ -17,8 +17,13 @@ class Recorder:
         self.recovered: list[bool] = []
 
     def breaker(self, clock: Clock, threshold: int = 3) -> CircuitBreaker:
-        return CircuitBreaker(failure_threshold=threshold, reset_s=5.0, clock=clock,
-                              on_open=self.on_open, on_recover=self.recovered.append)
+        return CircuitBreaker(
+            failure_threshold=threshold,
+            reset_s=5.0,
+            clock=clock,
+            on_open=self.on_open,
+            on_recover=self.recovered.append,
+        )
 
     def on_open(self) -> None:
         self.opened += 1

@@ -34,7 +34,10 @@ def open_everywhere(children: list[CacheProcess], name: str, **options: object) 
 
 @pytest.mark.parametrize("change", ["set", "delete", "delete_tag"])
 def test_a_change_in_one_process_evicts_the_key_from_every_other_process_within_100ms(
-    children: list[CacheProcess], make_cache: CacheFactory, cache_name: str, change: str,
+    children: list[CacheProcess],
+    make_cache: CacheFactory,
+    cache_name: str,
+    change: str,
 ) -> None:
     writer = make_cache()
     assert writer.wait_coherent()
@@ -68,7 +71,9 @@ def stampede(children: list[CacheProcess], name: str) -> list[dict[str, object]]
 
 
 def test_100_concurrent_misses_in_each_process_load_at_most_once_per_process(
-    children: list[CacheProcess], cache_name: str, redis_url: str,
+    children: list[CacheProcess],
+    cache_name: str,
+    redis_url: str,
 ) -> None:
     open_everywhere(children, cache_name)
     results = stampede(children, cache_name)
@@ -80,7 +85,9 @@ def test_100_concurrent_misses_in_each_process_load_at_most_once_per_process(
 
 
 def test_with_the_lock_concurrent_misses_in_three_processes_load_exactly_once(
-    children: list[CacheProcess], cache_name: str, redis_url: str,
+    children: list[CacheProcess],
+    cache_name: str,
+    redis_url: str,
 ) -> None:
     open_everywhere(children, cache_name, lock=True)
     results = stampede(children, cache_name)
@@ -91,7 +98,9 @@ def test_with_the_lock_concurrent_misses_in_three_processes_load_exactly_once(
 
 
 def test_losing_the_invalidation_channel_clears_l1_and_reads_go_to_redis_until_it_is_back(
-    make_cache: CacheFactory, own_redis: EmbeddedRedis, tmp_path: Path,
+    make_cache: CacheFactory,
+    own_redis: EmbeddedRedis,
+    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Its own Redis: the ACL change and the killed connections must not touch other tests.

@@ -30,7 +30,9 @@ def settings_for(url: str, tmp_path: Path) -> Settings:
 
 
 def test_with_redis_down_the_cache_serves_from_l1_and_the_loader_and_never_raises(
-    own_redis: EmbeddedRedis, make_cache: CacheFactory, tmp_path: Path,
+    own_redis: EmbeddedRedis,
+    make_cache: CacheFactory,
+    tmp_path: Path,
 ) -> None:
     cache = make_cache(settings=settings_for(own_redis.url, tmp_path), breaker_reset_s=60)
     assert cache.wait_coherent()
@@ -57,7 +59,9 @@ def test_with_redis_down_the_cache_serves_from_l1_and_the_loader_and_never_raise
 
 
 async def test_async_calls_never_raise_with_redis_down(
-    own_redis: EmbeddedRedis, make_cache: CacheFactory, tmp_path: Path,
+    own_redis: EmbeddedRedis,
+    make_cache: CacheFactory,
+    tmp_path: Path,
 ) -> None:
     cache = make_cache(settings=settings_for(own_redis.url, tmp_path), breaker_reset_s=60)
     assert cache.wait_coherent()
@@ -77,10 +81,13 @@ async def test_async_calls_never_raise_with_redis_down(
 
 
 def test_the_open_circuit_keeps_a_dead_redis_under_1ms_per_call(
-    own_redis: EmbeddedRedis, make_cache: CacheFactory, tmp_path: Path,
+    own_redis: EmbeddedRedis,
+    make_cache: CacheFactory,
+    tmp_path: Path,
 ) -> None:
-    cache = make_cache(settings=settings_for(own_redis.url, tmp_path), breaker_threshold=3,
-                       breaker_reset_s=60)
+    cache = make_cache(
+        settings=settings_for(own_redis.url, tmp_path), breaker_threshold=3, breaker_reset_s=60
+    )
     cache.set("warm", 1)
     own_redis.stop()
     calls = 2000
@@ -94,11 +101,14 @@ def test_the_open_circuit_keeps_a_dead_redis_under_1ms_per_call(
 
 
 def test_the_outage_and_the_recovery_are_each_logged_once_and_exported(
-    own_redis: EmbeddedRedis, make_cache: CacheFactory, tmp_path: Path,
+    own_redis: EmbeddedRedis,
+    make_cache: CacheFactory,
+    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cache = make_cache(settings=settings_for(own_redis.url, tmp_path), breaker_threshold=1,
-                       breaker_reset_s=0.2)
+    cache = make_cache(
+        settings=settings_for(own_redis.url, tmp_path), breaker_threshold=1, breaker_reset_s=0.2
+    )
     available = "tasklab_cache_redis_available"
     caplog.set_level(logging.WARNING, logger="tasklab.cache")
     cache.set("k", 1)
@@ -110,8 +120,9 @@ def test_the_outage_and_the_recovery_are_each_logged_once_and_exported(
     restarted = EmbeddedRedis(own_redis.data_dir, port=port)
     restarted.start()
     try:
-        assert wait_until(lambda: cache.get("k") is None and metric(
-            available, cache=cache.name) == 1)
+        assert wait_until(
+            lambda: cache.get("k") is None and metric(available, cache=cache.name) == 1
+        )
     finally:
         restarted.stop()
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -120,10 +131,13 @@ def test_the_outage_and_the_recovery_are_each_logged_once_and_exported(
 
 
 def test_after_an_outage_l1_entries_written_meanwhile_are_dropped(
-    proxy: TcpProxy, make_cache: CacheFactory, tmp_path: Path,
+    proxy: TcpProxy,
+    make_cache: CacheFactory,
+    tmp_path: Path,
 ) -> None:
-    a = make_cache(settings=settings_for(proxy.url, tmp_path), breaker_threshold=1,
-                   breaker_reset_s=0.1)
+    a = make_cache(
+        settings=settings_for(proxy.url, tmp_path), breaker_threshold=1, breaker_reset_s=0.1
+    )
     b = make_cache()  # directly on Redis: never sees the outage
     assert a.wait_coherent() and b.wait_coherent()
     assert a.l1 is not None
@@ -140,10 +154,13 @@ def test_after_an_outage_l1_entries_written_meanwhile_are_dropped(
 
 
 def test_a_delete_that_could_not_reach_redis_is_replayed_when_it_is_back(
-    proxy: TcpProxy, make_cache: CacheFactory, tmp_path: Path,
+    proxy: TcpProxy,
+    make_cache: CacheFactory,
+    tmp_path: Path,
 ) -> None:
-    a = make_cache(settings=settings_for(proxy.url, tmp_path), breaker_threshold=1,
-                   breaker_reset_s=0.1)
+    a = make_cache(
+        settings=settings_for(proxy.url, tmp_path), breaker_threshold=1, breaker_reset_s=0.1
+    )
     b = make_cache()
     a.set("price", 10)
     a.set("listing", [10], tags=["product:1"])

@@ -53,8 +53,7 @@ def test_pickle_is_refused_unless_explicitly_allowed(make_cache: CacheFactory) -
 
 
 def test_a_cache_without_pickle_refuses_to_load_a_pickled_payload() -> None:
-    raw = codec("pickle", allow_pickle=True).encode(Point(1, 2), written_at=0, ttl_s=1,
-                                                    l1_ttl_s=1)
+    raw = codec("pickle", allow_pickle=True).encode(Point(1, 2), written_at=0, ttl_s=1, l1_ttl_s=1)
     with pytest.raises(CacheSerializationError, match="refusing"):
         codec().decode(raw)
 
@@ -69,7 +68,8 @@ def test_a_pickle_enabled_cache_stores_any_object_for_other_processes(
 
 
 def test_a_pickled_entry_found_in_redis_is_a_miss_for_an_orjson_cache_and_never_raises(
-    make_cache: CacheFactory, caplog: pytest.LogCaptureFixture,
+    make_cache: CacheFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     make_cache(serializer="pickle", allow_pickle=True, mode="l2").set("p", Point(1, 2))
     reader = make_cache(mode="l2")

@@ -20,8 +20,9 @@ def test_concurrent_callers_share_one_call_and_its_result() -> None:
         release.wait(5)
         return 42
 
-    threads = [threading.Thread(target=lambda: results.append(flight.do("k", fn)))
-               for _ in range(20)]
+    threads = [
+        threading.Thread(target=lambda: results.append(flight.do("k", fn))) for _ in range(20)
+    ]
     for t in threads:
         t.start()
     assert wait_until(lambda: len(calls) == 1)

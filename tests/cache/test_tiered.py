@@ -56,7 +56,9 @@ def test_an_unknown_key_is_none_and_counts_a_miss_on_both_levels(
 
 
 def test_values_live_in_redis_for_ttl_s_and_not_found_for_its_own_shorter_ttl(
-    make_cache: CacheFactory, redis_url: str, cache_name: str,
+    make_cache: CacheFactory,
+    redis_url: str,
+    cache_name: str,
 ) -> None:
     cache = make_cache(negative_ttl_s=2)
     cache.set("found", 1, ttl_s=30)
@@ -196,7 +198,8 @@ def test_early_refresh_serves_the_current_value_while_one_caller_reloads(
         return "v2"
 
     refresher = threading.Thread(
-        target=lambda: refreshed.append(cache.get_or_set("k", slow_loader, ttl_s=100)))
+        target=lambda: refreshed.append(cache.get_or_set("k", slow_loader, ttl_s=100))
+    )
     refresher.start()
     assert entered.wait(5)
     assert cache.get_or_set("k", must_not_load, ttl_s=100) == "v1"  # not blocked, not stale-less
@@ -264,7 +267,8 @@ def test_warm_stores_values_for_every_process_and_evicts_their_old_copies(
 
 
 def test_stats_and_metrics_count_hits_per_level_loads_evictions_and_invalidations(
-    make_cache: CacheFactory, cache_name: str,
+    make_cache: CacheFactory,
+    cache_name: str,
 ) -> None:
     def m(name: str, **labels: str) -> float:
         return metric(name, cache=cache_name, **labels)

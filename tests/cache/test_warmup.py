@@ -21,5 +21,8 @@ def test_warm_from_stores_what_the_source_yields_and_reports_it(
 
 def test_the_beat_entry_runs_the_task_every_30_minutes_by_default() -> None:
     assert beat_entry("shop.warm_hot_products") == {
-        "task": "shop.warm_hot_products", "schedule": 1800.0, "kwargs": {}}
+        "task": "shop.warm_hot_products",
+        "schedule": 1800.0,
+        "kwargs": {},
+    }
     assert beat_entry("t", every_s=60, kwargs={"limit": 50})["kwargs"] == {"limit": 50}

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from tasklab.embedded import EmbeddedRedis
 from tasklab.jobs import JobManager
 from tasklab.jobs.records import effects
 from tasklab.migrations import migrate
@@ -18,9 +18,16 @@ from tests.support.worker import WorkerProcess
 @pytest.fixture
 def job_settings(tmp_path: Path, redis_url: str, database_url: str | None) -> Settings:
     """Migrated settings on the embedded Redis, once on SQLite and once on PostgreSQL."""
-    settings = Settings(home_dir=tmp_path / ".tasklab", redis_url=redis_url,
-                        database_url=database_url, worker_concurrency=2, lease_s=4,
-                        reaper_interval_s=0.3, requeue_after_s=2, breaker_reset_s=0.5)
+    settings = Settings(
+        home_dir=tmp_path / ".tasklab",
+        redis_url=redis_url,
+        database_url=database_url,
+        worker_concurrency=2,
+        lease_s=4,
+        reaper_interval_s=0.3,
+        requeue_after_s=2,
+        breaker_reset_s=0.5,
+    )
     migrate(settings)
     return settings
 
@@ -37,21 +44,33 @@ LIVE_QUEUES = "high,default"
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def live_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-                  embedded_redis: Any) -> Iterator[Settings]:
-    """One migrated database and one real worker shared by a module's tests (per backend)."""
+def live_settings(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """One migrated database, one Redis and one real worker shared by a module's tests (per
+    backend). The Redis is its own: other tests' workers must not consume its messages."""
     database_url = None
     if request.param == "postgres":
         database_url = request.getfixturevalue("postgres_url")
         _reset_postgres(database_url)
     home = tmp_path_factory.mktemp("live")
-    settings = Settings(home_dir=home / ".tasklab", redis_url=embedded_redis.url,
-                        database_url=database_url, worker_concurrency=2, lease_s=4,
-                        reaper_interval_s=0.3, requeue_after_s=30, breaker_reset_s=0.5)
+    broker = EmbeddedRedis(home / "redis")
+    broker.start()
+    settings = Settings(
+        home_dir=home / ".tasklab",
+        redis_url=broker.url,
+        database_url=database_url,
+        worker_concurrency=2,
+        lease_s=4,
+        reaper_interval_s=0.3,
+        requeue_after_s=30,
+        breaker_reset_s=0.5,
+    )
     migrate(settings)
     worker = WorkerProcess(settings, queues=LIVE_QUEUES, name="live").start()
     yield settings
     worker.stop()
+    broker.stop()
 
 
 @pytest.fixture
@@ -64,6 +83,7 @@ def live(live_settings: Settings) -> Iterator[JobManager]:
 def effect_counts(jm: JobManager) -> dict[str, int]:
     """Effect rows per job id (written only through job.transaction())."""
     with jm.engine.connect() as conn:
-        rows = conn.execute(sa.select(effects.c.job_id, sa.func.count())
-                            .group_by(effects.c.job_id)).all()
+        rows = conn.execute(
+            sa.select(effects.c.job_id, sa.func.count()).group_by(effects.c.job_id)
+        ).all()
     return {job_id: int(n) for job_id, n in rows}

@@ -31,10 +31,17 @@ def broker(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture
 def fault_settings(tmp_path: Path, broker: EmbeddedRedis, database_url: str | None) -> Settings:
-    settings = Settings(home_dir=tmp_path / ".tasklab", redis_url=broker.url,
-                        database_url=database_url, worker_concurrency=2, lease_s=3,
-                        reaper_interval_s=0.3, requeue_after_s=2, breaker_reset_s=0.3,
-                        worker_prefetch_multiplier=1)
+    settings = Settings(
+        home_dir=tmp_path / ".tasklab",
+        redis_url=broker.url,
+        database_url=database_url,
+        worker_concurrency=2,
+        lease_s=3,
+        reaper_interval_s=0.3,
+        requeue_after_s=2,
+        breaker_reset_s=0.3,
+        worker_prefetch_multiplier=1,
+    )
     migrate(settings)
     return settings
 
@@ -50,11 +57,13 @@ def wait_until(predicate, timeout_s: float, what: str) -> float:
 def ledger(jm: JobManager, ids: list[str]) -> dict[str, int]:
     statuses = [jm.get(i).status for i in ids]
     final = {JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED}
-    return {"submitted": len(ids),
-            "succeeded": statuses.count(JobStatus.SUCCEEDED),
-            "dead": statuses.count(JobStatus.DEAD),
-            "cancelled": statuses.count(JobStatus.CANCELLED),
-            "lost": sum(s not in final for s in statuses)}
+    return {
+        "submitted": len(ids),
+        "succeeded": statuses.count(JobStatus.SUCCEEDED),
+        "dead": statuses.count(JobStatus.DEAD),
+        "cancelled": statuses.count(JobStatus.CANCELLED),
+        "lost": sum(s not in final for s in statuses),
+    }
 
 
 def test_a_job_whose_worker_is_sigkilled_mid_task_completes_exactly_once(
@@ -63,15 +72,17 @@ def test_a_job_whose_worker_is_sigkilled_mid_task_completes_exactly_once(
     jm = JobManager(fault_settings)
     first = worker_factory(fault_settings, name="doomed").start()
     ids = [jm.submit(probe_jobs.effect, hold_s=2.0).id for _ in range(4)]
-    wait_until(lambda: sum(jm.get(i).status is JobStatus.STARTED for i in ids) >= 2, 30,
-               "two jobs to start")
+    wait_until(
+        lambda: sum(jm.get(i).status is JobStatus.STARTED for i in ids) >= 2,
+        30,
+        "two jobs to start",
+    )
     first.kill()
     killed_at = time.monotonic()
     worker_factory(fault_settings, name="rescuer").start()
     wait_until(lambda: all(jm.get(i).done for i in ids), 60, "all jobs to finish")
     recovery_s = time.monotonic() - killed_at
-    assert ledger(jm, ids) == {"submitted": 4, "succeeded": 4, "dead": 0, "cancelled": 0,
-                               "lost": 0}
+    assert ledger(jm, ids) == {"submitted": 4, "succeeded": 4, "dead": 0, "cancelled": 0, "lost": 0}
     assert effect_counts(jm) == dict.fromkeys(ids, 1)  # no duplicate effects
     assert any(jm.get(i).attempt >= 2 for i in ids)  # the killed attempts were re-run
     # lease_s (3) + hold (2 s per job, 2 at a time) + worker boot; generous for a shared box
@@ -162,8 +173,9 @@ def test_the_reaper_republishes_at_once_when_it_sees_the_broker_flushed(
     import redis
 
     jm = JobManager(fault_settings)
-    reaper = Reaper(fault_settings.model_copy(update={"requeue_after_s": 3600}), jm.engine,
-                    jm.publisher)
+    reaper = Reaper(
+        fault_settings.model_copy(update={"requeue_after_s": 3600}), jm.engine, jm.publisher
+    )
     reaper.tick()  # learns the broker's epoch
     ids = [jm.submit(probe_jobs.noop).id for _ in range(3)]
     client = redis.Redis.from_url(broker.url)
@@ -189,8 +201,9 @@ def test_a_duplicate_delivery_is_skipped(fault_settings: Settings, worker_factor
     jm.close()
 
 
-def test_a_stale_attempt_cannot_commit_its_effects(fault_settings: Settings,
-                                                  broker: EmbeddedRedis) -> None:
+def test_a_stale_attempt_cannot_commit_its_effects(
+    fault_settings: Settings, broker: EmbeddedRedis
+) -> None:
     """Attempt 1 loses its lease while still running; attempt 2 takes over. Attempt 1's
     transaction must then roll back: the fence on the attempt number."""
     from tasklab.jobs import store
@@ -199,24 +212,38 @@ def test_a_stale_attempt_cannot_commit_its_effects(fault_settings: Settings,
     j = jm.submit(probe_jobs.effect)
     outcomes = []
 
-    def stalled_then_commit(spec, job_id, *a, **k):  # noqa: ANN001
+    def stalled_then_commit(spec, job_id, *a, **k):
         return None
 
     def make(owner: str) -> Executor:
-        return Executor(jm.engine, lease_owner=owner, via="broker", default_lease_s=0.2,
-                        leases=LeaseKeeper(jm.engine), reschedule=stalled_then_commit)
+        return Executor(
+            jm.engine,
+            lease_owner=owner,
+            via="broker",
+            default_lease_s=0.2,
+            leases=LeaseKeeper(jm.engine),
+            reschedule=stalled_then_commit,
+        )
 
     first = make("a")
     with jm.engine.begin() as conn:  # attempt 1 claims, then its lease lapses
-        row = conn.execute(*store.claim(j.id, lease_owner="a", lease_s=0.0, via="broker",
-                                       now=time.time())).first()
+        row = conn.execute(
+            *store.claim(j.id, lease_owner="a", lease_s=0.0, via="broker", now=time.time())
+        ).first()
         assert row is not None and row.attempt == 1
         conn.execute(store.release_expired(j.id, 1, time.time() + 1, dead=False))
     outcomes.append(make("b").run(probe_jobs.effect, j.id).status)  # attempt 2 completes
     from tasklab.jobs.execution import JobContext
 
-    stale = JobContext(id=j.id, task=probe_jobs.effect.name, queue="default", attempt=1,
-                       max_attempts=5, engine=jm.engine, lease_s=1)
+    stale = JobContext(
+        id=j.id,
+        task=probe_jobs.effect.name,
+        queue="default",
+        attempt=1,
+        max_attempts=5,
+        engine=jm.engine,
+        lease_s=1,
+    )
     from tasklab.errors import StaleAttempt
 
     with pytest.raises(StaleAttempt), stale.transaction() as session:
@@ -230,10 +257,10 @@ def test_a_stale_attempt_cannot_commit_its_effects(fault_settings: Settings,
     jm.close()
 
 
-def test_a_dead_result_backend_does_not_drop_jobs(fault_settings: Settings,
-                                                 worker_factory) -> None:
+def test_a_dead_result_backend_does_not_drop_jobs(fault_settings: Settings, worker_factory) -> None:
     settings = fault_settings.model_copy(
-        update={"result_backend": f"redis://127.0.0.1:{free_port()}/0"})
+        update={"result_backend": f"redis://127.0.0.1:{free_port()}/0"}
+    )
     jm = JobManager(settings)
     worker_factory(settings).start()
     ids = [jm.submit(probe_jobs.effect).id for _ in range(5)]
@@ -273,8 +300,11 @@ def test_finished_jobs_past_retention_are_purged(fault_settings: Settings) -> No
     waiting = jm.submit(probe_jobs.noop, queue="low")
     with jm.engine.begin() as conn:
         for job_id, finished in ((old.id, 1.0), (fresh.id, time.time())):
-            conn.execute(store.jobs.update().where(store.jobs.c.id == job_id)
-                         .values(status="SUCCEEDED", finished_at=finished))
+            conn.execute(
+                store.jobs.update()
+                .where(store.jobs.c.id == job_id)
+                .values(status="SUCCEEDED", finished_at=finished)
+            )
     reaper = Reaper(fault_settings, jm.engine, jm.publisher)
     assert reaper.purge() == 1
     remaining = {j.id for j in jm.list(page_size=100)[0]}

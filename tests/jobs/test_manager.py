@@ -16,8 +16,12 @@ def test_a_submitted_job_is_durable_before_submit_returns(live: JobManager) -> N
 
     stored = manager.get(submitted.id)
     assert stored.status is JobStatus.QUEUED
-    assert (stored.queue, stored.priority, stored.owner, stored.via) == ("low", 7, "user:1",
-                                                                        "broker")
+    assert (stored.queue, stored.priority, stored.owner, stored.via) == (
+        "low",
+        7,
+        "user:1",
+        "broker",
+    )
     assert stored.message_id
 
 
@@ -61,8 +65,9 @@ def test_a_job_that_fails_once_then_succeeds_writes_its_effect_once(live: JobMan
     assert effect_counts(live)[j.id] == 1
 
 
-def test_a_queued_job_is_cancelled_and_its_message_skipped(manager, job_settings,
-                                                          worker_factory) -> None:
+def test_a_queued_job_is_cancelled_and_its_message_skipped(
+    manager, job_settings, worker_factory
+) -> None:
     j = manager.submit(probe_jobs.effect)
     assert manager.cancel(j.id).status is JobStatus.CANCELLED
     worker_factory(job_settings, concurrency=1).start()

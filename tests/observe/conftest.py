@@ -20,16 +20,25 @@ T = TypeVar("T")
 
 def require_binary(name: str) -> str:
     """The path of a system tool the test drives; missing means FAIL (make test installs it)."""
-    found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").is_file()
-                                   else None)
+    found = shutil.which(name) or (
+        f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").is_file() else None
+    )
     if found is None:
-        pytest.fail(f"{name} is not installed (Debian package `prometheus`; "
-                    "scripts/test_prereqs.sh installs it)")
+        pytest.fail(
+            f"{name} is not installed (Debian package `prometheus`; "
+            "scripts/test_prereqs.sh installs it)"
+        )
     return found
 
 
-def wait_until(probe: Callable[[], T], accept: Callable[[T], bool], *, timeout_s: float,
-               poll_s: float = 0.2, what: str = "condition") -> T:
+def wait_until(
+    probe: Callable[[], T],
+    accept: Callable[[T], bool],
+    *,
+    timeout_s: float,
+    poll_s: float = 0.2,
+    what: str = "condition",
+) -> T:
     """Call ``probe`` until ``accept`` says yes; fail with the last value after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     value = probe()

@@ -18,13 +18,22 @@ from tasklab.observe import metrics
 from tests.observe.conftest import ALERTS_DOC, DASHBOARD, PROMETHEUS_DIR, require_binary
 
 METRIC_NAME = re.compile(r"\b((?:tasklab|process|python)_[a-zA-Z0-9_]+)")
-SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",),
-            "histogram": ("_bucket", "_sum", "_count", "_created")}
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([require_binary("promtool"), *args], cwd=PROMETHEUS_DIR,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [require_binary("promtool"), *args],
+        cwd=PROMETHEUS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def read(path: Path) -> str:
@@ -88,13 +97,29 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
 
 def test_the_required_alerts_exist_with_their_severities() -> None:
     severities = {rule["alert"]: rule["labels"]["severity"] for rule in alert_rules()}
-    critical = {"TasklabWorkerDown", "TasklabBeatDown", "TasklabWorkerMemoryLeak",
-                "TasklabSystemResourcesExhausted", "TasklabDiskSpaceLow"}
-    warning = {"TasklabQueueBacklog", "TasklabHighFailureRate", "TasklabSlowTasks",
-               "TasklabHighCpu", "TasklabHighMemory", "TasklabScheduleDelay",
-               "TasklabDeadLetters", "TasklabTooFewWorkers", "TasklabThroughputDrop",
-               "TasklabExcessiveRetries", "TasklabRedisConnectionErrors",
-               "TasklabUnackedGrowing", "TasklabRecoveriesHappening", "TasklabOldestJobTooOld"}
+    critical = {
+        "TasklabWorkerDown",
+        "TasklabBeatDown",
+        "TasklabWorkerMemoryLeak",
+        "TasklabSystemResourcesExhausted",
+        "TasklabDiskSpaceLow",
+    }
+    warning = {
+        "TasklabQueueBacklog",
+        "TasklabHighFailureRate",
+        "TasklabSlowTasks",
+        "TasklabHighCpu",
+        "TasklabHighMemory",
+        "TasklabScheduleDelay",
+        "TasklabDeadLetters",
+        "TasklabTooFewWorkers",
+        "TasklabThroughputDrop",
+        "TasklabExcessiveRetries",
+        "TasklabRedisConnectionErrors",
+        "TasklabUnackedGrowing",
+        "TasklabRecoveriesHappening",
+        "TasklabOldestJobTooOld",
+    }
 
     assert {a: severities.get(a) for a in critical} == dict.fromkeys(critical, "critical")
     assert {a: severities.get(a) for a in warning} == dict.fromkeys(warning, "warning")
@@ -102,8 +127,9 @@ def test_the_required_alerts_exist_with_their_severities() -> None:
 
 
 def test_every_alert_links_a_runbook_section_that_exists() -> None:
-    headings = {line[3:].strip().lower() for line in read(ALERTS_DOC).splitlines()
-                if line.startswith("## ")}
+    headings = {
+        line[3:].strip().lower() for line in read(ALERTS_DOC).splitlines() if line.startswith("## ")
+    }
     for rule in alert_rules():
         annotations = rule["annotations"]
         assert annotations["summary"] and annotations["description"], rule["alert"]
@@ -127,11 +153,18 @@ def test_the_dashboard_covers_what_operators_look_at() -> None:
     exprs = "\n".join(dashboard_exprs())
     titles = " ".join(p["title"] for p in json.loads(read(DASHBOARD))["panels"]).lower()
 
-    for metric in ("tasklab_jobs_finished_total", "tasklab_job_duration_seconds_bucket",
-                   "tasklab_queue_depth", "tasklab_queue_oldest_job_age_seconds",
-                   "tasklab_workers_up", "tasklab_fallback_active", "tasklab_cache_hits_total",
-                   "tasklab_http_requests_total", "tasklab_http_request_duration_seconds_bucket",
-                   "tasklab_sql_slow_queries_total"):
+    for metric in (
+        "tasklab_jobs_finished_total",
+        "tasklab_job_duration_seconds_bucket",
+        "tasklab_queue_depth",
+        "tasklab_queue_oldest_job_age_seconds",
+        "tasklab_workers_up",
+        "tasklab_fallback_active",
+        "tasklab_cache_hits_total",
+        "tasklab_http_requests_total",
+        "tasklab_http_request_duration_seconds_bucket",
+        "tasklab_sql_slow_queries_total",
+    ):
         assert metric in exprs
     for word in ("throughput", "p50 / p95 / p99", "failure rate", "hit rate by level"):
         assert word in titles

@@ -21,16 +21,22 @@ WAIT_S = 20.0
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 @pytest.fixture
 def exporter_port(settings: Settings) -> Iterator[int]:
     port = free_port()
     stop = threading.Event()
-    thread = threading.Thread(target=run_exporter, args=(settings, port),
-                              kwargs={"host": "127.0.0.1", "interval_s": 0.2, "stop": stop})
+    thread = threading.Thread(
+        target=run_exporter,
+        args=(settings, port),
+        kwargs={"host": "127.0.0.1", "interval_s": 0.2, "stop": stop},
+    )
     thread.start()
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -46,18 +52,21 @@ def exporter_port(settings: Settings) -> Iterator[int]:
 
 
 def test_the_exporter_serves_queue_depth_and_beats_last_dispatch(
-        exporter_port: int, settings: Settings) -> None:
+    exporter_port: int, settings: Settings
+) -> None:
     celery = make_celery(settings)
     try:
         for _ in range(3):
-            celery.send_task("tasklab.probe.noop", queue="default",
-                             priority=broker_priority(settings, 7))
+            celery.send_task(
+                "tasklab.probe.noop", queue="default", priority=broker_priority(settings, 7)
+            )
         depth_key = ("tasklab_queue_depth", (("queue", "default"),))
         beat_key = ("tasklab_beat_last_run_timestamp_seconds", ())
         deadline = time.monotonic() + WAIT_S
         samples = scrape(exporter_port)
-        while (samples.get(depth_key) != 3 or not samples.get(beat_key)) \
-                and time.monotonic() < deadline:
+        while (
+            samples.get(depth_key) != 3 or not samples.get(beat_key)
+        ) and time.monotonic() < deadline:
             celery.send_task(BEAT_HEARTBEAT_TASK, queue="scheduled", expires=60)
             time.sleep(0.2)  # the exporter refreshes every 0.2 s
             samples = scrape(exporter_port)
@@ -65,8 +74,9 @@ def test_the_exporter_serves_queue_depth_and_beats_last_dispatch(
         celery.close()
 
     assert samples[depth_key] == 3
-    assert samples[("tasklab_queue_depth_by_priority", (("priority", "7"), ("queue", "default")))
-                   ] == 3
+    assert (
+        samples[("tasklab_queue_depth_by_priority", (("priority", "7"), ("queue", "default")))] == 3
+    )
     assert samples[beat_key] > time.time() - 60
     assert samples[("tasklab_workers_up", ())] == 0
     assert ("process_resident_memory_bytes", ()) in samples

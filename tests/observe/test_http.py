@@ -16,14 +16,16 @@ from tasklab.settings import Settings
 
 
 def requests_count(method: str, route: str, status: str) -> float:
-    value = REGISTRY.get_sample_value("tasklab_http_requests_total",
-                                      {"method": method, "route": route, "status": status})
+    value = REGISTRY.get_sample_value(
+        "tasklab_http_requests_total", {"method": method, "route": route, "status": status}
+    )
     return value or 0.0
 
 
 def duration_count(method: str, route: str) -> float:
-    value = REGISTRY.get_sample_value("tasklab_http_request_duration_seconds_count",
-                                      {"method": method, "route": route})
+    value = REGISTRY.get_sample_value(
+        "tasklab_http_request_duration_seconds_count", {"method": method, "route": route}
+    )
     return value or 0.0
 
 
@@ -69,7 +71,8 @@ async def test_responses_carry_the_process_time_in_seconds(client: httpx.AsyncCl
 
 
 async def test_requests_are_labelled_by_route_template_not_raw_path(
-        client: httpx.AsyncClient) -> None:
+    client: httpx.AsyncClient,
+) -> None:
     route = "/api/v1/orders/{order_id}"
     before = requests_count("GET", route, "200")
     durations_before = duration_count("GET", route)
@@ -79,8 +82,13 @@ async def test_requests_are_labelled_by_route_template_not_raw_path(
 
     assert requests_count("GET", route, "200") == before + 3
     assert duration_count("GET", route) == durations_before + 3
-    assert REGISTRY.get_sample_value("tasklab_http_requests_total", {
-        "method": "GET", "route": "/api/v1/orders/1", "status": "200"}) is None
+    assert (
+        REGISTRY.get_sample_value(
+            "tasklab_http_requests_total",
+            {"method": "GET", "route": "/api/v1/orders/1", "status": "200"},
+        )
+        is None
+    )
 
 
 async def test_mounted_apps_get_their_prefix_in_the_template(client: httpx.AsyncClient) -> None:
@@ -91,8 +99,7 @@ async def test_mounted_apps_get_their_prefix_in_the_template(client: httpx.Async
     assert requests_count("GET", "/sub/items/{item_id}", "200") == before + 1
 
 
-async def test_paths_no_route_matches_are_counted_as_unmatched(
-        client: httpx.AsyncClient) -> None:
+async def test_paths_no_route_matches_are_counted_as_unmatched(client: httpx.AsyncClient) -> None:
     before = requests_count("GET", "unmatched", "404")
 
     response = await client.get("/no/such/path/42")
@@ -110,8 +117,12 @@ async def test_unknown_methods_share_one_label(client: httpx.AsyncClient) -> Non
 
     assert response.status_code == 405
     assert requests_count("OTHER", route, "405") == before + 1
-    assert REGISTRY.get_sample_value("tasklab_http_requests_total", {
-        "method": "BREW", "route": route, "status": "405"}) is None
+    assert (
+        REGISTRY.get_sample_value(
+            "tasklab_http_requests_total", {"method": "BREW", "route": route, "status": "405"}
+        )
+        is None
+    )
 
 
 async def test_an_exception_in_the_app_is_counted_as_a_500(client: httpx.AsyncClient) -> None:
@@ -122,12 +133,12 @@ async def test_an_exception_in_the_app_is_counted_as_a_500(client: httpx.AsyncCl
 
     assert response.status_code == 500
     assert requests_count("POST", route, "500") == before + 1
-    assert REGISTRY.get_sample_value("tasklab_http_requests_in_progress",
-                                     {"method": "POST"}) == 0
+    assert REGISTRY.get_sample_value("tasklab_http_requests_in_progress", {"method": "POST"}) == 0
 
 
 async def test_metrics_route_serves_http_metrics_but_not_the_exporters_gauges(
-        client: httpx.AsyncClient) -> None:
+    client: httpx.AsyncClient,
+) -> None:
     QUEUE_DEPTH.labels("default").set(3)
     WORKERS_UP.set(2)
     await client.get("/api/v1/orders/1")
@@ -136,8 +147,10 @@ async def test_metrics_route_serves_http_metrics_but_not_the_exporters_gauges(
 
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    assert 'tasklab_http_requests_total{method="GET",route="/api/v1/orders/{order_id}"' \
+    assert (
+        'tasklab_http_requests_total{method="GET",route="/api/v1/orders/{order_id}"'
         in response.text
+    )
     assert "process_resident_memory_bytes" in response.text
     assert "tasklab_queue_depth" not in response.text
     assert "tasklab_workers_up" not in response.text

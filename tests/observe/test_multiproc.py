@@ -29,8 +29,14 @@ CHILD = textwrap.dedent("""
 
 def run_child(env_dir: Path, increments: int, exit_mode: str) -> int:
     env = {**os.environ, multiproc.ENV_VAR: str(env_dir)}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(increments), exit_mode], env=env,
-                          capture_output=True, text=True, timeout=30, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(increments), exit_mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return int(done.stdout.strip())
 
 
@@ -84,7 +90,8 @@ def test_live_gauges_of_a_process_that_died_silently_are_dropped(shared_dir: Pat
 
 
 def test_setting_the_variable_after_prometheus_client_was_imported_is_detected(
-        shared_dir: Path, tmp_path: Path) -> None:
+    shared_dir: Path, tmp_path: Path
+) -> None:
     # This test process imported prometheus_client without the variable; the fixture set it.
     problems = multiproc.check(Settings(home_dir=tmp_path / ".tasklab"))
 

@@ -13,8 +13,10 @@ from tasklab.observe.profiling import profiled
 
 
 def calls(function: str) -> float:
-    return REGISTRY.get_sample_value("tasklab_profiled_duration_seconds_count",
-                                     {"function": function}) or 0.0
+    return (
+        REGISTRY.get_sample_value("tasklab_profiled_duration_seconds_count", {"function": function})
+        or 0.0
+    )
 
 
 def slow_call_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -38,7 +40,8 @@ async def async_always_slow(x: int) -> int:
 
 
 def test_a_sync_call_is_timed_and_logged_when_over_the_threshold(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     name = f"{__name__}.always_slow"
     before = calls(name)
     caplog.set_level(logging.WARNING)
@@ -51,7 +54,8 @@ def test_a_sync_call_is_timed_and_logged_when_over_the_threshold(
 
 
 def test_a_call_under_the_threshold_is_timed_but_not_logged(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     before = calls("reports.build")
 
     assert never_slow(1) == 2
@@ -61,7 +65,8 @@ def test_a_call_under_the_threshold_is_timed_but_not_logged(
 
 
 async def test_an_async_function_stays_async_and_is_timed_when_awaited(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     name = f"{__name__}.async_always_slow"
     before = calls(name)
     caplog.set_level(logging.WARNING)

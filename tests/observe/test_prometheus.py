@@ -40,16 +40,25 @@ def prometheus(tmp_path: Path, metrics_port: int) -> Iterator[str]:
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         f"rule_files:\n  - {PROMETHEUS_DIR / 'alerts.yml'}\n"
         "scrape_configs:\n  - job_name: tasklab-api\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_port}']\n", encoding="utf-8")
+        f"      - targets: ['127.0.0.1:{metrics_port}']\n",
+        encoding="utf-8",
+    )
     log = (tmp_path / "prometheus.log").open("wb")
     process = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _ready(url, process), bool, timeout_s=WAIT_S,
-                   what="prometheus ready")
+        wait_until(lambda: _ready(url, process), bool, timeout_s=WAIT_S, what="prometheus ready")
         yield url
     finally:
         process.terminate()
@@ -71,8 +80,9 @@ def _ready(url: str, process: subprocess.Popen[bytes]) -> bool:
 
 
 def query(url: str, promql: str) -> float | None:
-    body: dict[str, Any] = httpx.get(f"{url}/api/v1/query", params={"query": promql},
-                                     timeout=2).json()
+    body: dict[str, Any] = httpx.get(
+        f"{url}/api/v1/query", params={"query": promql}, timeout=2
+    ).json()
     assert body["status"] == "success", body
     result = body["data"]["result"]
     return float(result[0]["value"][1]) if result else None
@@ -87,21 +97,41 @@ def test_prometheus_scrapes_tasklab_series_and_sees_them_move(prometheus: str) -
     jobs = f'sum(tasklab_jobs_finished_total{{task="{TASK}"}})'
     queue = 'tasklab_queue_depth{queue="prometheus-test"}'
 
-    first = wait_until(lambda: query(prometheus, jobs), lambda v: v is not None,
-                       timeout_s=WAIT_S, what="jobs finished series")
-    assert wait_until(lambda: query(prometheus, queue), lambda v: v == 5, timeout_s=WAIT_S,
-                      what="queue depth 5") == 5
+    first = wait_until(
+        lambda: query(prometheus, jobs),
+        lambda v: v is not None,
+        timeout_s=WAIT_S,
+        what="jobs finished series",
+    )
+    assert (
+        wait_until(
+            lambda: query(prometheus, queue),
+            lambda v: v == 5,
+            timeout_s=WAIT_S,
+            what="queue depth 5",
+        )
+        == 5
+    )
 
     finished.inc(2)
     depth.set(0)
 
     assert first is not None
-    wait_until(lambda: query(prometheus, jobs), lambda v: v == first + 2, timeout_s=WAIT_S,
-               what="jobs finished increased by 2")
-    wait_until(lambda: query(prometheus, queue), lambda v: v == 0, timeout_s=WAIT_S,
-               what="queue depth back to 0")
-    count = query(prometheus, 'tasklab_http_request_duration_seconds_count'
-                              '{route="/prometheus-test"}')
+    wait_until(
+        lambda: query(prometheus, jobs),
+        lambda v: v == first + 2,
+        timeout_s=WAIT_S,
+        what="jobs finished increased by 2",
+    )
+    wait_until(
+        lambda: query(prometheus, queue),
+        lambda v: v == 0,
+        timeout_s=WAIT_S,
+        what="queue depth back to 0",
+    )
+    count = query(
+        prometheus, 'tasklab_http_request_duration_seconds_count{route="/prometheus-test"}'
+    )
     assert count is not None and count >= 1
 
 
@@ -114,4 +144,5 @@ def test_prometheus_loads_every_alert_rule(prometheus: str) -> None:
 
     assert {"TasklabWorkerDown", "TasklabQueueBacklog", "TasklabFallbackModeActive"} <= names
     assert len(names) == (PROMETHEUS_DIR / "alerts.yml").read_text(encoding="utf-8").count(
-        "- alert: ")
+        "- alert: "
+    )

@@ -43,12 +43,14 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 def publish(celery: Celery, settings: Settings, *, queue: str, priority: int, n: int) -> None:
     for _ in range(n):
-        celery.send_task("tasklab.probe.noop", queue=queue,
-                         priority=broker_priority(settings, priority))
+        celery.send_task(
+            "tasklab.probe.noop", queue=queue, priority=broker_priority(settings, priority)
+        )
 
 
 def test_depth_is_summed_over_every_priority_sub_list(
-        celery: Celery, settings: Settings, client: redis.Redis) -> None:
+    celery: Celery, settings: Settings, client: redis.Redis
+) -> None:
     publish(celery, settings, queue="default", priority=9, n=2)
     publish(celery, settings, queue="default", priority=5, n=3)
     publish(celery, settings, queue="default", priority=0, n=1)
@@ -64,7 +66,8 @@ def test_depth_is_summed_over_every_priority_sub_list(
 
 
 def test_a_delivered_unacknowledged_message_is_in_flight_not_waiting(
-        celery: Celery, settings: Settings, client: redis.Redis) -> None:
+    celery: Celery, settings: Settings, client: redis.Redis
+) -> None:
     publish(celery, settings, queue="default", priority=5, n=3)
 
     with celery.connection_for_read() as conn:
@@ -80,7 +83,8 @@ def test_a_delivered_unacknowledged_message_is_in_flight_not_waiting(
 
 
 def test_the_probe_and_gauges_publish_depths_per_queue_and_priority(
-        celery: Celery, settings: Settings) -> None:
+    celery: Celery, settings: Settings
+) -> None:
     publish(celery, settings, queue="low", priority=2, n=4)
     probe = QueueProbe(settings)
     try:
@@ -91,8 +95,12 @@ def test_the_probe_and_gauges_publish_depths_per_queue_and_priority(
     QueueGauges().record(snapshot)
 
     assert REGISTRY.get_sample_value("tasklab_queue_depth", {"queue": "low"}) == 4
-    assert REGISTRY.get_sample_value("tasklab_queue_depth_by_priority",
-                                     {"queue": "low", "priority": "2"}) == 4
+    assert (
+        REGISTRY.get_sample_value(
+            "tasklab_queue_depth_by_priority", {"queue": "low", "priority": "2"}
+        )
+        == 4
+    )
     assert REGISTRY.get_sample_value("tasklab_queue_depth", {"queue": "default"}) == 0
     assert REGISTRY.get_sample_value("tasklab_queue_unacked") == 0
 
@@ -108,35 +116,74 @@ def engine(tmp_path: Path, database_url: str | None) -> Iterator[sa.Engine]:
 
 def create_jobs_table(engine: sa.Engine, rows: list[dict[str, object]]) -> None:
     meta = sa.MetaData()
-    table = sa.Table("tasklab_jobs", meta, sa.Column("id", sa.Integer, primary_key=True),
-                     sa.Column("status", sa.String(16)), sa.Column("queue", sa.String(64)),
-                     sa.Column("queued_at", sa.Float), sa.Column("created_at", sa.Float),
-                     sa.Column("next_attempt_at", sa.Float))
+    table = sa.Table(
+        "tasklab_jobs",
+        meta,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("status", sa.String(16)),
+        sa.Column("queue", sa.String(64)),
+        sa.Column("queued_at", sa.Float),
+        sa.Column("created_at", sa.Float),
+        sa.Column("next_attempt_at", sa.Float),
+    )
     meta.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(table.insert(), [{"queued_at": None, "next_attempt_at": None, **r}
-                                      for r in rows])
+        conn.execute(
+            table.insert(), [{"queued_at": None, "next_attempt_at": None, **r} for r in rows]
+        )
 
 
 def test_the_oldest_waiting_job_age_comes_from_the_job_records(engine: sa.Engine) -> None:
     now = 1_000_000.0
-    create_jobs_table(engine, [
-        {"status": "QUEUED", "queue": "default", "queued_at": now - 100, "created_at": now - 100},
-        {"status": "PENDING", "queue": "default", "created_at": now - 250},  # never published
-        {"status": "RETRYING", "queue": "high", "queued_at": now - 900, "created_at": now - 900,
-         "next_attempt_at": now - 30},  # due 30 s ago
-        {"status": "RETRYING", "queue": "high", "queued_at": now - 999, "created_at": now - 999,
-         "next_attempt_at": now + 60},  # not due yet: not waiting
-        {"status": "STARTED", "queue": "low", "queued_at": now - 5000, "created_at": now - 5000},
-        {"status": "SUCCEEDED", "queue": "low", "queued_at": now - 9000,
-         "created_at": now - 9000},
-    ])
+    create_jobs_table(
+        engine,
+        [
+            {
+                "status": "QUEUED",
+                "queue": "default",
+                "queued_at": now - 100,
+                "created_at": now - 100,
+            },
+            {"status": "PENDING", "queue": "default", "created_at": now - 250},  # never published
+            {
+                "status": "RETRYING",
+                "queue": "high",
+                "queued_at": now - 900,
+                "created_at": now - 900,
+                "next_attempt_at": now - 30,
+            },  # due 30 s ago
+            {
+                "status": "RETRYING",
+                "queue": "high",
+                "queued_at": now - 999,
+                "created_at": now - 999,
+                "next_attempt_at": now + 60,
+            },  # not due yet: not waiting
+            {
+                "status": "STARTED",
+                "queue": "low",
+                "queued_at": now - 5000,
+                "created_at": now - 5000,
+            },
+            {
+                "status": "SUCCEEDED",
+                "queue": "low",
+                "queued_at": now - 9000,
+                "created_at": now - 9000,
+            },
+        ],
+    )
 
     ages = oldest_waiting_ages(engine, now=now)
 
     assert ages == {"default": 250.0, "high": 30.0}
-    assert jobs_by_status(engine) == {"QUEUED": 1, "PENDING": 1, "RETRYING": 2, "STARTED": 1,
-                                      "SUCCEEDED": 1}
+    assert jobs_by_status(engine) == {
+        "QUEUED": 1,
+        "PENDING": 1,
+        "RETRYING": 2,
+        "STARTED": 1,
+        "SUCCEEDED": 1,
+    }
 
 
 def test_a_database_without_the_job_table_yet_reports_nothing(engine: sa.Engine) -> None:
@@ -150,14 +197,25 @@ def test_a_status_or_queue_that_disappears_is_set_back_to_zero() -> None:
 
     gauges.record(QueueSnapshot({}, None, {}, {}))
 
-    assert REGISTRY.get_sample_value("tasklab_queue_oldest_job_age_seconds",
-                                     {"queue": "data_sync"}) == 0
+    assert (
+        REGISTRY.get_sample_value("tasklab_queue_oldest_job_age_seconds", {"queue": "data_sync"})
+        == 0
+    )
     assert REGISTRY.get_sample_value("tasklab_jobs", {"status": "DEAD"}) == 0
 
 
 def test_ages_are_measured_against_the_current_time_by_default(engine: sa.Engine) -> None:
-    create_jobs_table(engine, [{"status": "QUEUED", "queue": "default",
-                                "queued_at": time.time() - 60, "created_at": 0.0}])
+    create_jobs_table(
+        engine,
+        [
+            {
+                "status": "QUEUED",
+                "queue": "default",
+                "queued_at": time.time() - 60,
+                "created_at": 0.0,
+            }
+        ],
+    )
 
     age = oldest_waiting_ages(engine)["default"]
 

@@ -49,11 +49,11 @@ def test_rabbitmq_depth_is_the_ready_message_count(rabbitmq_url: str, queue_name
     assert depths[f"{queue_name}-missing"].total == 0
 
 
-def test_the_probe_on_rabbitmq_leaves_unacked_unknown(rabbitmq_url: str, queue_name: str,
-                                                      tmp_path: Path) -> None:
+def test_the_probe_on_rabbitmq_leaves_unacked_unknown(
+    rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
     publish(rabbitmq_url, queue_name, 2)
-    probe = QueueProbe(Settings(home_dir=tmp_path, broker_url=rabbitmq_url),
-                       queues=[queue_name])
+    probe = QueueProbe(Settings(home_dir=tmp_path, broker_url=rabbitmq_url), queues=[queue_name])
     try:
         snapshot = probe.snapshot()
     finally:

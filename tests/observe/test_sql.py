@@ -38,24 +38,32 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 
 
 def slow_count(operation: str) -> float:
-    return REGISTRY.get_sample_value("tasklab_sql_slow_queries_total",
-                                     {"operation": operation}) or 0.0
+    return (
+        REGISTRY.get_sample_value("tasklab_sql_slow_queries_total", {"operation": operation}) or 0.0
+    )
 
 
 def duration_count(operation: str) -> float:
-    return REGISTRY.get_sample_value("tasklab_sql_query_duration_seconds_count",
-                                     {"operation": operation}) or 0.0
+    return (
+        REGISTRY.get_sample_value(
+            "tasklab_sql_query_duration_seconds_count", {"operation": operation}
+        )
+        or 0.0
+    )
 
 
 def test_a_query_slower_than_the_threshold_is_logged_with_its_parameters_redacted(
-        engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     stats = instrument(engine, slow_query_ms=20, stats=QueryStats())
     before = slow_count("select")
     caplog.set_level(logging.WARNING, logger="tasklab.observe.sql")
 
     with engine.connect() as conn:
-        conn.execute(text("SELECT pause_ms(:ms), :card, 'inline-secret' WHERE 42 = 42"),
-                     {"ms": 40, "card": SECRET})
+        conn.execute(
+            text("SELECT pause_ms(:ms), :card, 'inline-secret' WHERE 42 = 42"),
+            {"ms": 40, "card": SECRET},
+        )
 
     assert slow_count("select") == before + 1
     [record] = [r for r in caplog.records if r.name == "tasklab.observe.sql"]
@@ -70,7 +78,8 @@ def test_a_query_slower_than_the_threshold_is_logged_with_its_parameters_redacte
 
 
 def test_fast_queries_are_timed_by_operation_but_not_logged(
-        engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     stats = instrument(engine, slow_query_ms=10_000, stats=QueryStats())
     selects, inserts = duration_count("select"), duration_count("insert")
 
@@ -124,16 +133,19 @@ async def test_an_async_engine_is_instrumented_through_its_sync_engine(tmp_path:
     assert stats.snapshot()["query_count"] >= 1
 
 
-@pytest.mark.parametrize(("statement", "operation"), [
-    ("SELECT 1", "select"),
-    ("  -- comment\n  insert into t values (1)", "insert"),
-    ("/* x */ UPDATE t SET a = 1", "update"),
-    ("delete from t", "delete"),
-    ("WITH old AS (SELECT id FROM t) DELETE FROM t WHERE id IN (SELECT id FROM old)", "delete"),
-    ("WITH x AS (SELECT 1) SELECT * FROM x", "select"),
-    ("PRAGMA journal_mode=WAL", "other"),
-    ("CREATE TABLE t (a INT)", "other"),
-])
+@pytest.mark.parametrize(
+    ("statement", "operation"),
+    [
+        ("SELECT 1", "select"),
+        ("  -- comment\n  insert into t values (1)", "insert"),
+        ("/* x */ UPDATE t SET a = 1", "update"),
+        ("delete from t", "delete"),
+        ("WITH old AS (SELECT id FROM t) DELETE FROM t WHERE id IN (SELECT id FROM old)", "delete"),
+        ("WITH x AS (SELECT 1) SELECT * FROM x", "select"),
+        ("PRAGMA journal_mode=WAL", "other"),
+        ("CREATE TABLE t (a INT)", "other"),
+    ],
+)
 def test_the_operation_is_the_statements_leading_verb(statement: str, operation: str) -> None:
     assert operation_of(statement) == operation
 

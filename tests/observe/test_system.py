@@ -34,8 +34,10 @@ def test_the_system_view_reports_host_and_process_figures(tmp_path: Path) -> Non
 def test_the_database_view_shows_counts_and_recent_slow_queries() -> None:
     stats = QueryStats()
     stats.record(0.010)
-    stats.record(0.300, SlowQuery(at=1.0, duration_ms=300.0, operation="update",
-                                  statement="UPDATE t SET a = ?"))
+    stats.record(
+        0.300,
+        SlowQuery(at=1.0, duration_ms=300.0, operation="update", statement="UPDATE t SET a = ?"),
+    )
 
     view = database_metrics(stats)
 
@@ -52,12 +54,16 @@ def make_registry() -> tuple[CollectorRegistry, Counter]:
     http = Counter("tasklab_http_requests", "", ["method", "route", "status"], registry=registry)
     http.labels("GET", "/a", "200").inc(90)
     http.labels("GET", "/a", "500").inc(10)
-    duration = Histogram("tasklab_http_request_duration_seconds", "", ["method", "route"],
-                         buckets=LATENCY_BUCKETS_S, registry=registry)
+    duration = Histogram(
+        "tasklab_http_request_duration_seconds",
+        "",
+        ["method", "route"],
+        buckets=LATENCY_BUCKETS_S,
+        registry=registry,
+    )
     for _ in range(100):
         duration.labels("GET", "/a").observe(0.02)
-    finished = Counter("tasklab_jobs_finished", "", ["task", "queue", "status"],
-                       registry=registry)
+    finished = Counter("tasklab_jobs_finished", "", ["task", "queue", "status"], registry=registry)
     finished.labels("t", "default", "succeeded").inc(40)
     finished.labels("t", "default", "dead").inc(2)
     Gauge("tasklab_fallback_active", "", registry=registry).set(1)

@@ -48,11 +48,13 @@ def monitor(celery: Celery) -> Iterator[WorkerMonitor]:
 
 @pytest.mark.slow
 def test_a_running_worker_is_up_with_its_processes_memory_and_a_fresh_heartbeat(
-        monitor: WorkerMonitor, worker_factory: type[WorkerProcess], settings: Settings) -> None:
+    monitor: WorkerMonitor, worker_factory: type[WorkerProcess], settings: Settings
+) -> None:
     worker = worker_factory(settings, concurrency=2).start()
 
-    up = wait_for(monitor, lambda s: s.workers_up == 1 and s.heartbeat_age_s > 0
-                  and s.processes == 2)
+    up = wait_for(
+        monitor, lambda s: s.workers_up == 1 and s.heartbeat_age_s > 0 and s.processes == 2
+    )
     up.record()
 
     assert up.workers_up == 1
@@ -77,7 +79,8 @@ def test_without_workers_nothing_is_up(monitor: WorkerMonitor) -> None:
 
 
 def test_beats_heartbeat_task_sent_event_gives_beats_last_dispatch(
-        monitor: WorkerMonitor, celery: Celery) -> None:
+    monitor: WorkerMonitor, celery: Celery
+) -> None:
     started = time.time()
     deadline = time.monotonic() + WAIT_S
     # The event receiver binds asynchronously; events sent before it listens are not queued.

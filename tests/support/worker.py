@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -29,12 +30,29 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
 class WorkerProcess:
     """``tasklab worker`` in a subprocess, logging to a file under the settings' home."""
 
-    def __init__(self, settings: Settings, *, concurrency: int = 2, pool: str = "prefork",
-                 queues: str = "", name: str = "w1") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        queues: str = "",
+        name: str = "w1",
+    ) -> None:
         self.settings = settings
         self.name = name
-        self.argv = [sys.executable, "-m", "tasklab", "worker", "--concurrency",
-                     str(concurrency), "--pool", pool, "--hostname", f"{name}@%h"]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "tasklab",
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            pool,
+            "--hostname",
+            f"{name}@%h",
+        ]
         if queues:
             self.argv += ["--queues", queues]
         self.log_path = Path(settings.home_dir) / f"worker-{name}.log"
@@ -43,8 +61,13 @@ class WorkerProcess:
     def start(self, *, wait_s: float = 60.0) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.argv, env=child_env(self.settings), stdout=log,
-                                        stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        self.process = subprocess.Popen(
+            self.argv,
+            env=child_env(self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
         log.close()
         self.wait_ready(wait_s)
         return self
@@ -77,10 +100,8 @@ class WorkerProcess:
             return
         pids = [self.process.pid, *self.child_pids()]
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.process.wait()
         psutil.wait_procs([p for p in map(_proc, pids) if p], timeout=5)
         self.process = None

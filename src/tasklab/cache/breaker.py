@@ -24,10 +24,15 @@ class BreakerState(enum.Enum):
 
 
 class CircuitBreaker:
-    def __init__(self, *, failure_threshold: int = 3, reset_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_open: Callable[[], None] | None = None,
-                 on_recover: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = 3,
+        reset_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_open: Callable[[], None] | None = None,
+        on_recover: Callable[[bool], None] | None = None,
+    ) -> None:
         self.failure_threshold = max(1, failure_threshold)
         self.reset_s = reset_s
         self.clock = clock

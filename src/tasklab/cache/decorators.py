@@ -58,7 +58,8 @@ class _KeyBuilder:
         except TypeError as e:
             raise CacheConfigError(
                 f"cannot build a cache key for {self.prefix} from its arguments ({e}); pass "
-                "key='...{arg}...' or key=callable to @cached") from e
+                "key='...{arg}...' or key=callable to @cached"
+            ) from e
         key = f"{self.prefix}:{encoded}"
         if len(key) > MAX_KEY_CHARS:
             key = f"{self.prefix}:#{hashlib.blake2b(encoded.encode(), digest_size=16).hexdigest()}"
@@ -66,11 +67,21 @@ class _KeyBuilder:
 
 
 class _Options:
-    def __init__(self, cache: TieredCache, ttl_s: float | None, tags: Sequence[str],
-                 negative_ttl_s: float | None, lock: bool | None) -> None:
+    def __init__(
+        self,
+        cache: TieredCache,
+        ttl_s: float | None,
+        tags: Sequence[str],
+        negative_ttl_s: float | None,
+        lock: bool | None,
+    ) -> None:
         self.cache = cache
-        self.kwargs: dict[str, Any] = {"ttl_s": ttl_s, "tags": tuple(tags),
-                                       "negative_ttl_s": negative_ttl_s, "lock": lock}
+        self.kwargs: dict[str, Any] = {
+            "ttl_s": ttl_s,
+            "tags": tuple(tags),
+            "negative_ttl_s": negative_ttl_s,
+            "lock": lock,
+        }
 
 
 class CachedFunction(Generic[P, R]):
@@ -88,8 +99,9 @@ class CachedFunction(Generic[P, R]):
         return self if instance is None else types.MethodType(self, instance)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.cache.get_or_set(self.key_for(*args, **kwargs),
-                                     lambda: self.fn(*args, **kwargs), **self._kwargs)
+        return self.cache.get_or_set(
+            self.key_for(*args, **kwargs), lambda: self.fn(*args, **kwargs), **self._kwargs
+        )
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Delete the cached result for these arguments, in every process."""
@@ -110,8 +122,9 @@ class AsyncCachedFunction(Generic[P, R]):
         return self if instance is None else types.MethodType(self, instance)
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return await self.cache.aget_or_set(self.key_for(*args, **kwargs),
-                                            lambda: self.fn(*args, **kwargs), **self._kwargs)
+        return await self.cache.aget_or_set(
+            self.key_for(*args, **kwargs), lambda: self.fn(*args, **kwargs), **self._kwargs
+        )
 
     async def ainvalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         await self.cache.adelete(self.key_for(*args, **kwargs))
@@ -137,9 +150,15 @@ class _Decorator:
         return CachedFunction(fn, self.key, self.options)
 
 
-def cached(cache: TieredCache, *, ttl_s: float | None = None, key: KeySpec = None,
-           tags: Sequence[str] = (), negative_ttl_s: float | None = None,
-           lock: bool | None = None) -> _Decorator:
+def cached(
+    cache: TieredCache,
+    *,
+    ttl_s: float | None = None,
+    key: KeySpec = None,
+    tags: Sequence[str] = (),
+    negative_ttl_s: float | None = None,
+    lock: bool | None = None,
+) -> _Decorator:
     """Cache a function's results in ``cache`` (see the module docstring)."""
     return _Decorator(key, _Options(cache, ttl_s, tags, negative_ttl_s, lock))
 

@@ -69,11 +69,17 @@ def decode_notice(data: bytes) -> Notice:
 class InvalidationListener:
     """A daemon thread subscribed to one cache's channel, reconnecting with backoff."""
 
-    def __init__(self, url: str, *, cache: str, sender: str,
-                 on_notice: Callable[[Notice], None],
-                 on_connected: Callable[[bool], None],
-                 on_lost: Callable[[BaseException], None],
-                 timeout_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        cache: str,
+        sender: str,
+        on_notice: Callable[[Notice], None],
+        on_connected: Callable[[bool], None],
+        on_lost: Callable[[BaseException], None],
+        timeout_s: float = 1.0,
+    ) -> None:
         self.url = url
         self.cache = cache
         self.sender = sender
@@ -85,8 +91,9 @@ class InvalidationListener:
         self._connected = threading.Event()
         self._ever_connected = False
         self._reported_down = False
-        self._thread = threading.Thread(target=self._run, name=f"tasklab-cache-inval-{cache}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"tasklab-cache-inval-{cache}", daemon=True
+        )
 
     @property
     def connected(self) -> bool:
@@ -123,8 +130,12 @@ class InvalidationListener:
 
     def _session(self) -> None:
         client = redis.Redis.from_url(
-            self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-            retry=Retry(NoBackoff(), 0), client_name=f"tasklab-cache-inval:{self.cache}")
+            self.url,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            client_name=f"tasklab-cache-inval:{self.cache}",
+        )
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(constants.channel(self.cache))

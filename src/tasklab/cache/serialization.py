@@ -105,8 +105,10 @@ class Codec:
 
     def __init__(self, serializer: Serializer) -> None:
         self.serializer = serializer
-        self._readers: dict[bytes, Serializer] = {OrjsonSerializer.kind: OrjsonSerializer(),
-                                                  serializer.kind: serializer}
+        self._readers: dict[bytes, Serializer] = {
+            OrjsonSerializer.kind: OrjsonSerializer(),
+            serializer.kind: serializer,
+        }
 
     def encode(self, value: Any, *, written_at: float, ttl_s: float, l1_ttl_s: float) -> bytes:
         if value is None:
@@ -137,11 +139,17 @@ class Codec:
                 f"{sorted(k.decode() for k in self._readers)} (pickle needs allow_pickle=True)"
             )
         try:
-            value = reader.loads(raw[HEADER.size:])
+            value = reader.loads(raw[HEADER.size :])
         except Exception as e:  # any decoder error means the same thing: unusable payload
             raise CacheSerializationError(f"cannot decode stored {kind!r} payload: {e}") from e
         return Envelope(value, written_at, ttl_s, l1_ttl_s)
 
 
-__all__ = ["Codec", "Envelope", "OrjsonSerializer", "PickleSerializer", "Serializer",
-           "serializer_for"]
+__all__ = [
+    "Codec",
+    "Envelope",
+    "OrjsonSerializer",
+    "PickleSerializer",
+    "Serializer",
+    "serializer_for",
+]

@@ -101,8 +101,9 @@ class AsyncSingleFlight:
             return False, None
         return True, await self._lead(slot, loop.create_future(), fn)
 
-    async def _lead(self, slot: tuple[int, str], future: asyncio.Future[Any],
-                    fn: Callable[[], Awaitable[T]]) -> T:
+    async def _lead(
+        self, slot: tuple[int, str], future: asyncio.Future[Any], fn: Callable[[], Awaitable[T]]
+    ) -> T:
         self._futures[slot] = future
         try:
             value = await fn()

@@ -45,8 +45,9 @@ class CacheCounters:
             self.negative_hits += negative
         self._l1_hit.inc()
 
-    def lookup(self, *, l1_missed: bool, l2: str | None, hit_l1: bool = False,
-               negative: bool = False) -> None:
+    def lookup(
+        self, *, l1_missed: bool, l2: str | None, hit_l1: bool = False, negative: bool = False
+    ) -> None:
         """A lookup past L1. ``l2`` is "hit", "miss", "error" or None (no L2)."""
         with self._lock:
             self.gets += 1
@@ -80,10 +81,14 @@ class CacheCounters:
         with self._lock:
             hits = self.l1_hits + self.l2_hits
             return {
-                "gets": self.gets, "hit_rate": hits / self.gets if self.gets else 0.0,
-                "l1_hits": self.l1_hits, "l1_misses": self.l1_misses,
-                "l2_hits": self.l2_hits, "l2_misses": self.l2_misses,
-                "negative_hits": self.negative_hits, "loads": self.loads,
+                "gets": self.gets,
+                "hit_rate": hits / self.gets if self.gets else 0.0,
+                "l1_hits": self.l1_hits,
+                "l1_misses": self.l1_misses,
+                "l2_hits": self.l2_hits,
+                "l2_misses": self.l2_misses,
+                "negative_hits": self.negative_hits,
+                "loads": self.loads,
                 "load_seconds": self.load_seconds,
                 "invalidations_received": self.invalidations,
             }

@@ -89,8 +89,9 @@ class _PendingWrites:
     def __len__(self) -> int:
         return len(self.keys) + len(self.tags) + self.everything
 
-    def add(self, keys: Iterable[str] = (), tags: Iterable[str] = (),
-            everything: bool = False) -> None:
+    def add(
+        self, keys: Iterable[str] = (), tags: Iterable[str] = (), everything: bool = False
+    ) -> None:
         with self._lock:
             self.keys.update(keys)
             self.tags.update(tags)
@@ -116,13 +117,25 @@ class TieredCache:
     of its TTL has passed while other callers keep getting the current one.
     """
 
-    def __init__(self, settings: Settings, *, name: str = "default", mode: Mode | None = None,
-                 l1_max_entries: int | None = None, ttl_s: float | None = None,
-                 negative_ttl_s: float = 30.0, serializer: str | Serializer = "orjson",
-                 allow_pickle: bool = False, lock: bool = False, lock_ttl_s: float = 10.0,
-                 early_refresh: float | None = None, redis_timeout_s: float = 0.25,
-                 breaker_threshold: int = 3, breaker_reset_s: float = 2.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str = "default",
+        mode: Mode | None = None,
+        l1_max_entries: int | None = None,
+        ttl_s: float | None = None,
+        negative_ttl_s: float = 30.0,
+        serializer: str | Serializer = "orjson",
+        allow_pickle: bool = False,
+        lock: bool = False,
+        lock_ttl_s: float = 10.0,
+        early_refresh: float | None = None,
+        redis_timeout_s: float = 0.25,
+        breaker_threshold: int = 3,
+        breaker_reset_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         l1_max = settings.cache_l1_max_entries if l1_max_entries is None else l1_max_entries
         if not NAME_PATTERN.fullmatch(name):
             raise CacheConfigError(f"cache name {name!r} must match {NAME_PATTERN.pattern}")
@@ -141,8 +154,13 @@ class TieredCache:
         self.l1 = MemoryBackend(max_entries=l1_max, name=name) if self.mode != "l2" else None
         self.l2: RedisBackend | None = None
         if self.mode != "l1":
-            self.l2 = RedisBackend(self._redis_url, cache=name, timeout_s=redis_timeout_s,
-                                   failure_threshold=breaker_threshold, reset_s=breaker_reset_s)
+            self.l2 = RedisBackend(
+                self._redis_url,
+                cache=name,
+                timeout_s=redis_timeout_s,
+                failure_threshold=breaker_threshold,
+                reset_s=breaker_reset_s,
+            )
             self.l2.on_recovered = self._l2_recovered
         self._closed = False
         self._warned_decode = False
@@ -170,8 +188,15 @@ class TieredCache:
         entry = self._lookup(key)
         return None if entry is None else entry.value
 
-    def set(self, key: str, value: Any, *, ttl_s: float | None = None,
-            l1_ttl_s: float | None = None, tags: Sequence[str] = ()) -> None:
+    def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl_s: float | None = None,
+        l1_ttl_s: float | None = None,
+        tags: Sequence[str] = (),
+    ) -> None:
         """Store ``value`` (None caches "not found", by default for ``negative_ttl_s``)."""
         item, entry = self._prepare(key, value, self._write_plan(value, ttl_s, l1_ttl_s, tags))
         token = self._begin_write(key)
@@ -185,8 +210,9 @@ class TieredCache:
         """Delete ``key`` here, in Redis and in every other process's L1."""
         if self.l2 is not None:
             try:
-                self.l2.delete([key], notice=encode_notice(self._sender, [key]),
-                               **self._tombstone())
+                self.l2.delete(
+                    [key], notice=encode_notice(self._sender, [key]), **self._tombstone()
+                )
             except L2Unavailable:
                 self._pending.add(keys=[key])
         if self.l1 is not None:
@@ -212,10 +238,18 @@ class TieredCache:
         if self.l1 is not None:
             self.l1.clear()
 
-    def get_or_set(self, key: str, loader: Callable[[], T], *, ttl_s: float | None = None,
-                   l1_ttl_s: float | None = None, tags: Sequence[str] = (),
-                   negative_ttl_s: float | None = None, lock: bool | None = None,
-                   early_refresh: float | None = None) -> T:
+    def get_or_set(
+        self,
+        key: str,
+        loader: Callable[[], T],
+        *,
+        ttl_s: float | None = None,
+        l1_ttl_s: float | None = None,
+        tags: Sequence[str] = (),
+        negative_ttl_s: float | None = None,
+        lock: bool | None = None,
+        early_refresh: float | None = None,
+    ) -> T:
         """The cached value, else ``loader()`` stored and returned (None: cached "not found").
 
         Concurrent misses in this process share one ``loader()`` call; with ``lock`` (default:
@@ -230,8 +264,14 @@ class TieredCache:
             return self._refresh(key, entry, loader, plan)
         return self._flights.do(key, lambda: self._load(key, loader, plan))
 
-    def warm(self, items: Iterable[tuple[str, Any]], *, ttl_s: float | None = None,
-             l1_ttl_s: float | None = None, tags: Sequence[str] = ()) -> int:
+    def warm(
+        self,
+        items: Iterable[tuple[str, Any]],
+        *,
+        ttl_s: float | None = None,
+        l1_ttl_s: float | None = None,
+        tags: Sequence[str] = (),
+    ) -> int:
         """Store ``(key, value)`` pairs in Redis (batched) for every process to read.
 
         Other processes' L1 copies of these keys are invalidated; this process's L1 is not
@@ -250,8 +290,15 @@ class TieredCache:
         entry = await self._alookup(key)
         return None if entry is None else entry.value
 
-    async def aset(self, key: str, value: Any, *, ttl_s: float | None = None,
-                   l1_ttl_s: float | None = None, tags: Sequence[str] = ()) -> None:
+    async def aset(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl_s: float | None = None,
+        l1_ttl_s: float | None = None,
+        tags: Sequence[str] = (),
+    ) -> None:
         item, entry = self._prepare(key, value, self._write_plan(value, ttl_s, l1_ttl_s, tags))
         token = self._begin_write(key)
         stored: bool | None = False
@@ -263,8 +310,9 @@ class TieredCache:
     async def adelete(self, key: str) -> None:
         if self.l2 is not None:
             try:
-                await self.l2.adelete([key], notice=encode_notice(self._sender, [key]),
-                                      **self._tombstone())
+                await self.l2.adelete(
+                    [key], notice=encode_notice(self._sender, [key]), **self._tombstone()
+                )
             except L2Unavailable:
                 self._pending.add(keys=[key])
         if self.l1 is not None:
@@ -279,10 +327,18 @@ class TieredCache:
                 self._pending.add(tags=[tag])
         return self._l1_delete_tag(tag, keys)
 
-    async def aget_or_set(self, key: str, loader: Callable[[], Awaitable[T]], *,
-                          ttl_s: float | None = None, l1_ttl_s: float | None = None,
-                          tags: Sequence[str] = (), negative_ttl_s: float | None = None,
-                          lock: bool | None = None, early_refresh: float | None = None) -> T:
+    async def aget_or_set(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[T]],
+        *,
+        ttl_s: float | None = None,
+        l1_ttl_s: float | None = None,
+        tags: Sequence[str] = (),
+        negative_ttl_s: float | None = None,
+        lock: bool | None = None,
+        early_refresh: float | None = None,
+    ) -> T:
         """``get_or_set`` for coroutines: ``loader`` is an async callable."""
         entry = await self._alookup(key)
         if entry is not None and not self._refresh_due(entry, early_refresh):
@@ -306,14 +362,31 @@ class TieredCache:
 
     def stats(self) -> dict[str, Any]:
         """Counters since start, L1 size, L2 availability. Same numbers as the metrics."""
-        out: dict[str, Any] = {"name": self.name, "mode": self.mode, "coherent": self._coherent,
-                               **self.counters.snapshot(), "pending_replays": len(self._pending)}
-        out["l1"] = None if self.l1 is None else {
-            "entries": len(self.l1), "max_entries": self.l1.max_entries,
-            "evictions": self.l1.evictions}
-        out["l2"] = None if self.l2 is None else {
-            "available": self.l2.available, "state": self.l2.breaker.state.value,
-            "errors": self.l2.errors}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "mode": self.mode,
+            "coherent": self._coherent,
+            **self.counters.snapshot(),
+            "pending_replays": len(self._pending),
+        }
+        out["l1"] = (
+            None
+            if self.l1 is None
+            else {
+                "entries": len(self.l1),
+                "max_entries": self.l1.max_entries,
+                "evictions": self.l1.evictions,
+            }
+        )
+        out["l2"] = (
+            None
+            if self.l2 is None
+            else {
+                "available": self.l2.available,
+                "state": self.l2.breaker.state.value,
+                "errors": self.l2.errors,
+            }
+        )
         return out
 
     def close(self) -> None:
@@ -388,8 +461,11 @@ class TieredCache:
         return entry
 
     def _count_l2(self, entry: CacheEntry | None, l1_missed: bool) -> None:
-        self.counters.lookup(l1_missed=l1_missed, l2="miss" if entry is None else "hit",
-                             negative=entry is not None and entry.value is None)
+        self.counters.lookup(
+            l1_missed=l1_missed,
+            l2="miss" if entry is None else "hit",
+            negative=entry is not None and entry.value is None,
+        )
 
     def _fallback(self, key: str, *, l1_missed: bool) -> CacheEntry | None:
         """Redis failed: L1 is all there is (if it was bypassed, read it now)."""
@@ -397,8 +473,12 @@ class TieredCache:
         if self.l1 is not None and not l1_missed:
             entry = self.l1.get(key)
             l1_missed = entry is None
-        self.counters.lookup(l1_missed=l1_missed, l2="error", hit_l1=entry is not None,
-                             negative=entry is not None and entry.value is None)
+        self.counters.lookup(
+            l1_missed=l1_missed,
+            l2="error",
+            hit_l1=entry is not None,
+            negative=entry is not None and entry.value is None,
+        )
         return entry
 
     def _fetch_l2(self, key: str) -> _Seen:
@@ -455,19 +535,26 @@ class TieredCache:
         remaining_s = envelope.written_at + envelope.ttl_s - self.clock()
         l1_ttl_s = min(envelope.l1_ttl_s, remaining_s)
         now = self.l1.clock() if self.l1 is not None else time.monotonic()
-        return CacheEntry(envelope.value, now + l1_ttl_s, envelope.written_at, envelope.ttl_s,
-                          tags)
+        return CacheEntry(envelope.value, now + l1_ttl_s, envelope.written_at, envelope.ttl_s, tags)
 
     # --- writes ---------------------------------------------------------------------------------
-    def _write_plan(self, value: Any, ttl_s: float | None, l1_ttl_s: float | None,
-                    tags: Sequence[str]) -> _Plan:
+    def _write_plan(
+        self, value: Any, ttl_s: float | None, l1_ttl_s: float | None, tags: Sequence[str]
+    ) -> _Plan:
         negative_ttl_s = ttl_s if value is None else None
         return _Plan(ttl_s, l1_ttl_s, tuple(tags), negative_ttl_s, False)
 
-    def _plan(self, ttl_s: float | None, l1_ttl_s: float | None, tags: Sequence[str],
-              negative_ttl_s: float | None, lock: bool | None) -> _Plan:
-        return _Plan(ttl_s, l1_ttl_s, tuple(tags), negative_ttl_s,
-                     self.lock if lock is None else lock)
+    def _plan(
+        self,
+        ttl_s: float | None,
+        l1_ttl_s: float | None,
+        tags: Sequence[str],
+        negative_ttl_s: float | None,
+        lock: bool | None,
+    ) -> _Plan:
+        return _Plan(
+            ttl_s, l1_ttl_s, tuple(tags), negative_ttl_s, self.lock if lock is None else lock
+        )
 
     def _ttl_for(self, value: Any, plan: _Plan) -> float:
         if value is None:
@@ -486,8 +573,10 @@ class TieredCache:
         return StoredItem(key, raw, _ms(ttl_s), plan.tags), entry
 
     def _tombstone(self) -> dict[str, Any]:
-        return {"tombstone": Codec.tombstone(written_at=self.clock()),
-                "ttl_ms": _ms(self.lock_ttl_s)}
+        return {
+            "tombstone": Codec.tombstone(written_at=self.clock()),
+            "ttl_ms": _ms(self.lock_ttl_s),
+        }
 
     def _l2_set(self, item: StoredItem) -> bool | None:
         """Explicit write: True if Redis has it (or there is no Redis), None if unreachable."""
@@ -513,8 +602,9 @@ class TieredCache:
     def _begin_write(self, key: str) -> object | None:
         return self.l1.begin_write(key) if self.l1 is not None else None
 
-    def _finish_write(self, key: str, token: object | None, entry: CacheEntry | None,
-                      stored: bool | None) -> None:
+    def _finish_write(
+        self, key: str, token: object | None, entry: CacheEntry | None, stored: bool | None
+    ) -> None:
         """After writing to Redis (True stored, False not, None unreachable): keep ``entry`` in
         L1 if L1 is trusted and nothing overlapped; while Redis is unreachable keep it as
         suspect; otherwise make sure L1 holds no older copy."""
@@ -540,8 +630,11 @@ class TieredCache:
             return len(prepared)
         keys = [item.key for item, _ in prepared]
         try:
-            self.l2.set_many([item for item, _ in prepared],
-                             notice=encode_notice(self._sender, keys), condition=UNLESS_DELETED)
+            self.l2.set_many(
+                [item for item, _ in prepared],
+                notice=encode_notice(self._sender, keys),
+                condition=UNLESS_DELETED,
+            )
         except L2Unavailable:
             return 0
         if self.l1 is not None:
@@ -583,8 +676,7 @@ class TieredCache:
         except L2Unavailable:
             return _UNSEEN
 
-    def _load_and_store(self, key: str, loader: Callable[[], T], plan: _Plan,
-                        seen: _Seen) -> T:
+    def _load_and_store(self, key: str, loader: Callable[[], T], plan: _Plan, seen: _Seen) -> T:
         token = self._begin_write(key)
         entry: CacheEntry | None = None
         stored: bool | None = False
@@ -606,8 +698,9 @@ class TieredCache:
         if self.l2 is None:
             return True
         try:
-            return self.l2.store(item, condition=seen.raw or b"",
-                                 notice=encode_notice(self._sender, [item.key]))
+            return self.l2.store(
+                item, condition=seen.raw or b"", notice=encode_notice(self._sender, [item.key])
+            )
         except L2Unavailable:
             return None
 
@@ -615,8 +708,9 @@ class TieredCache:
         if self.l2 is None:
             return True
         try:
-            return await self.l2.astore(item, condition=seen.raw or b"",
-                                        notice=encode_notice(self._sender, [item.key]))
+            return await self.l2.astore(
+                item, condition=seen.raw or b"", notice=encode_notice(self._sender, [item.key])
+            )
         except L2Unavailable:
             return None
 
@@ -638,8 +732,9 @@ class TieredCache:
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, LOCK_POLL_MAX_S)
 
-    def _load_holding(self, key: str, token: str | None, loader: Callable[[], T], plan: _Plan,
-                      seen: _Seen) -> T:
+    def _load_holding(
+        self, key: str, token: str | None, loader: Callable[[], T], plan: _Plan, seen: _Seen
+    ) -> T:
         assert self.l2 is not None
         try:
             if seen.entry is not None:
@@ -652,11 +747,11 @@ class TieredCache:
     def _refresh(self, key: str, entry: CacheEntry, loader: Callable[[], T], plan: _Plan) -> T:
         """Early refresh: one caller reloads; everyone else gets the current value meanwhile."""
         ran, value = self._flights.do_if_idle(
-            key, lambda: self._refresh_now(key, entry, loader, plan))
+            key, lambda: self._refresh_now(key, entry, loader, plan)
+        )
         return cast(T, value if ran else entry.value)
 
-    def _refresh_now(self, key: str, entry: CacheEntry, loader: Callable[[], T],
-                     plan: _Plan) -> T:
+    def _refresh_now(self, key: str, entry: CacheEntry, loader: Callable[[], T], plan: _Plan) -> T:
         token = None
         if plan.lock and self.l2 is not None:
             try:
@@ -668,8 +763,12 @@ class TieredCache:
         try:
             return self._load_and_store(key, loader, plan, self._observe(key))
         except Exception:
-            logger.warning("cache %r: early refresh of %r failed; serving the current value",
-                           self.name, key, exc_info=True)
+            logger.warning(
+                "cache %r: early refresh of %r failed; serving the current value",
+                self.name,
+                key,
+                exc_info=True,
+            )
             return cast(T, entry.value)
         finally:
             if token is not None and self.l2 is not None:
@@ -695,8 +794,9 @@ class TieredCache:
         except L2Unavailable:
             return _UNSEEN
 
-    async def _aload_and_store(self, key: str, loader: Callable[[], Awaitable[T]],
-                               plan: _Plan, seen: _Seen) -> T:
+    async def _aload_and_store(
+        self, key: str, loader: Callable[[], Awaitable[T]], plan: _Plan, seen: _Seen
+    ) -> T:
         token = self._begin_write(key)
         entry: CacheEntry | None = None
         stored: bool | None = False
@@ -713,8 +813,7 @@ class TieredCache:
         finally:
             self._finish_write(key, token, entry, stored)
 
-    async def _aload_locked(self, key: str, loader: Callable[[], Awaitable[T]],
-                            plan: _Plan) -> T:
+    async def _aload_locked(self, key: str, loader: Callable[[], Awaitable[T]], plan: _Plan) -> T:
         assert self.l2 is not None
         deadline = time.monotonic() + self.lock_ttl_s
         delay_s = LOCK_POLL_MIN_S
@@ -731,9 +830,14 @@ class TieredCache:
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, LOCK_POLL_MAX_S)
 
-    async def _aload_holding(self, key: str, token: str | None,
-                             loader: Callable[[], Awaitable[T]], plan: _Plan,
-                             seen: _Seen) -> T:
+    async def _aload_holding(
+        self,
+        key: str,
+        token: str | None,
+        loader: Callable[[], Awaitable[T]],
+        plan: _Plan,
+        seen: _Seen,
+    ) -> T:
         assert self.l2 is not None
         try:
             if seen.entry is not None:
@@ -743,14 +847,17 @@ class TieredCache:
             if token is not None:
                 await self.l2.aunlock(key, token)
 
-    async def _arefresh(self, key: str, entry: CacheEntry, loader: Callable[[], Awaitable[T]],
-                        plan: _Plan) -> T:
+    async def _arefresh(
+        self, key: str, entry: CacheEntry, loader: Callable[[], Awaitable[T]], plan: _Plan
+    ) -> T:
         ran, value = await self._aflights.do_if_idle(
-            key, lambda: self._arefresh_now(key, entry, loader, plan))
+            key, lambda: self._arefresh_now(key, entry, loader, plan)
+        )
         return cast(T, value if ran else entry.value)
 
-    async def _arefresh_now(self, key: str, entry: CacheEntry,
-                            loader: Callable[[], Awaitable[T]], plan: _Plan) -> T:
+    async def _arefresh_now(
+        self, key: str, entry: CacheEntry, loader: Callable[[], Awaitable[T]], plan: _Plan
+    ) -> T:
         token = None
         if plan.lock and self.l2 is not None:
             try:
@@ -762,8 +869,12 @@ class TieredCache:
         try:
             return await self._aload_and_store(key, loader, plan, await self._aobserve(key))
         except Exception:
-            logger.warning("cache %r: early refresh of %r failed; serving the current value",
-                           self.name, key, exc_info=True)
+            logger.warning(
+                "cache %r: early refresh of %r failed; serving the current value",
+                self.name,
+                key,
+                exc_info=True,
+            )
             return cast(T, entry.value)
         finally:
             if token is not None and self.l2 is not None:
@@ -775,9 +886,13 @@ class TieredCache:
             if self._closed or self._listener is not None:
                 return
             self._listener = InvalidationListener(
-                self._redis_url, cache=self.name, sender=self._sender,
-                on_notice=self._on_notice, on_connected=self._on_connected,
-                on_lost=self._on_lost)
+                self._redis_url,
+                cache=self.name,
+                sender=self._sender,
+                on_notice=self._on_notice,
+                on_connected=self._on_connected,
+                on_lost=self._on_lost,
+            )
             self._listener.start()
 
     def _on_notice(self, notice: Notice) -> None:
@@ -808,8 +923,13 @@ class TieredCache:
         # Only a trusted L1 holds entries that missed notices could make stale; before the
         # first subscription it holds at most suspect entries, dropped when Redis is back.
         dropped = self.l1.clear() if self.l1 is not None and was_coherent else 0
-        logger.warning("cache %r: invalidation channel down (%s); cleared %d L1 entries, L1 is "
-                       "bypassed until it reconnects", self.name, error, dropped)
+        logger.warning(
+            "cache %r: invalidation channel down (%s); cleared %d L1 entries, L1 is "
+            "bypassed until it reconnects",
+            self.name,
+            error,
+            dropped,
+        )
 
     def _l2_recovered(self) -> None:
         """First Redis success after failures: drop suspect L1 entries, replay failed writes."""
@@ -826,15 +946,19 @@ class TieredCache:
                 self.l2.clear(notice=encode_clear(self._sender))
             elif keys:
                 ordered = sorted(keys)
-                self.l2.delete(ordered, notice=encode_notice(self._sender, ordered),
-                               **self._tombstone())
+                self.l2.delete(
+                    ordered, notice=encode_notice(self._sender, ordered), **self._tombstone()
+                )
             for tag in () if everything else tags:
                 self.l2.delete_tag(tag, sender=self._sender, **self._tombstone())
         except L2Unavailable:
             self._pending.add(keys, tags, everything)
             return
-        logger.info("cache %r: replayed %s failed writes as deletes", self.name,
-                    "all" if everything else len(keys) + len(tags))
+        logger.info(
+            "cache %r: replayed %s failed writes as deletes",
+            self.name,
+            "all" if everything else len(keys) + len(tags),
+        )
 
     def _reset_after_fork(self) -> None:
         if self.l1 is not None:
@@ -858,8 +982,9 @@ def _resolve_mode(mode: Mode | None, redis_url: str | None, l1_max_entries: int)
     return mode
 
 
-def _check_options(ttl_s: float, negative_ttl_s: float, lock_ttl_s: float,
-                   early_refresh: float | None) -> None:
+def _check_options(
+    ttl_s: float, negative_ttl_s: float, lock_ttl_s: float, early_refresh: float | None
+) -> None:
     if ttl_s <= 0:
         raise CacheConfigError(f"ttl_s must be > 0, got {ttl_s}")
     if negative_ttl_s < 0:
@@ -867,8 +992,9 @@ def _check_options(ttl_s: float, negative_ttl_s: float, lock_ttl_s: float,
     if lock_ttl_s <= 0:
         raise CacheConfigError(f"lock_ttl_s must be > 0, got {lock_ttl_s}")
     if early_refresh is not None and not 0 < early_refresh <= 1:
-        raise CacheConfigError(f"early_refresh is a fraction of the TTL in (0, 1], "
-                               f"got {early_refresh}")
+        raise CacheConfigError(
+            f"early_refresh is a fraction of the TTL in (0, 1], got {early_refresh}"
+        )
 
 
 def _ms(seconds: float) -> int:

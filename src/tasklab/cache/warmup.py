@@ -39,8 +39,9 @@ class WarmReport:
         return asdict(self)
 
 
-def warm_from(cache: TieredCache, source: WarmSource, *, ttl_s: float | None = None,
-              tags: Sequence[str] = ()) -> WarmReport:
+def warm_from(
+    cache: TieredCache, source: WarmSource, *, ttl_s: float | None = None, tags: Sequence[str] = ()
+) -> WarmReport:
     """Store every pair ``source()`` yields in ``cache`` (batched); never raises for Redis."""
     start = time.perf_counter()
     stored = cache.warm(source(), ttl_s=ttl_s, tags=tags)
@@ -49,8 +50,9 @@ def warm_from(cache: TieredCache, source: WarmSource, *, ttl_s: float | None = N
     return report
 
 
-def beat_entry(task_name: str, *, every_s: float = DEFAULT_WARM_EVERY_S,
-               kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def beat_entry(
+    task_name: str, *, every_s: float = DEFAULT_WARM_EVERY_S, kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A Celery ``beat_schedule`` value running ``task_name`` every ``every_s`` seconds."""
     return {"task": task_name, "schedule": every_s, "kwargs": dict(kwargs or {})}
 

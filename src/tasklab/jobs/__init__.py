@@ -5,5 +5,14 @@ from tasklab.jobs.manager import JobManager
 from tasklab.jobs.records import Job, JobStatus
 from tasklab.jobs.registry import JobSpec, RetryPolicy, job
 
-__all__ = ["Job", "JobCancelled", "JobContext", "JobManager", "JobSpec", "JobStatus",
-           "RetryPolicy", "current_job", "job"]
+__all__ = [
+    "Job",
+    "JobCancelled",
+    "JobContext",
+    "JobManager",
+    "JobSpec",
+    "JobStatus",
+    "RetryPolicy",
+    "current_job",
+    "job",
+]

@@ -54,8 +54,12 @@ class CircuitBreaker:
             self._probing = False
             self._opened_at = time.monotonic()
             if self.state is not State.OPEN:
-                log.warning("%s unavailable (%s): circuit open for %.1f s, jobs fall back",
-                            self.name, reason, self.reset_s)
+                log.warning(
+                    "%s unavailable (%s): circuit open for %.1f s, jobs fall back",
+                    self.name,
+                    reason,
+                    self.reset_s,
+                )
                 self.state = State.OPEN
                 metrics.FALLBACK_ACTIVE.set(1)
 

@@ -27,7 +27,8 @@ from tasklab.observe import metrics
 log = logging.getLogger("tasklab.jobs")
 PROGRESS_MIN_INTERVAL_S = 0.5
 _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
-    "tasklab_job", default=None)
+    "tasklab_job", default=None
+)
 
 
 class JobCancelled(JobError):
@@ -55,8 +56,7 @@ class JobContext:
     _last_progress_at: float = field(default=0.0, repr=False)
     _pending: Session | None = field(default=None, repr=False)
 
-    def progress(self, current: int, total: int | None = None,
-                 message: str | None = None) -> None:
+    def progress(self, current: int, total: int | None = None, message: str | None = None) -> None:
         """Record progress (at most every 0.5 s, and always at the end); raise JobCancelled
         if a cancel was requested. Also renews the lease."""
         now = time.time()
@@ -65,9 +65,16 @@ class JobContext:
             return
         self._last_progress_at = now
         with self.engine.begin() as conn:
-            row = conn.execute(*store.progress(
-                self.id, self.attempt, current=current, total=total, message=message,
-                renew_until=now + self.lease_s)).first()
+            row = conn.execute(
+                *store.progress(
+                    self.id,
+                    self.attempt,
+                    current=current,
+                    total=total,
+                    message=message,
+                    renew_until=now + self.lease_s,
+                )
+            ).first()
         if row is None:
             raise StaleAttempt(f"job {self.id} attempt {self.attempt} is no longer current")
         if row[0]:
@@ -88,11 +95,13 @@ class JobContext:
         session.begin()
         try:
             yield session
-            done = session.execute(*store.complete(self.id, self.attempt, result=None,
-                                                  now=time.time()))
+            done = session.execute(
+                *store.complete(self.id, self.attempt, result=None, now=time.time())
+            )
             if done.rowcount != 1:  # type: ignore[attr-defined]
-                raise StaleAttempt(f"job {self.id} attempt {self.attempt} lost its claim; "
-                                   "effects rolled back")
+                raise StaleAttempt(
+                    f"job {self.id} attempt {self.attempt} lost its claim; effects rolled back"
+                )
         except BaseException:
             session.rollback()
             session.close()
@@ -124,9 +133,16 @@ class Outcome:
 class Executor:
     """Claims and runs deliveries; ``reschedule`` publishes the next attempt of a retry."""
 
-    def __init__(self, engine: Engine, *, lease_owner: str, via: str, default_lease_s: float,
-                 leases: LeaseKeeper,
-                 reschedule: Callable[[JobSpec, str, str, int, float], None]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        lease_owner: str,
+        via: str,
+        default_lease_s: float,
+        leases: LeaseKeeper,
+        reschedule: Callable[[JobSpec, str, str, int, float], None],
+    ) -> None:
         self.engine = engine
         self.lease_owner = lease_owner
         self.via = via
@@ -137,22 +153,37 @@ class Executor:
     def run(self, spec: JobSpec, job_id: str) -> Outcome:
         lease_s = spec.lease_s or self.default_lease_s
         with self.engine.begin() as conn:
-            row = conn.execute(*store.claim(job_id, lease_owner=self.lease_owner,
-                                           lease_s=lease_s, via=self.via,
-                                           now=time.time())).first()
+            row = conn.execute(
+                *store.claim(
+                    job_id,
+                    lease_owner=self.lease_owner,
+                    lease_s=lease_s,
+                    via=self.via,
+                    now=time.time(),
+                )
+            ).first()
         if row is None:
             metrics.DUPLICATE_DELIVERIES.labels(spec.name).inc()
             return Outcome("skipped")
         m = row._mapping
-        ctx = JobContext(id=job_id, task=spec.name, queue=m["queue"], attempt=m["attempt"],
-                         max_attempts=m["max_attempts"], engine=self.engine, lease_s=lease_s)
+        ctx = JobContext(
+            id=job_id,
+            task=spec.name,
+            queue=m["queue"],
+            attempt=m["attempt"],
+            max_attempts=m["max_attempts"],
+            engine=self.engine,
+            lease_s=lease_s,
+        )
         wait_from = m["next_attempt_at"] or m["queued_at"] or m["created_at"]
         metrics.JOB_QUEUE_WAIT.labels(spec.name, ctx.queue).observe(
-            max(0.0, m["started_at"] - wait_from))
+            max(0.0, m["started_at"] - wait_from)
+        )
         return self._execute(spec, ctx, list(m["args"]), dict(m["kwargs"]))
 
-    def _execute(self, spec: JobSpec, ctx: JobContext, args: list[Any],
-                 kwargs: dict[str, Any]) -> Outcome:
+    def _execute(
+        self, spec: JobSpec, ctx: JobContext, args: list[Any], kwargs: dict[str, Any]
+    ) -> Outcome:
         token = _current.set(ctx)
         self.leases.hold(ctx.id, ctx.attempt, ctx.lease_s)
         started = time.perf_counter()
@@ -172,8 +203,7 @@ class Executor:
             ctx._discard_pending()
             raise
         finally:
-            metrics.JOB_DURATION.labels(spec.name, ctx.queue).observe(
-                time.perf_counter() - started)
+            metrics.JOB_DURATION.labels(spec.name, ctx.queue).observe(time.perf_counter() - started)
             self.leases.release(ctx.id)
             _current.reset(token)
         return self._succeed(spec, ctx, result)
@@ -186,11 +216,15 @@ class Executor:
             updated = 1
         else:
             with self.engine.begin() as conn:
-                updated = conn.execute(*store.complete(ctx.id, ctx.attempt, result=value,
-                                                      now=now)).rowcount
+                updated = conn.execute(
+                    *store.complete(ctx.id, ctx.attempt, result=value, now=now)
+                ).rowcount
         if updated != 1:
-            log.warning("job %s attempt %s finished after losing its claim; result dropped",
-                        ctx.id, ctx.attempt)
+            log.warning(
+                "job %s attempt %s finished after losing its claim; result dropped",
+                ctx.id,
+                ctx.attempt,
+            )
             return Outcome("stale")
         metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "succeeded").inc()
         return Outcome("succeeded")
@@ -201,19 +235,33 @@ class Executor:
         now = time.time()
         error = f"{type(exc).__name__}: {exc}"
         with self.engine.begin() as conn:
-            updated = conn.execute(store.fail(
-                ctx.id, ctx.attempt, error=error, tb=traceback.format_exc(),
-                retry_at=None if delay is None else now + delay, now=now)).rowcount
+            updated = conn.execute(
+                store.fail(
+                    ctx.id,
+                    ctx.attempt,
+                    error=error,
+                    tb=traceback.format_exc(),
+                    retry_at=None if delay is None else now + delay,
+                    now=now,
+                )
+            ).rowcount
         if updated != 1:
             return Outcome("stale")
         if delay is None:
-            log.error("job %s (%s) is DEAD after %d attempt(s): %s", ctx.id, spec.name,
-                      ctx.attempt, error)
+            log.error(
+                "job %s (%s) is DEAD after %d attempt(s): %s", ctx.id, spec.name, ctx.attempt, error
+            )
             metrics.JOB_DEAD_LETTERS.labels(spec.name, ctx.queue).inc()
             metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "dead").inc()
             return Outcome("dead")
-        log.warning("job %s (%s) attempt %d failed, retry in %.1f s: %s", ctx.id, spec.name,
-                    ctx.attempt, delay, error)
+        log.warning(
+            "job %s (%s) attempt %d failed, retry in %.1f s: %s",
+            ctx.id,
+            spec.name,
+            ctx.attempt,
+            delay,
+            error,
+        )
         metrics.JOB_RETRIES.labels(spec.name, ctx.queue).inc()
         self.reschedule(spec, ctx.id, ctx.queue, ctx.attempt, delay)
         return Outcome("retrying", retry_in_s=delay)

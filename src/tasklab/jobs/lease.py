@@ -64,7 +64,8 @@ class LeaseKeeper:
             with self.engine.begin() as conn:
                 for job_id, (attempt, lease_s) in held.items():
                     renewed += conn.execute(
-                        *store.renew_lease(job_id, attempt, now + lease_s)).rowcount
+                        *store.renew_lease(job_id, attempt, now + lease_s)
+                    ).rowcount
         except Exception:  # a DB hiccup must not kill the heartbeat; the next tick retries
             log.exception("lease renewal failed")
         return renewed

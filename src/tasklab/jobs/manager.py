@@ -8,6 +8,7 @@ the reaper to publish when the broker is back. Either way it is never lost.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import os
 import socket
@@ -37,20 +38,32 @@ MAX_PAGE_SIZE = 100
 
 
 class JobManager:
-    def __init__(self, settings: Settings, *, engine: Engine | None = None,
-                 async_engine: AsyncEngine | None = None, publisher: Publisher | None = None,
-                 local_fallback: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        async_engine: AsyncEngine | None = None,
+        publisher: Publisher | None = None,
+        local_fallback: bool = True,
+    ) -> None:
         self.settings = settings
         self.engine = engine or make_engine(settings)
         self._async_engine = async_engine
         self.publisher = publisher or Publisher(settings)
-        self.local = LocalExecutor(workers=settings.local_workers if local_fallback else 0,
-                                   queue_max=settings.local_queue_max)
+        self.local = LocalExecutor(
+            workers=settings.local_workers if local_fallback else 0,
+            queue_max=settings.local_queue_max,
+        )
         self._leases = LeaseKeeper(self.engine)
         self._executor = Executor(
-            self.engine, lease_owner=f"local:{socket.gethostname()}:{os.getpid()}", via="local",
-            default_lease_s=settings.lease_s, leases=self._leases,
-            reschedule=self._reschedule_local)
+            self.engine,
+            lease_owner=f"local:{socket.gethostname()}:{os.getpid()}",
+            via="local",
+            default_lease_s=settings.lease_s,
+            leases=self._leases,
+            reschedule=self.publisher.reschedule,
+        )
 
     @property
     def async_engine(self) -> AsyncEngine:
@@ -59,9 +72,18 @@ class JobManager:
         return self._async_engine
 
     # --- submit -----------------------------------------------------------------------------
-    def _prepare(self, task: str | JobSpec, args: tuple[Any, ...], kwargs: dict[str, Any], *,
-                 queue: str | None, priority: int | None, idempotency_key: str | None,
-                 owner: str | None, countdown_s: float) -> tuple[JobSpec, dict[str, Any]]:
+    def _prepare(
+        self,
+        task: str | JobSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        queue: str | None,
+        priority: int | None,
+        idempotency_key: str | None,
+        owner: str | None,
+        countdown_s: float,
+    ) -> tuple[JobSpec, dict[str, Any]]:
         spec = get_spec(task)
         prio = spec.priority if priority is None else priority
         if not isinstance(prio, int) or not 0 <= prio <= MAX_PRIORITY:
@@ -69,21 +91,45 @@ class JobManager:
         if countdown_s < 0:
             raise JobError("countdown_s must be >= 0")
         now = time.time()
-        values = {"job_id": store.new_job_id(), "task": spec.name, "args": list(args),
-                  "kwargs": kwargs, "queue": queue or spec.queue, "priority": prio,
-                  "owner": owner or "", "idempotency_key": idempotency_key,
-                  "max_attempts": spec.retry.max_attempts, "now": now,
-                  "next_attempt_at": now + countdown_s if countdown_s else None,
-                  "status": JobStatus.QUEUED, "message_id": uuid.uuid4().hex}
+        values = {
+            "job_id": store.new_job_id(),
+            "task": spec.name,
+            "args": list(args),
+            "kwargs": kwargs,
+            "queue": queue or spec.queue,
+            "priority": prio,
+            "owner": owner or "",
+            "idempotency_key": idempotency_key,
+            "max_attempts": spec.retry.max_attempts,
+            "now": now,
+            "next_attempt_at": now + countdown_s if countdown_s else None,
+            "status": JobStatus.QUEUED,
+            "message_id": uuid.uuid4().hex,
+        }
         return spec, values
 
-    def submit(self, task: str | JobSpec, *args: Any, queue: str | None = None,
-               priority: int | None = None, idempotency_key: str | None = None,
-               owner: str | None = None, countdown_s: float = 0, **kwargs: Any) -> Job:
+    def submit(
+        self,
+        task: str | JobSpec,
+        *args: Any,
+        queue: str | None = None,
+        priority: int | None = None,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+        countdown_s: float = 0,
+        **kwargs: Any,
+    ) -> Job:
         """Record the job durably, then hand it to the broker (or the local fallback)."""
-        spec, values = self._prepare(task, args, kwargs, queue=queue, priority=priority,
-                                     idempotency_key=idempotency_key, owner=owner,
-                                     countdown_s=countdown_s)
+        spec, values = self._prepare(
+            task,
+            args,
+            kwargs,
+            queue=queue,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            owner=owner,
+            countdown_s=countdown_s,
+        )
         if idempotency_key is not None:
             existing = self._by_key(values["owner"], idempotency_key)
             if existing is not None:
@@ -102,8 +148,14 @@ class JobManager:
         metrics.JOBS_SUBMITTED.labels(spec.name, values["queue"], via).inc()
         return _submitted_job(values, via)
 
-    def _dispatch(self, spec: JobSpec, values: dict[str, Any], countdown_s: float,
-                  *, mark_queued: bool = False) -> str:
+    def _dispatch(
+        self,
+        spec: JobSpec,
+        values: dict[str, Any],
+        countdown_s: float,
+        *,
+        mark_queued: bool = False,
+    ) -> str:
         """Publish; on failure mark PENDING and try the local executor. Returns via.
 
         New jobs are inserted as QUEUED already (one write less per submit); a job coming
@@ -111,8 +163,13 @@ class JobManager:
         job_id = values["job_id"]
         try:
             message_id = self.publisher.publish(
-                spec.name, job_id, queue=values["queue"], priority=values["priority"],
-                countdown_s=countdown_s, message_id=values.get("message_id"))
+                spec.name,
+                job_id,
+                queue=values["queue"],
+                priority=values["priority"],
+                countdown_s=countdown_s,
+                message_id=values.get("message_id"),
+            )
             if mark_queued:
                 with self.engine.begin() as conn:
                     conn.execute(store.mark_published(job_id, message_id, time.time()))
@@ -121,32 +178,39 @@ class JobManager:
             with self.engine.begin() as conn:
                 conn.execute(store.mark_pending(job_id, via="local"))
             if countdown_s == 0 and self.local.try_run(
-                    spec.name, lambda: self._executor.run(spec, job_id).status):
+                spec.name, lambda: self._executor.run(spec, job_id).status
+            ):
                 log.info("job %s (%s) runs locally: %s", job_id, spec.name, e)
             else:
                 log.info("job %s (%s) waits in SQL for the broker: %s", job_id, spec.name, e)
             return "local"
-
-    def _reschedule_local(self, spec: JobSpec, job_id: str, queue: str, attempt: int,
-                          delay_s: float) -> None:
-        """A locally run job failed: its next attempt goes to the broker if it is back."""
-        try:
-            self.publisher.publish(spec.name, job_id, queue=queue, priority=spec.priority,
-                                   countdown_s=delay_s)
-        except BrokerUnavailable:
-            pass  # stays RETRYING; the reaper publishes it once due and the broker answers
 
     def _by_key(self, owner: str, key: str) -> Job | None:
         with self.engine.connect() as conn:
             row = conn.execute(store.select_by_idempotency(owner, key)).first()
         return Job.from_row(row) if row else None
 
-    async def asubmit(self, task: str | JobSpec, *args: Any, queue: str | None = None,
-                      priority: int | None = None, idempotency_key: str | None = None,
-                      owner: str | None = None, countdown_s: float = 0, **kwargs: Any) -> Job:
-        spec, values = self._prepare(task, args, kwargs, queue=queue, priority=priority,
-                                     idempotency_key=idempotency_key, owner=owner,
-                                     countdown_s=countdown_s)
+    async def asubmit(
+        self,
+        task: str | JobSpec,
+        *args: Any,
+        queue: str | None = None,
+        priority: int | None = None,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+        countdown_s: float = 0,
+        **kwargs: Any,
+    ) -> Job:
+        spec, values = self._prepare(
+            task,
+            args,
+            kwargs,
+            queue=queue,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            owner=owner,
+            countdown_s=countdown_s,
+        )
         if idempotency_key is not None:
             existing = await self._aby_key(values["owner"], idempotency_key)
             if existing is not None:
@@ -155,8 +219,9 @@ class JobManager:
             async with self.async_engine.begin() as conn:
                 await conn.execute(*store.insert_job(**values))
         except IntegrityError:
-            found = (await self._aby_key(values["owner"], idempotency_key)
-                     if idempotency_key else None)
+            found = (
+                await self._aby_key(values["owner"], idempotency_key) if idempotency_key else None
+            )
             if found is None:
                 raise
             return found
@@ -188,23 +253,43 @@ class JobManager:
             raise JobNotFound(job_id)
         return Job.from_row(row)
 
-    def list(self, *, owner: str | None = None, status: str | None = None,
-             task: str | None = None, page: int = 1,
-             page_size: int = 20) -> tuple[list[Job], int]:
+    def list(
+        self,
+        *,
+        owner: str | None = None,
+        status: str | None = None,
+        task: str | None = None,
+        page: int = 1,
+        page_size: int = 20,
+    ) -> tuple[builtins.list[Job], int]:
         rows_stmt, total_stmt = store.select_page(
-            owner=owner, status=_status_filter(status), task=task, page=max(1, page),
-            page_size=_page_size(page_size))
+            owner=owner,
+            status=_status_filter(status),
+            task=task,
+            page=max(1, page),
+            page_size=_page_size(page_size),
+        )
         with self.engine.connect() as conn:
             rows = conn.execute(rows_stmt).all()
             total = conn.execute(total_stmt).scalar_one()
         return [Job.from_row(r) for r in rows], int(total)
 
-    async def alist(self, *, owner: str | None = None, status: str | None = None,
-                    task: str | None = None, page: int = 1,
-                    page_size: int = 20) -> tuple[list[Job], int]:
+    async def alist(
+        self,
+        *,
+        owner: str | None = None,
+        status: str | None = None,
+        task: str | None = None,
+        page: int = 1,
+        page_size: int = 20,
+    ) -> tuple[builtins.list[Job], int]:
         rows_stmt, total_stmt = store.select_page(
-            owner=owner, status=_status_filter(status), task=task, page=max(1, page),
-            page_size=_page_size(page_size))
+            owner=owner,
+            status=_status_filter(status),
+            task=task,
+            page=max(1, page),
+            page_size=_page_size(page_size),
+        )
         async with self.async_engine.connect() as conn:
             rows = (await conn.execute(rows_stmt)).all()
             total = (await conn.execute(total_stmt)).scalar_one()
@@ -232,8 +317,9 @@ class JobManager:
         with self.engine.begin() as conn:
             updated = conn.execute(store.retry_dead(job_id, spec.retry.max_attempts)).rowcount
         if updated != 1:
-            raise JobStateError(f"only DEAD or CANCELLED jobs can be retried; {job_id} is "
-                                f"{job.status.value}")
+            raise JobStateError(
+                f"only DEAD or CANCELLED jobs can be retried; {job_id} is {job.status.value}"
+            )
         values = {"job_id": job_id, "queue": job.queue, "priority": job.priority}
         self._dispatch(spec, values, 0, mark_queued=True)
         return self.get(job_id)
@@ -281,15 +367,32 @@ def _submitted_job(values: dict[str, Any], via: str) -> Job:
     """The job as submit() left it, without reading it back (a local run may already have
     moved it on; get() shows the latest)."""
     queued = via == "broker"
-    return Job(id=values["job_id"], task=values["task"], args=values["args"],
-               kwargs=values["kwargs"], queue=values["queue"], priority=values["priority"],
-               owner=values["owner"], idempotency_key=values["idempotency_key"],
-               status=JobStatus.QUEUED if queued else JobStatus.PENDING, attempt=0,
-               max_attempts=values["max_attempts"], progress_current=None,
-               progress_total=None, progress_message=None, result=None, error=None,
-               traceback=None, via=via, message_id=values["message_id"] if queued else None,
-               created_at=values["now"], queued_at=values["now"] if queued else None,
-               started_at=None, finished_at=None, publish_count=1 if queued else 0)
+    return Job(
+        id=values["job_id"],
+        task=values["task"],
+        args=values["args"],
+        kwargs=values["kwargs"],
+        queue=values["queue"],
+        priority=values["priority"],
+        owner=values["owner"],
+        idempotency_key=values["idempotency_key"],
+        status=JobStatus.QUEUED if queued else JobStatus.PENDING,
+        attempt=0,
+        max_attempts=values["max_attempts"],
+        progress_current=None,
+        progress_total=None,
+        progress_message=None,
+        result=None,
+        error=None,
+        traceback=None,
+        via=via,
+        message_id=values["message_id"] if queued else None,
+        created_at=values["now"],
+        queued_at=values["now"] if queued else None,
+        started_at=None,
+        finished_at=None,
+        publish_count=1 if queued else 0,
+    )
 
 
 def _status_filter(status: str | None) -> str | None:
@@ -298,7 +401,9 @@ def _status_filter(status: str | None) -> str | None:
     try:
         return JobStatus(status.upper()).value
     except ValueError:
-        raise JobError(f"unknown status {status!r}; one of {[s.value for s in JobStatus]}")
+        raise JobError(
+            f"unknown status {status!r}; one of {[s.value for s in JobStatus]}"
+        ) from None
 
 
 def _page_size(page_size: int) -> int:

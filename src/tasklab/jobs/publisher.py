@@ -7,7 +7,9 @@ inside kombu (that is what makes Celery hang when the broker is down): it fails 
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from typing import TYPE_CHECKING
 
 from celery import Celery
 
@@ -16,6 +18,9 @@ from tasklab.errors import BrokerUnavailable
 from tasklab.jobs.breaker import CircuitBreaker
 from tasklab.observe import metrics
 from tasklab.settings import Settings
+
+if TYPE_CHECKING:
+    from tasklab.jobs.registry import JobSpec
 
 
 class Publisher:
@@ -31,8 +36,16 @@ class Publisher:
             self._app = make_celery(self.settings, include=[], for_publishing=True)
         return self._app
 
-    def publish(self, task: str, job_id: str, *, queue: str, priority: int,
-                countdown_s: float = 0, message_id: str | None = None) -> str:
+    def publish(
+        self,
+        task: str,
+        job_id: str,
+        *,
+        queue: str,
+        priority: int,
+        countdown_s: float = 0,
+        message_id: str | None = None,
+    ) -> str:
         """Send one message; return its id. Raises BrokerUnavailable at once if the circuit
         is open, or after at most publish_timeout_s if the broker does not answer."""
         if not self.breaker.allow():
@@ -41,15 +54,32 @@ class Publisher:
         message_id = message_id or uuid.uuid4().hex
         try:
             self.app.send_task(
-                task, args=[job_id], task_id=message_id, queue=queue,
-                routing_key=queue, priority=broker_priority(self.settings, priority),
-                countdown=countdown_s or None, retry=False, ignore_result=True)
+                task,
+                args=[job_id],
+                task_id=message_id,
+                queue=queue,
+                routing_key=queue,
+                priority=broker_priority(self.settings, priority),
+                countdown=countdown_s or None,
+                retry=False,
+                ignore_result=True,
+            )
         except Exception as e:  # kombu/redis/amqp raise many types; all mean "not accepted"
             metrics.BROKER_PUBLISH_FAILURES.labels(type(e).__name__).inc()
             self.breaker.record_failure(type(e).__name__)
             raise BrokerUnavailable(f"broker did not accept the message: {e}") from e
         self.breaker.record_success()
         return message_id
+
+    def reschedule(
+        self, spec: JobSpec, job_id: str, queue: str, attempt: int, delay_s: float
+    ) -> None:
+        """Publish a failed job's next attempt with a countdown. If the broker is down the
+        job stays RETRYING and the reaper publishes it once due and the broker answers."""
+        with contextlib.suppress(BrokerUnavailable):
+            self.publish(
+                spec.name, job_id, queue=queue, priority=spec.priority, countdown_s=delay_s
+            )
 
     def close(self) -> None:
         if self._app is not None:

@@ -111,8 +111,11 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         out = {f: getattr(self, f) for f in _FIELDS}
         out["status"] = self.status.value
-        out["progress"] = {"current": self.progress_current, "total": self.progress_total,
-                           "message": self.progress_message}
+        out["progress"] = {
+            "current": self.progress_current,
+            "total": self.progress_total,
+            "message": self.progress_message,
+        }
         return out
 
 

@@ -43,8 +43,10 @@ class Reaper:
         self._redis: redis.Redis | None = None
         if settings.broker_is_redis:
             self._redis = redis.Redis.from_url(
-                settings.effective_broker_url, socket_timeout=settings.publish_timeout_s,
-                socket_connect_timeout=settings.publish_timeout_s)
+                settings.effective_broker_url,
+                socket_timeout=settings.publish_timeout_s,
+                socket_connect_timeout=settings.publish_timeout_s,
+            )
 
     def tick(self) -> dict[str, int]:
         now = time.time()
@@ -65,8 +67,9 @@ class Reaper:
         with self.engine.begin() as conn:
             for row in conn.execute(store.expired_leases(now, BATCH)).all():
                 dead = row.attempt >= row.max_attempts
-                n = conn.execute(store.release_expired(row.id, row.attempt, now,
-                                                       dead=dead)).rowcount
+                n = conn.execute(
+                    store.release_expired(row.id, row.attempt, now, dead=dead)
+                ).rowcount
                 if n and dead:
                     metrics.JOB_DEAD_LETTERS.labels(row.task, row.queue).inc()
                     metrics.JOBS_FINISHED.labels(row.task, row.queue, "dead").inc()
@@ -106,8 +109,11 @@ class Reaper:
         except redis.RedisError:
             return []
         per_queue = len(lengths) // len(QUEUES)
-        return [q for i, q in enumerate(QUEUES)
-                if sum(lengths[i * per_queue:(i + 1) * per_queue]) == 0]
+        return [
+            q
+            for i, q in enumerate(QUEUES)
+            if sum(lengths[i * per_queue : (i + 1) * per_queue]) == 0
+        ]
 
     def _empty_amqp_queues(self) -> list[str]:
         """RabbitMQ: ready-message counts by passive declare (unacked ones are not counted,
@@ -121,18 +127,25 @@ class Reaper:
             return []
         return [q for q, d in depths.items() if d.total == 0]
 
-    def _publish_stranded(self, now: float, queued_before: float,
-                          empty: list[str] | None) -> dict[str, int]:
+    def _publish_stranded(
+        self, now: float, queued_before: float, empty: list[str] | None
+    ) -> dict[str, int]:
         with self.engine.connect() as conn:
-            rows = conn.execute(store.stranded(
-                pending_before=now - self.pending_grace_s, queued_before=queued_before,
-                limit=BATCH, queues=empty)).all()
+            rows = conn.execute(
+                store.stranded(
+                    pending_before=now - self.pending_grace_s,
+                    queued_before=queued_before,
+                    limit=BATCH,
+                    queues=empty,
+                )
+            ).all()
         counts = {"unpublished": 0, "message_lost": 0}
         for row in rows:
             countdown = max(0.0, (row.next_attempt_at or 0) - now)
             try:
-                message_id = self.publisher.publish(row.task, row.id, queue=row.queue,
-                                                    priority=row.priority, countdown_s=countdown)
+                message_id = self.publisher.publish(
+                    row.task, row.id, queue=row.queue, priority=row.priority, countdown_s=countdown
+                )
             except BrokerUnavailable:
                 break
             with self.engine.begin() as conn:
@@ -141,12 +154,12 @@ class Reaper:
             counts[reason] += 1
         if counts["message_lost"]:
             metrics.JOB_RECOVERIES.labels("message_lost").inc(counts["message_lost"])
-            log.warning("reaper: re-published %d job(s) whose message was lost",
-                        counts["message_lost"])
+            log.warning(
+                "reaper: re-published %d job(s) whose message was lost", counts["message_lost"]
+            )
         if counts["unpublished"]:
             metrics.JOB_RECOVERIES.labels("unpublished").inc(counts["unpublished"])
-            log.info("reaper: published %d job(s) that were waiting in SQL",
-                     counts["unpublished"])
+            log.info("reaper: published %d job(s) that were waiting in SQL", counts["unpublished"])
         return counts
 
     def purge(self) -> int:

@@ -57,8 +57,21 @@ class JobSpec:
         return self.func(*args, **kwargs)
 
 
-_OPTIONS = {"name", "queue", "priority", "max_attempts", "backoff_s", "backoff_max_s", "jitter",
-            "retry_on", "dont_retry_on", "soft_time_limit_s", "time_limit_s", "lease_s", "bind"}
+_OPTIONS = {
+    "name",
+    "queue",
+    "priority",
+    "max_attempts",
+    "backoff_s",
+    "backoff_max_s",
+    "jitter",
+    "retry_on",
+    "dont_retry_on",
+    "soft_time_limit_s",
+    "time_limit_s",
+    "lease_s",
+    "bind",
+}
 
 
 def job(func: Callable[..., Any] | None = None, **options: Any) -> Any:
@@ -71,7 +84,8 @@ def job(func: Callable[..., Any] | None = None, **options: Any) -> Any:
     unknown = set(options) - _OPTIONS
     if unknown:
         raise JobDeclarationError(
-            f"unknown job option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+            f"unknown job option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}"
+        )
 
     def declare(f: Callable[..., Any]) -> JobSpec:
         spec = _build_spec(f, options)
@@ -86,8 +100,9 @@ def _build_spec(f: Callable[..., Any], o: dict[str, Any]) -> JobSpec:
     priority = o.get("priority", DEFAULT_PRIORITY)
     if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
         raise JobDeclarationError(f"priority must be an int 0..{MAX_PRIORITY}, got {priority!r}")
-    retry_kw = {k: o[k] for k in ("max_attempts", "backoff_s", "backoff_max_s", "jitter")
-                if k in o}
+    retry_kw: dict[str, Any] = {
+        k: o[k] for k in ("max_attempts", "backoff_s", "backoff_max_s", "jitter") if k in o
+    }
     for k in ("retry_on", "dont_retry_on"):
         if k in o:
             value = o[k]
@@ -96,10 +111,16 @@ def _build_spec(f: Callable[..., Any], o: dict[str, Any]) -> JobSpec:
     if policy.max_attempts < 1:
         raise JobDeclarationError("max_attempts must be >= 1")
     return JobSpec(
-        name=o.get("name") or f"{f.__module__}.{f.__qualname__}", func=f,
-        queue=o.get("queue", DEFAULT_QUEUE), priority=priority, retry=policy,
-        soft_time_limit_s=o.get("soft_time_limit_s"), time_limit_s=o.get("time_limit_s"),
-        lease_s=o.get("lease_s"), bind=bool(o.get("bind", False)))
+        name=o.get("name") or f"{f.__module__}.{f.__qualname__}",
+        func=f,
+        queue=o.get("queue", DEFAULT_QUEUE),
+        priority=priority,
+        retry=policy,
+        soft_time_limit_s=o.get("soft_time_limit_s"),
+        time_limit_s=o.get("time_limit_s"),
+        lease_s=o.get("lease_s"),
+        bind=bool(o.get("bind", False)),
+    )
 
 
 def _register_celery_task(spec: JobSpec) -> None:
@@ -109,9 +130,15 @@ def _register_celery_task(spec: JobSpec) -> None:
         run_delivery(self.app, spec, job_id)
 
     deliver.__name__ = spec.name.rsplit(".", 1)[-1]
-    shared_task(name=spec.name, bind=True, ignore_result=True, acks_late=True,
-                reject_on_worker_lost=True, soft_time_limit=spec.soft_time_limit_s,
-                time_limit=spec.time_limit_s)(deliver)
+    shared_task(
+        name=spec.name,
+        bind=True,
+        ignore_result=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        soft_time_limit=spec.soft_time_limit_s,
+        time_limit=spec.time_limit_s,
+    )(deliver)
 
 
 def get_spec(task: str | JobSpec) -> JobSpec:

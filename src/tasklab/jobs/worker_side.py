@@ -31,20 +31,13 @@ class WorkerRuntime:
         self.leases = LeaseKeeper(self.engine)
         self.publisher = Publisher(settings)
         self.executor = Executor(
-            self.engine, lease_owner=f"{socket.gethostname()}:{self.pid}", via="broker",
-            default_lease_s=settings.lease_s, leases=self.leases, reschedule=self.reschedule)
-
-    def reschedule(self, spec: JobSpec, job_id: str, queue: str, attempt: int,
-                   delay_s: float) -> None:
-        """Publish the next attempt with a countdown; if the broker is down the job stays
-        RETRYING and the reaper publishes it once due."""
-        from tasklab.errors import BrokerUnavailable
-
-        try:
-            self.publisher.publish(spec.name, job_id, queue=queue, priority=spec.priority,
-                                   countdown_s=delay_s)
-        except BrokerUnavailable:
-            pass
+            self.engine,
+            lease_owner=f"{socket.gethostname()}:{self.pid}",
+            via="broker",
+            default_lease_s=settings.lease_s,
+            leases=self.leases,
+            reschedule=self.publisher.reschedule,
+        )
 
 
 def settings_of(app: Celery) -> Settings:

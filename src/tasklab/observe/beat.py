@@ -24,7 +24,7 @@ BEAT_HEARTBEAT_INTERVAL_S = 30.0
 BEAT_HEARTBEAT_QUEUE = "scheduled"
 
 
-@shared_task(name=BEAT_HEARTBEAT_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+@shared_task(name=BEAT_HEARTBEAT_TASK, ignore_result=True)
 def beat_heartbeat() -> None:
     """Scheduled by beat so that beat's liveness is observable; does nothing."""
 
@@ -48,8 +48,9 @@ def on_beat_publish(sender: Any = None, **_kwargs: Any) -> None:
 def on_beat_init(sender: Any = None, **_kwargs: Any) -> None:
     from celery.signals import before_task_publish
 
-    before_task_publish.connect(on_beat_publish, weak=False,
-                                dispatch_uid="tasklab.observe.beat.publish")
+    before_task_publish.connect(
+        on_beat_publish, weak=False, dispatch_uid="tasklab.observe.beat.publish"
+    )
 
 
 def connect_beat_signals() -> None:

@@ -59,9 +59,14 @@ class Exporter:
         self._celery.close()
 
 
-def run_exporter(settings: Settings, port: int = DEFAULT_PORT, *, host: str | None = None,
-                 interval_s: float = DEFAULT_INTERVAL_S,
-                 stop: threading.Event | None = None) -> None:
+def run_exporter(
+    settings: Settings,
+    port: int = DEFAULT_PORT,
+    *,
+    host: str | None = None,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    stop: threading.Event | None = None,
+) -> None:
     """Serve the exporter's metrics on ``host:port`` until ``stop`` is set (or SIGTERM/SIGINT
     raises SystemExit/KeyboardInterrupt in the caller's thread)."""
     stop = stop or threading.Event()

@@ -73,7 +73,7 @@ def route_template(scope: Scope, root_path: str = "") -> str:
     path = getattr(route, "path", None)
     if not isinstance(path, str):
         return UNMATCHED
-    mount_prefix = scope.get("root_path", "")[len(root_path):]
+    mount_prefix = scope.get("root_path", "")[len(root_path) :]
     return f"{mount_prefix}{path}" or "/"
 
 
@@ -98,7 +98,8 @@ def install(app: FastAPI, settings: Settings, *, path: str = METRICS_PATH) -> Co
         # never blocks the event loop.
         return metrics_response(registry, request.headers.get("accept"))
 
-    app.add_api_route(path, metrics_endpoint, methods=["GET"], include_in_schema=False,
-                      name="metrics")
+    app.add_api_route(
+        path, metrics_endpoint, methods=["GET"], include_in_schema=False, name="metrics"
+    )
     app.state.metrics_registry = registry
     return registry

@@ -8,98 +8,202 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                     10.0, 30.0, 60.0, 120.0, 300.0)
-FAST_BUCKETS_S = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-                  0.05, 0.1, 0.25, 0.5, 1.0)
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+FAST_BUCKETS_S = (
+    0.00001,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
 
 # --- HTTP -------------------------------------------------------------------------------------
-HTTP_REQUESTS = Counter("tasklab_http_requests_total", "HTTP requests answered.",
-                        ["method", "route", "status"])
-HTTP_DURATION = Histogram("tasklab_http_request_duration_seconds", "HTTP request duration.",
-                          ["method", "route"], buckets=LATENCY_BUCKETS_S)
-HTTP_IN_PROGRESS = Gauge("tasklab_http_requests_in_progress", "HTTP requests being served.",
-                         ["method"], multiprocess_mode="livesum")
+HTTP_REQUESTS = Counter(
+    "tasklab_http_requests_total", "HTTP requests answered.", ["method", "route", "status"]
+)
+HTTP_DURATION = Histogram(
+    "tasklab_http_request_duration_seconds",
+    "HTTP request duration.",
+    ["method", "route"],
+    buckets=LATENCY_BUCKETS_S,
+)
+HTTP_IN_PROGRESS = Gauge(
+    "tasklab_http_requests_in_progress",
+    "HTTP requests being served.",
+    ["method"],
+    multiprocess_mode="livesum",
+)
 
 # --- Jobs -------------------------------------------------------------------------------------
-JOBS_SUBMITTED = Counter("tasklab_jobs_submitted_total", "Jobs accepted by submit().",
-                         ["task", "queue", "via"])
-JOBS_FINISHED = Counter("tasklab_jobs_finished_total", "Jobs that reached a final state.",
-                        ["task", "queue", "status"])
-JOB_DURATION = Histogram("tasklab_job_duration_seconds", "Run time of one job attempt.",
-                         ["task", "queue"], buckets=LATENCY_BUCKETS_S)
-JOB_QUEUE_WAIT = Histogram("tasklab_job_queue_wait_seconds",
-                           "Time from submit (or retry) to the start of an attempt.",
-                           ["task", "queue"], buckets=LATENCY_BUCKETS_S)
-JOB_RETRIES = Counter("tasklab_job_retries_total", "Attempts that failed and were retried.",
-                      ["task", "queue"])
-JOB_DEAD_LETTERS = Counter("tasklab_job_dead_letters_total",
-                           "Jobs that exhausted their attempts and are DEAD.", ["task", "queue"])
-JOB_RECOVERIES = Counter("tasklab_job_recoveries_total",
-                         "Jobs re-published by the reaper.", ["reason"])
-BROKER_PUBLISH_FAILURES = Counter("tasklab_broker_publish_failures_total",
-                                  "Publishes the broker did not accept.", ["reason"])
-FALLBACK_ACTIVE = Gauge("tasklab_fallback_active",
-                        "1 while the publish circuit is open and jobs run locally.",
-                        multiprocess_mode="max")
-LOCAL_EXECUTIONS = Counter("tasklab_local_executions_total",
-                           "Jobs run by the in-process fallback executor.", ["task", "status"])
-DUPLICATE_DELIVERIES = Counter("tasklab_duplicate_deliveries_total",
-                               "Deliveries skipped because the job was finished or leased.",
-                               ["task"])
+JOBS_SUBMITTED = Counter(
+    "tasklab_jobs_submitted_total", "Jobs accepted by submit().", ["task", "queue", "via"]
+)
+JOBS_FINISHED = Counter(
+    "tasklab_jobs_finished_total", "Jobs that reached a final state.", ["task", "queue", "status"]
+)
+JOB_DURATION = Histogram(
+    "tasklab_job_duration_seconds",
+    "Run time of one job attempt.",
+    ["task", "queue"],
+    buckets=LATENCY_BUCKETS_S,
+)
+JOB_QUEUE_WAIT = Histogram(
+    "tasklab_job_queue_wait_seconds",
+    "Time from submit (or retry) to the start of an attempt.",
+    ["task", "queue"],
+    buckets=LATENCY_BUCKETS_S,
+)
+JOB_RETRIES = Counter(
+    "tasklab_job_retries_total", "Attempts that failed and were retried.", ["task", "queue"]
+)
+JOB_DEAD_LETTERS = Counter(
+    "tasklab_job_dead_letters_total",
+    "Jobs that exhausted their attempts and are DEAD.",
+    ["task", "queue"],
+)
+JOB_RECOVERIES = Counter(
+    "tasklab_job_recoveries_total", "Jobs re-published by the reaper.", ["reason"]
+)
+BROKER_PUBLISH_FAILURES = Counter(
+    "tasklab_broker_publish_failures_total", "Publishes the broker did not accept.", ["reason"]
+)
+FALLBACK_ACTIVE = Gauge(
+    "tasklab_fallback_active",
+    "1 while the publish circuit is open and jobs run locally.",
+    multiprocess_mode="max",
+)
+LOCAL_EXECUTIONS = Counter(
+    "tasklab_local_executions_total",
+    "Jobs run by the in-process fallback executor.",
+    ["task", "status"],
+)
+DUPLICATE_DELIVERIES = Counter(
+    "tasklab_duplicate_deliveries_total",
+    "Deliveries skipped because the job was finished or leased.",
+    ["task"],
+)
 
 # --- Queues and workers (exporter) ---------------------------------------------------------------
-QUEUE_DEPTH = Gauge("tasklab_queue_depth", "Messages waiting, all priority sub-queues summed.",
-                    ["queue"], multiprocess_mode="max")
-QUEUE_DEPTH_BY_PRIORITY = Gauge("tasklab_queue_depth_by_priority",
-                                "Messages waiting per priority.", ["queue", "priority"],
-                                multiprocess_mode="max")
-QUEUE_UNACKED = Gauge("tasklab_queue_unacked", "Messages delivered and not yet acknowledged.",
-                      multiprocess_mode="max")
-QUEUE_OLDEST_AGE = Gauge("tasklab_queue_oldest_job_age_seconds",
-                         "Age of the oldest job still waiting to start.", ["queue"],
-                         multiprocess_mode="max")
-JOBS_BY_STATUS = Gauge("tasklab_jobs", "Job records by status.", ["status"],
-                       multiprocess_mode="max")
-WORKERS_UP = Gauge("tasklab_workers_up", "Workers answering heartbeats.",
-                   multiprocess_mode="max")
-WORKER_ACTIVE_TASKS = Gauge("tasklab_worker_active_tasks", "Tasks running on all workers.",
-                            multiprocess_mode="max")
-WORKER_PROCESSES = Gauge("tasklab_worker_processes", "Pool processes over all workers.",
-                         multiprocess_mode="max")
-WORKER_RSS = Gauge("tasklab_worker_rss_bytes", "Resident memory of all worker processes.",
-                   multiprocess_mode="max")
-WORKER_HEARTBEAT_AGE = Gauge("tasklab_worker_heartbeat_age_seconds",
-                             "Age of the stalest worker heartbeat.", multiprocess_mode="max")
-BEAT_LAST_TICK = Gauge("tasklab_beat_last_run_timestamp_seconds",
-                       "When beat last dispatched a scheduled task.", multiprocess_mode="max")
+QUEUE_DEPTH = Gauge(
+    "tasklab_queue_depth",
+    "Messages waiting, all priority sub-queues summed.",
+    ["queue"],
+    multiprocess_mode="max",
+)
+QUEUE_DEPTH_BY_PRIORITY = Gauge(
+    "tasklab_queue_depth_by_priority",
+    "Messages waiting per priority.",
+    ["queue", "priority"],
+    multiprocess_mode="max",
+)
+QUEUE_UNACKED = Gauge(
+    "tasklab_queue_unacked", "Messages delivered and not yet acknowledged.", multiprocess_mode="max"
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "tasklab_queue_oldest_job_age_seconds",
+    "Age of the oldest job still waiting to start.",
+    ["queue"],
+    multiprocess_mode="max",
+)
+JOBS_BY_STATUS = Gauge(
+    "tasklab_jobs", "Job records by status.", ["status"], multiprocess_mode="max"
+)
+WORKERS_UP = Gauge("tasklab_workers_up", "Workers answering heartbeats.", multiprocess_mode="max")
+WORKER_ACTIVE_TASKS = Gauge(
+    "tasklab_worker_active_tasks", "Tasks running on all workers.", multiprocess_mode="max"
+)
+WORKER_PROCESSES = Gauge(
+    "tasklab_worker_processes", "Pool processes over all workers.", multiprocess_mode="max"
+)
+WORKER_RSS = Gauge(
+    "tasklab_worker_rss_bytes", "Resident memory of all worker processes.", multiprocess_mode="max"
+)
+WORKER_HEARTBEAT_AGE = Gauge(
+    "tasklab_worker_heartbeat_age_seconds",
+    "Age of the stalest worker heartbeat.",
+    multiprocess_mode="max",
+)
+BEAT_LAST_TICK = Gauge(
+    "tasklab_beat_last_run_timestamp_seconds",
+    "When beat last dispatched a scheduled task.",
+    multiprocess_mode="max",
+)
 
 # --- Cache ------------------------------------------------------------------------------------
 CACHE_HITS = Counter("tasklab_cache_hits_total", "Cache hits.", ["cache", "level"])
 CACHE_MISSES = Counter("tasklab_cache_misses_total", "Cache misses.", ["cache", "level"])
 CACHE_LOADS = Counter("tasklab_cache_loader_calls_total", "Loader calls on a miss.", ["cache"])
-CACHE_LOAD_DURATION = Histogram("tasklab_cache_loader_duration_seconds", "Loader duration.",
-                                ["cache"], buckets=LATENCY_BUCKETS_S)
-CACHE_L1_SIZE = Gauge("tasklab_cache_l1_entries", "Entries in the in-process cache.",
-                      ["cache"], multiprocess_mode="livesum")
-CACHE_EVICTIONS = Counter("tasklab_cache_evictions_total", "L1 evictions (size or TTL).",
-                          ["cache"])
-CACHE_INVALIDATIONS = Counter("tasklab_cache_invalidations_received_total",
-                              "Invalidation messages received from other processes.",
-                              ["cache"])
-CACHE_ERRORS = Counter("tasklab_cache_errors_total", "Cache backend errors (swallowed).",
-                       ["cache", "level"])
-CACHE_REDIS_AVAILABLE = Gauge("tasklab_cache_redis_available",
-                              "1 while the L2 circuit is closed.", ["cache"],
-                              multiprocess_mode="min")
+CACHE_LOAD_DURATION = Histogram(
+    "tasklab_cache_loader_duration_seconds",
+    "Loader duration.",
+    ["cache"],
+    buckets=LATENCY_BUCKETS_S,
+)
+CACHE_L1_SIZE = Gauge(
+    "tasklab_cache_l1_entries",
+    "Entries in the in-process cache.",
+    ["cache"],
+    multiprocess_mode="livesum",
+)
+CACHE_EVICTIONS = Counter("tasklab_cache_evictions_total", "L1 evictions (size or TTL).", ["cache"])
+CACHE_INVALIDATIONS = Counter(
+    "tasklab_cache_invalidations_received_total",
+    "Invalidation messages received from other processes.",
+    ["cache"],
+)
+CACHE_ERRORS = Counter(
+    "tasklab_cache_errors_total", "Cache backend errors (swallowed).", ["cache", "level"]
+)
+CACHE_REDIS_AVAILABLE = Gauge(
+    "tasklab_cache_redis_available",
+    "1 while the L2 circuit is closed.",
+    ["cache"],
+    multiprocess_mode="min",
+)
 
 # --- SQL --------------------------------------------------------------------------------------
-SQL_DURATION = Histogram("tasklab_sql_query_duration_seconds", "SQL statement duration.",
-                         ["operation"], buckets=LATENCY_BUCKETS_S)
-SQL_SLOW_QUERIES = Counter("tasklab_sql_slow_queries_total",
-                           "Statements slower than slow_query_ms.", ["operation"])
+SQL_DURATION = Histogram(
+    "tasklab_sql_query_duration_seconds",
+    "SQL statement duration.",
+    ["operation"],
+    buckets=LATENCY_BUCKETS_S,
+)
+SQL_SLOW_QUERIES = Counter(
+    "tasklab_sql_slow_queries_total", "Statements slower than slow_query_ms.", ["operation"]
+)
 
 # --- Profiling --------------------------------------------------------------------------------
-PROFILED_DURATION = Histogram("tasklab_profiled_duration_seconds",
-                              "Duration of @profiled functions.", ["function"],
-                              buckets=LATENCY_BUCKETS_S)
+PROFILED_DURATION = Histogram(
+    "tasklab_profiled_duration_seconds",
+    "Duration of @profiled functions.",
+    ["function"],
+    buckets=LATENCY_BUCKETS_S,
+)

@@ -83,12 +83,16 @@ def check(settings: Settings) -> list[str]:
     """Log (and return) the multiprocess misconfigurations this process can see."""
     problems = []
     if not value_class_matches_env():
-        problems.append(f"{ENV_VAR} was set after prometheus_client was imported: this "
-                        "process's metrics are not shared; set it in the parent's environment")
+        problems.append(
+            f"{ENV_VAR} was set after prometheus_client was imported: this "
+            "process's metrics are not shared; set it in the parent's environment"
+        )
     if settings.api_workers > 1 and dir_from_env() is None:
-        problems.append(f"api_workers={settings.api_workers} without {ENV_VAR}: each scrape "
-                        "sees one worker's metrics; start the API with `tasklab up` or "
-                        "`tasklab api` (they prepare the directory)")
+        problems.append(
+            f"api_workers={settings.api_workers} without {ENV_VAR}: each scrape "
+            "sees one worker's metrics; start the API with `tasklab up` or "
+            "`tasklab api` (they prepare the directory)"
+        )
     for problem in problems:
         log.warning("prometheus multiprocess: %s", problem)
     return problems
@@ -104,8 +108,7 @@ def mark_process_dead(pid: int) -> None:
     multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
 
 
-def on_worker_process_shutdown(sender: Any = None, pid: int | None = None,
-                               **_kwargs: Any) -> None:
+def on_worker_process_shutdown(sender: Any = None, pid: int | None = None, **_kwargs: Any) -> None:
     """Celery ``worker_process_shutdown`` receiver (runs in the exiting pool child)."""
     mark_process_dead(pid or os.getpid())
 
@@ -114,8 +117,9 @@ def connect_celery_signals() -> None:
     """Connect the pool-child shutdown hook; call once in the worker process."""
     from celery.signals import worker_process_shutdown
 
-    worker_process_shutdown.connect(on_worker_process_shutdown, weak=False,
-                                    dispatch_uid="tasklab.observe.multiproc")
+    worker_process_shutdown.connect(
+        on_worker_process_shutdown, weak=False, dispatch_uid="tasklab.observe.multiproc"
+    )
 
 
 def pids_in(path: Path) -> set[int]:

@@ -23,8 +23,9 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 
-def profiled(threshold_s: float = 1.0, *,
-             name: str | None = None) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def profiled(
+    threshold_s: float = 1.0, *, name: str | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator factory; ``name`` overrides the ``function`` label."""
     if threshold_s < 0:
         raise ValueError("threshold_s must be >= 0")
@@ -36,8 +37,13 @@ def profiled(threshold_s: float = 1.0, *,
             elapsed_s = perf_counter() - started
             PROFILED_DURATION.labels(label).observe(elapsed_s)
             if elapsed_s > threshold_s:
-                log.warning("slow call: %s took %.3f s (threshold %.3f s)", label, elapsed_s,
-                            threshold_s, extra={"function": label, "duration_s": elapsed_s})
+                log.warning(
+                    "slow call: %s took %.3f s (threshold %.3f s)",
+                    label,
+                    elapsed_s,
+                    threshold_s,
+                    extra={"function": label, "duration_s": elapsed_s},
+                )
 
         if inspect.iscoroutinefunction(fn):
             async_fn = cast(Callable[..., Awaitable[Any]], fn)

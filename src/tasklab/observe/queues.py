@@ -52,8 +52,10 @@ log = logging.getLogger(__name__)
 
 _jobs = sa.table(
     JOBS_TABLE,
-    sa.column("status", sa.String), sa.column("queue", sa.String),
-    sa.column("queued_at", sa.Float), sa.column("created_at", sa.Float),
+    sa.column("status", sa.String),
+    sa.column("queue", sa.String),
+    sa.column("queued_at", sa.Float),
+    sa.column("created_at", sa.Float),
     sa.column("next_attempt_at", sa.Float),
 )
 
@@ -122,18 +124,26 @@ def oldest_waiting_ages(engine: Engine, *, now: float | None = None) -> dict[str
     """Seconds the oldest waiting job of each queue has waited; {} if no job table yet."""
     now = time.time() if now is None else now
     since = sa.case(
-        (_jobs.c.status == "RETRYING", sa.func.coalesce(_jobs.c.next_attempt_at,
-                                                         _jobs.c.queued_at)),
+        (
+            _jobs.c.status == "RETRYING",
+            sa.func.coalesce(_jobs.c.next_attempt_at, _jobs.c.queued_at),
+        ),
         else_=sa.func.coalesce(_jobs.c.queued_at, _jobs.c.created_at),
     )
-    due = sa.or_(_jobs.c.status != "RETRYING", _jobs.c.next_attempt_at.is_(None),
-                 _jobs.c.next_attempt_at <= now)
-    query = (sa.select(_jobs.c.queue, sa.func.min(since))
-             .where(_jobs.c.status.in_(WAITING_STATUSES), due)
-             .group_by(_jobs.c.queue))
+    due = sa.or_(
+        _jobs.c.status != "RETRYING",
+        _jobs.c.next_attempt_at.is_(None),
+        _jobs.c.next_attempt_at <= now,
+    )
+    query = (
+        sa.select(_jobs.c.queue, sa.func.min(since))
+        .where(_jobs.c.status.in_(WAITING_STATUSES), due)
+        .group_by(_jobs.c.queue)
+    )
     rows = _rows_if_table(engine, query)
-    return {str(queue): max(0.0, now - float(oldest)) for queue, oldest in rows
-            if oldest is not None}
+    return {
+        str(queue): max(0.0, now - float(oldest)) for queue, oldest in rows if oldest is not None
+    }
 
 
 def jobs_by_status(engine: Engine) -> dict[str, int]:
@@ -159,21 +169,24 @@ BROKER_TIMEOUT_S = 2.0
 class QueueProbe:
     """Reads queue depths from the broker and waiting-job figures from SQL, on demand."""
 
-    def __init__(self, settings: Settings, *, engine: Engine | None = None,
-                 queues: Sequence[str] = QUEUES) -> None:
+    def __init__(
+        self, settings: Settings, *, engine: Engine | None = None, queues: Sequence[str] = QUEUES
+    ) -> None:
         self.queues = tuple(queues)
         self.engine = engine
         self._redis: redis.Redis | None = None
         self._amqp: Any = None  # kombu.Connection
         url = settings.effective_broker_url
         if settings.broker_is_redis:
-            self._redis = redis.Redis.from_url(url, socket_timeout=BROKER_TIMEOUT_S,
-                                               socket_connect_timeout=BROKER_TIMEOUT_S)
+            self._redis = redis.Redis.from_url(
+                url, socket_timeout=BROKER_TIMEOUT_S, socket_connect_timeout=BROKER_TIMEOUT_S
+            )
         else:
             from kombu.connection import Connection
 
             self._amqp = Connection(  # type: ignore[no-untyped-call]
-                url, connect_timeout=BROKER_TIMEOUT_S)
+                url, connect_timeout=BROKER_TIMEOUT_S
+            )
 
     def snapshot(self) -> QueueSnapshot:
         if self._redis is not None:
@@ -206,8 +219,9 @@ class QueueGauges:
                 QUEUE_DEPTH_BY_PRIORITY.labels(depth.queue, str(priority)).set(count)
         if snapshot.unacked is not None:
             QUEUE_UNACKED.set(snapshot.unacked)
-        self._aged_queues = _set_all(QUEUE_OLDEST_AGE, snapshot.oldest_age_s,
-                                     self._aged_queues | set(snapshot.depths))
+        self._aged_queues = _set_all(
+            QUEUE_OLDEST_AGE, snapshot.oldest_age_s, self._aged_queues | set(snapshot.depths)
+        )
         self._statuses = _set_all(JOBS_BY_STATUS, snapshot.jobs_by_status, self._statuses)
 
 

@@ -31,9 +31,15 @@ from tasklab.observe import metrics, multiproc
 
 # Gauges measured by the exporter (queues, workers, SQL job counts), nowhere else.
 EXPORTER_METRICS: tuple[MetricWrapperBase, ...] = (
-    metrics.QUEUE_DEPTH, metrics.QUEUE_DEPTH_BY_PRIORITY, metrics.QUEUE_UNACKED,
-    metrics.QUEUE_OLDEST_AGE, metrics.JOBS_BY_STATUS, metrics.WORKERS_UP,
-    metrics.WORKER_ACTIVE_TASKS, metrics.WORKER_PROCESSES, metrics.WORKER_RSS,
+    metrics.QUEUE_DEPTH,
+    metrics.QUEUE_DEPTH_BY_PRIORITY,
+    metrics.QUEUE_UNACKED,
+    metrics.QUEUE_OLDEST_AGE,
+    metrics.JOBS_BY_STATUS,
+    metrics.WORKERS_UP,
+    metrics.WORKER_ACTIVE_TASKS,
+    metrics.WORKER_PROCESSES,
+    metrics.WORKER_RSS,
     metrics.WORKER_HEARTBEAT_AGE,
 )
 # Set by beat itself (multiprocess mode) and by the exporter from beat's task-sent events.
@@ -100,12 +106,17 @@ class ProcessGroupCollector(Collector):
             vms += mem.vms
         help_suffix = " (all tasklab processes sharing the multiprocess directory)"
         return [
-            GaugeMetricFamily("process_resident_memory_bytes",
-                              "Resident memory size in bytes" + help_suffix, value=rss),
-            GaugeMetricFamily("process_virtual_memory_bytes",
-                              "Virtual memory size in bytes" + help_suffix, value=vms),
-            GaugeMetricFamily("process_open_fds", "Open file descriptors" + help_suffix,
-                              value=fds),
+            GaugeMetricFamily(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes" + help_suffix,
+                value=rss,
+            ),
+            GaugeMetricFamily(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes" + help_suffix,
+                value=vms,
+            ),
+            GaugeMetricFamily("process_open_fds", "Open file descriptors" + help_suffix, value=fds),
         ]
 
     def describe(self) -> Iterable[Metric]:

@@ -123,19 +123,29 @@ class _Recorder:
             self.stats.record(duration_s)
             return
         SQL_SLOW_QUERIES.labels(operation).inc()
-        slow = SlowQuery(at=time.time(), duration_ms=round(duration_ms, 3),
-                         operation=operation, statement=redact(statement))
+        slow = SlowQuery(
+            at=time.time(),
+            duration_ms=round(duration_ms, 3),
+            operation=operation,
+            statement=redact(statement),
+        )
         self.stats.record(duration_s, slow)
-        log.warning("slow query: %.1f ms > %.0f ms (%s): %s", duration_ms,
-                    self.slow_query_ms, operation, slow.statement,
-                    extra={"duration_ms": slow.duration_ms, "operation": operation})
+        log.warning(
+            "slow query: %.1f ms > %.0f ms (%s): %s",
+            duration_ms,
+            self.slow_query_ms,
+            operation,
+            slow.statement,
+            extra={"duration_ms": slow.duration_ms, "operation": operation},
+        )
 
 
 _RECORDERS: weakref.WeakKeyDictionary[Engine, _Recorder] = weakref.WeakKeyDictionary()
 
 
-def instrument(engine: Engine | AsyncEngine, *, slow_query_ms: float = 100.0,
-               stats: QueryStats | None = None) -> QueryStats:
+def instrument(
+    engine: Engine | AsyncEngine, *, slow_query_ms: float = 100.0, stats: QueryStats | None = None
+) -> QueryStats:
     """Time every statement on ``engine``; calling it again only updates the threshold."""
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
     recorder = _RECORDERS.get(sync_engine)
@@ -151,13 +161,25 @@ def instrument(engine: Engine | AsyncEngine, *, slow_query_ms: float = 100.0,
     return _RECORDERS[sync_engine].stats
 
 
-def _before_cursor_execute(conn: Connection, _cursor: Any, _statement: str,
-                           _parameters: Any, _context: Any, _executemany: bool) -> None:
+def _before_cursor_execute(
+    conn: Connection,
+    _cursor: Any,
+    _statement: str,
+    _parameters: Any,
+    _context: Any,
+    _executemany: bool,
+) -> None:
     conn.info.setdefault(_START_KEY, []).append(perf_counter())
 
 
-def _after_cursor_execute(conn: Connection, _cursor: Any, statement: str,
-                          _parameters: Any, _context: Any, _executemany: bool) -> None:
+def _after_cursor_execute(
+    conn: Connection,
+    _cursor: Any,
+    statement: str,
+    _parameters: Any,
+    _context: Any,
+    _executemany: bool,
+) -> None:
     starts = conn.info.get(_START_KEY)
     recorder = _RECORDERS.get(conn.engine)
     if not starts or recorder is None:

@@ -43,22 +43,42 @@ def system_metrics(settings: Settings) -> dict[str, Any]:
     process = psutil.Process()
     with process.oneshot():
         cpu = process.cpu_times()
-        proc = {"pid": process.pid, "rss_bytes": process.memory_info().rss,
-                "cpu_seconds": round(cpu.user + cpu.system, 3),
-                "threads": process.num_threads(),
-                "uptime_s": round(now - process.create_time(), 1)}
+        proc = {
+            "pid": process.pid,
+            "rss_bytes": process.memory_info().rss,
+            "cpu_seconds": round(cpu.user + cpu.system, 3),
+            "threads": process.num_threads(),
+            "uptime_s": round(now - process.create_time(), 1),
+        }
     return {
         # percent: host CPU busy since the previous call in this process (0.0 on the first);
         # load_avg needs no previous call.
-        "cpu": {"percent": psutil.cpu_percent(interval=None), "count": psutil.cpu_count(),
-                "load_avg": [round(x, 2) for x in psutil.getloadavg()]},
-        "memory": {"total_bytes": memory.total, "available_bytes": memory.available,
-                   "used_bytes": memory.used, "percent": memory.percent},
-        "disk": {"path": str(disk_path), "total_bytes": disk.total, "free_bytes": disk.free,
-                 "used_bytes": disk.used, "percent": disk.percent},
-        "network": {"bytes_sent": net.bytes_sent, "bytes_recv": net.bytes_recv,
-                    "packets_sent": net.packets_sent, "packets_recv": net.packets_recv,
-                    "errors_in": net.errin, "errors_out": net.errout},
+        "cpu": {
+            "percent": psutil.cpu_percent(interval=None),
+            "count": psutil.cpu_count(),
+            "load_avg": [round(x, 2) for x in psutil.getloadavg()],
+        },
+        "memory": {
+            "total_bytes": memory.total,
+            "available_bytes": memory.available,
+            "used_bytes": memory.used,
+            "percent": memory.percent,
+        },
+        "disk": {
+            "path": str(disk_path),
+            "total_bytes": disk.total,
+            "free_bytes": disk.free,
+            "used_bytes": disk.used,
+            "percent": disk.percent,
+        },
+        "network": {
+            "bytes_sent": net.bytes_sent,
+            "bytes_recv": net.bytes_recv,
+            "packets_sent": net.packets_sent,
+            "packets_recv": net.packets_recv,
+            "errors_in": net.errin,
+            "errors_out": net.errout,
+        },
         "uptime_s": round(now - psutil.boot_time(), 1),
         "process": proc,
     }
@@ -86,8 +106,9 @@ class RateWindow:
         self._history: deque[tuple[float, dict[str, float]]] = deque()
         self._lock = threading.Lock()
 
-    def rates(self, totals: Mapping[str, float], *, now: float,
-              started_at: float) -> tuple[dict[str, float], float, str]:
+    def rates(
+        self, totals: Mapping[str, float], *, now: float, started_at: float
+    ) -> tuple[dict[str, float], float, str]:
         """(rate per second for each key, span in seconds, "window" or "since_start")."""
         with self._lock:
             while self._history and now - self._history[0][0] > self.window_s:
@@ -104,24 +125,30 @@ class RateWindow:
 _DEFAULT_WINDOW = RateWindow()
 
 
-def application_metrics(registry: CollectorRegistry | None = None, *,
-                        window: RateWindow | None = None,
-                        now: float | None = None) -> dict[str, Any]:
+def application_metrics(
+    registry: CollectorRegistry | None = None,
+    *,
+    window: RateWindow | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
     """HTTP and job figures computed from the metrics registry."""
     now = time.time() if now is None else now
     samples = _samples((registry or api_registry()).collect())
     totals = {
         "http_requests": _sum(samples, "tasklab_http_requests_total"),
-        "http_errors": _sum(samples, "tasklab_http_requests_total",
-                            lambda lb: lb.get("status", "").startswith("5")),
+        "http_errors": _sum(
+            samples, "tasklab_http_requests_total", lambda lb: lb.get("status", "").startswith("5")
+        ),
         "jobs_submitted": _sum(samples, "tasklab_jobs_submitted_total"),
         "jobs_finished": _sum(samples, "tasklab_jobs_finished_total"),
-        "jobs_dead": _sum(samples, "tasklab_jobs_finished_total",
-                          lambda lb: lb.get("status") == "dead"),
+        "jobs_dead": _sum(
+            samples, "tasklab_jobs_finished_total", lambda lb: lb.get("status") == "dead"
+        ),
         "job_retries": _sum(samples, "tasklab_job_retries_total"),
     }
-    rates, span_s, basis = (window or _DEFAULT_WINDOW).rates(totals, now=now,
-                                                             started_at=_started_at())
+    rates, span_s, basis = (window or _DEFAULT_WINDOW).rates(
+        totals, now=now, started_at=_started_at()
+    )
     return {
         "rate_basis": basis,
         "rate_span_s": round(span_s, 1),
@@ -166,28 +193,34 @@ def _samples(families: Iterable[Metric]) -> dict[str, list[tuple[Labels, float]]
     return by_name
 
 
-def _sum(samples: Mapping[str, list[tuple[Labels, float]]], name: str,
-         where: Callable[[Labels], bool] | None = None) -> float:
+def _sum(
+    samples: Mapping[str, list[tuple[Labels, float]]],
+    name: str,
+    where: Callable[[Labels], bool] | None = None,
+) -> float:
     return sum(v for labels, v in samples.get(name, []) if where is None or where(labels))
 
 
-def _by_label(samples: Mapping[str, list[tuple[Labels, float]]], name: str,
-              label: str) -> dict[str, float]:
+def _by_label(
+    samples: Mapping[str, list[tuple[Labels, float]]], name: str, label: str
+) -> dict[str, float]:
     out: dict[str, float] = defaultdict(float)
     for labels, value in samples.get(name, []):
         out[labels.get(label, "")] += value
     return dict(out)
 
 
-def _latency_ms(samples: Mapping[str, list[tuple[Labels, float]]],
-                histogram: str) -> dict[str, float | None]:
+def _latency_ms(
+    samples: Mapping[str, list[tuple[Labels, float]]], histogram: str
+) -> dict[str, float | None]:
     """Mean and P50/P95/P99 over all label sets, interpolated in buckets like Prometheus."""
     count = _sum(samples, f"{histogram}_count")
     buckets: dict[float, float] = defaultdict(float)
     for labels, value in samples.get(f"{histogram}_bucket", []):
         buckets[float(labels["le"])] += value
     out: dict[str, float | None] = {
-        "mean": round(_sum(samples, f"{histogram}_sum") / count * 1000, 3) if count else None}
+        "mean": round(_sum(samples, f"{histogram}_sum") / count * 1000, 3) if count else None
+    }
     for q in QUANTILES:
         seconds = bucket_quantile(q, sorted(buckets.items()))
         out[f"p{round(q * 100)}"] = None if seconds is None else round(seconds * 1000, 3)

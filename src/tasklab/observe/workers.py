@@ -72,8 +72,13 @@ class _PoolStats:
 class WorkerMonitor:
     """Listens to Celery events in a thread and answers ``snapshot()`` on demand."""
 
-    def __init__(self, app: Celery, *, inspect_timeout_s: float = INSPECT_TIMEOUT_S,
-                 forget_after_s: float = FORGET_AFTER_S) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        inspect_timeout_s: float = INSPECT_TIMEOUT_S,
+        forget_after_s: float = FORGET_AFTER_S,
+    ) -> None:
         self.app = app
         self.inspect_timeout_s = inspect_timeout_s
         self.forget_after_s = forget_after_s
@@ -87,8 +92,9 @@ class WorkerMonitor:
 
     # --- events --------------------------------------------------------------------------
     def start(self) -> WorkerMonitor:
-        self._thread = threading.Thread(target=self._listen, name="tasklab-worker-events",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._listen, name="tasklab-worker-events", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -103,8 +109,7 @@ class WorkerMonitor:
         while not self._stop.is_set():
             try:
                 with self.app.connection_for_read() as conn:
-                    self._receiver = self.app.events.Receiver(
-                        conn, handlers={"*": self.on_event})
+                    self._receiver = self.app.events.Receiver(conn, handlers={"*": self.on_event})
                     if self._stop.is_set():
                         return
                     self._receiver.capture(limit=None, timeout=None, wakeup=True)

@@ -46,8 +46,13 @@ class CacheEntry:
 class MemoryBackend:
     """Bounded LRU + TTL. Every method is safe to call from any thread."""
 
-    def __init__(self, *, max_entries: int, name: str = "default",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        name: str = "default",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_entries < 1:
             raise CacheConfigError(f"L1 needs max_entries >= 1, got {max_entries}")
         self.max_entries = max_entries

@@ -105,21 +105,33 @@ class _AsyncConn:
 class RedisBackend:
     """One cache's view of Redis: sync and asyncio clients sharing one breaker."""
 
-    def __init__(self, url: str, *, cache: str, timeout_s: float = 0.25,
-                 failure_threshold: int = 3, reset_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        cache: str,
+        timeout_s: float = 0.25,
+        failure_threshold: int = 3,
+        reset_s: float = 2.0,
+    ) -> None:
         self.url = url
         self.cache = cache
         self.timeout_s = timeout_s
         self.errors = 0
         self.on_recovered: Callable[[], None] | None = None
-        self.breaker = CircuitBreaker(failure_threshold=failure_threshold, reset_s=reset_s,
-                                      on_open=self._opened, on_recover=self._recovered)
+        self.breaker = CircuitBreaker(
+            failure_threshold=failure_threshold,
+            reset_s=reset_s,
+            on_open=self._opened,
+            on_recover=self._recovered,
+        )
         self._client = redis.Redis.from_url(url, **self._client_options(Retry(NoBackoff(), 0)))
         self._store = self._client.register_script(STORE_LUA)
         self._delete_tag = self._client.register_script(DELETE_TAG_LUA)
         self._unlock = self._client.register_script(UNLOCK_LUA)
         self._aconns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncConn] = (
-            weakref.WeakKeyDictionary())
+            weakref.WeakKeyDictionary()
+        )
         self._prefix = constants.value_prefix(cache)
         self._channel = constants.channel(cache)
         self._errors_metric = CACHE_ERRORS.labels(cache=cache, level="l2")
@@ -132,8 +144,12 @@ class RedisBackend:
         return self.breaker.available
 
     def _client_options(self, retry: Any) -> dict[str, Any]:
-        return {"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s,
-                "retry": retry, "client_name": f"tasklab-cache:{self.cache}"}
+        return {
+            "socket_timeout": self.timeout_s,
+            "socket_connect_timeout": self.timeout_s,
+            "retry": retry,
+            "client_name": f"tasklab-cache:{self.cache}",
+        }
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -151,19 +167,28 @@ class RedisBackend:
 
     def store(self, item: StoredItem, *, condition: bytes | str, notice: bytes) -> bool:
         """Write if ``condition`` holds (see STORE_LUA); False if it did not."""
-        return bool(self._call(lambda c: self._store(
-            keys=self._store_keys(item), args=self._store_args(item, condition, notice))))
+        return bool(
+            self._call(
+                lambda c: self._store(
+                    keys=self._store_keys(item), args=self._store_args(item, condition, notice)
+                )
+            )
+        )
 
-    def set_many(self, items: Sequence[StoredItem], *, notice: bytes,
-                 condition: str = ALWAYS) -> None:
+    def set_many(
+        self, items: Sequence[StoredItem], *, notice: bytes, condition: str = ALWAYS
+    ) -> None:
         """Write ``items`` and publish ``notice``, all in one round trip."""
 
         def op(client: redis.Redis) -> None:
             pipe = client.pipeline(transaction=False)
             for item in items:
                 if item.tags or condition != ALWAYS:
-                    self._store(keys=self._store_keys(item),
-                                args=self._store_args(item, condition, b""), client=pipe)
+                    self._store(
+                        keys=self._store_keys(item),
+                        args=self._store_args(item, condition, b""),
+                        client=pipe,
+                    )
                 else:
                     pipe.set(self._key(item.key), item.raw, px=item.ttl_ms)
             pipe.publish(self._channel, notice)
@@ -174,12 +199,10 @@ class RedisBackend:
     def _store_keys(self, item: StoredItem) -> list[str]:
         return [self._key(item.key), *self._tag_keys(item.tags)]
 
-    def _store_args(self, item: StoredItem, condition: bytes | str,
-                    notice: bytes) -> list[Any]:
+    def _store_args(self, item: StoredItem, condition: bytes | str, notice: bytes) -> list[Any]:
         return [condition, item.raw, item.ttl_ms, item.key, self._channel, notice]
 
-    def delete(self, keys: Sequence[str], *, tombstone: bytes, ttl_ms: int,
-               notice: bytes) -> None:
+    def delete(self, keys: Sequence[str], *, tombstone: bytes, ttl_ms: int, notice: bytes) -> None:
         """Replace ``keys`` by a short-lived tombstone and publish ``notice``."""
 
         def op(client: redis.Redis) -> None:
@@ -193,23 +216,28 @@ class RedisBackend:
 
     def delete_tag(self, tag: str, *, sender: str, tombstone: bytes, ttl_ms: int) -> list[str]:
         """Delete every key stored with ``tag``; the script publishes the notice. Returns keys."""
-        members = self._call(lambda c: self._delete_tag(
-            keys=[constants.tag_key(self.cache, tag)],
-            args=[self._prefix, self._channel, sender, tombstone, ttl_ms]))
+        members = self._call(
+            lambda c: self._delete_tag(
+                keys=[constants.tag_key(self.cache, tag)],
+                args=[self._prefix, self._channel, sender, tombstone, ttl_ms],
+            )
+        )
         return [m.decode() for m in cast("list[bytes]", members)]
 
     def try_lock(self, key: str, ttl_ms: int) -> str | None:
         """Take the loader lock of ``key``; its token, or None if another process holds it."""
         token = uuid.uuid4().hex
-        ok = self._call(lambda c: c.set(constants.lock_key(self.cache, key), token, nx=True,
-                                        px=ttl_ms))
+        ok = self._call(
+            lambda c: c.set(constants.lock_key(self.cache, key), token, nx=True, px=ttl_ms)
+        )
         return token if ok else None
 
     def unlock(self, key: str, token: str) -> None:
         """Release the lock if we still hold it (never raises: it expires anyway)."""
         with contextlib.suppress(L2Unavailable):
-            self._call(lambda c: self._unlock(keys=[constants.lock_key(self.cache, key)],
-                                              args=[token]))
+            self._call(
+                lambda c: self._unlock(keys=[constants.lock_key(self.cache, key)], args=[token])
+            )
 
     def clear(self, *, notice: bytes) -> int:
         """Remove every key of this cache (SCAN + UNLINK), then publish ``notice``."""
@@ -217,8 +245,9 @@ class RedisBackend:
         def op(client: redis.Redis) -> int:
             removed = 0
             batch: list[Any] = []
-            for name in client.scan_iter(match=constants.namespace(self.cache) + "*",
-                                         count=CLEAR_SCAN_COUNT):
+            for name in client.scan_iter(
+                match=constants.namespace(self.cache) + "*", count=CLEAR_SCAN_COUNT
+            ):
                 batch.append(name)
                 if len(batch) >= CLEAR_SCAN_COUNT:
                     removed += client.unlink(*batch)
@@ -251,10 +280,14 @@ class RedisBackend:
         conn = self._aconns.get(loop)
         if conn is None:
             client = aioredis.Redis.from_url(
-                self.url, **self._client_options(AsyncRetry(NoBackoff(), 0)))
-            conn = _AsyncConn(client, client.register_script(STORE_LUA),
-                              client.register_script(DELETE_TAG_LUA),
-                              client.register_script(UNLOCK_LUA))
+                self.url, **self._client_options(AsyncRetry(NoBackoff(), 0))
+            )
+            conn = _AsyncConn(
+                client,
+                client.register_script(STORE_LUA),
+                client.register_script(DELETE_TAG_LUA),
+                client.register_script(UNLOCK_LUA),
+            )
             self._aconns[loop] = conn
         return conn
 
@@ -265,8 +298,11 @@ class RedisBackend:
         async def op(conn: _AsyncConn) -> None:
             pipe = conn.client.pipeline(transaction=False)
             if item.tags:
-                await conn.store(keys=self._store_keys(item),
-                                 args=self._store_args(item, ALWAYS, b""), client=pipe)
+                await conn.store(
+                    keys=self._store_keys(item),
+                    args=self._store_args(item, ALWAYS, b""),
+                    client=pipe,
+                )
             else:
                 pipe.set(self._key(item.key), item.raw, px=item.ttl_ms)
             pipe.publish(self._channel, notice)
@@ -275,11 +311,17 @@ class RedisBackend:
         await self._acall(op)
 
     async def astore(self, item: StoredItem, *, condition: bytes | str, notice: bytes) -> bool:
-        return bool(await self._acall(lambda c: c.store(
-            keys=self._store_keys(item), args=self._store_args(item, condition, notice))))
+        return bool(
+            await self._acall(
+                lambda c: c.store(
+                    keys=self._store_keys(item), args=self._store_args(item, condition, notice)
+                )
+            )
+        )
 
-    async def adelete(self, keys: Sequence[str], *, tombstone: bytes, ttl_ms: int,
-                      notice: bytes) -> None:
+    async def adelete(
+        self, keys: Sequence[str], *, tombstone: bytes, ttl_ms: int, notice: bytes
+    ) -> None:
         async def op(conn: _AsyncConn) -> None:
             pipe = conn.client.pipeline(transaction=False)
             for key in keys:
@@ -289,23 +331,29 @@ class RedisBackend:
 
         await self._acall(op)
 
-    async def adelete_tag(self, tag: str, *, sender: str, tombstone: bytes,
-                          ttl_ms: int) -> list[str]:
-        members = await self._acall(lambda c: c.delete_tag(
-            keys=[constants.tag_key(self.cache, tag)],
-            args=[self._prefix, self._channel, sender, tombstone, ttl_ms]))
+    async def adelete_tag(
+        self, tag: str, *, sender: str, tombstone: bytes, ttl_ms: int
+    ) -> list[str]:
+        members = await self._acall(
+            lambda c: c.delete_tag(
+                keys=[constants.tag_key(self.cache, tag)],
+                args=[self._prefix, self._channel, sender, tombstone, ttl_ms],
+            )
+        )
         return [m.decode() for m in cast("list[bytes]", members)]
 
     async def atry_lock(self, key: str, ttl_ms: int) -> str | None:
         token = uuid.uuid4().hex
-        ok = await self._acall(lambda c: c.client.set(constants.lock_key(self.cache, key), token,
-                                                      nx=True, px=ttl_ms))
+        ok = await self._acall(
+            lambda c: c.client.set(constants.lock_key(self.cache, key), token, nx=True, px=ttl_ms)
+        )
         return token if ok else None
 
     async def aunlock(self, key: str, token: str) -> None:
         with contextlib.suppress(L2Unavailable):
-            await self._acall(lambda c: c.unlock(keys=[constants.lock_key(self.cache, key)],
-                                                 args=[token]))
+            await self._acall(
+                lambda c: c.unlock(keys=[constants.lock_key(self.cache, key)], args=[token])
+            )
 
     async def _acall(self, op: Callable[[_AsyncConn], Awaitable[T]]) -> T:
         if not self.breaker.allow():
@@ -337,16 +385,25 @@ class RedisBackend:
 
     def _opened(self) -> None:
         self._available_metric.set(0)
-        logger.warning("cache %r: Redis at %s is unreachable; serving from L1 and the loader, "
-                       "retrying every %.1fs", self.cache, mask_url(self.url),
-                       self.breaker.reset_s)
+        logger.warning(
+            "cache %r: Redis at %s is unreachable; serving from L1 and the loader, "
+            "retrying every %.1fs",
+            self.cache,
+            mask_url(self.url),
+            self.breaker.reset_s,
+        )
 
     def _recovered(self, was_open: bool) -> None:
         if was_open:
             self._available_metric.set(1)
             down_s = self.breaker.clock() - self.breaker.opened_at
-            logger.warning("cache %r: Redis at %s answers again after %.1fs; dropping L1 "
-                           "entries written meanwhile", self.cache, mask_url(self.url), down_s)
+            logger.warning(
+                "cache %r: Redis at %s answers again after %.1fs; dropping L1 "
+                "entries written meanwhile",
+                self.cache,
+                mask_url(self.url),
+                down_s,
+            )
         if self.on_recovered is not None:
             self.on_recovered()
 

@@ -48,8 +48,7 @@ def upgrade() -> None:
     )
     # The reaper scans by status and time; the API lists by owner, newest first.
     op.create_index("ix_tasklab_jobs_status_queued", "tasklab_jobs", ["status", "queued_at"])
-    op.create_index("ix_tasklab_jobs_status_lease", "tasklab_jobs",
-                    ["status", "lease_expires_at"])
+    op.create_index("ix_tasklab_jobs_status_lease", "tasklab_jobs", ["status", "lease_expires_at"])
     op.create_index("ix_tasklab_jobs_owner_created", "tasklab_jobs", ["owner", "created_at"])
     op.create_index("ix_tasklab_jobs_task_status", "tasklab_jobs", ["task", "status"])
     op.create_index("ix_tasklab_jobs_finished", "tasklab_jobs", ["finished_at"])
