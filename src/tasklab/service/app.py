@@ -1,68 +1,119 @@
-"""Build the FastAPI app. Nothing here runs at import: ``create_app(settings)`` does the work."""
+"""Build the FastAPI app. Nothing here runs at import: ``create_app(settings)`` does the work.
+
+The lifespan builds the engine, the job manager and the services once per process; the schema
+is not migrated here (``tasklab up``, ``tasklab seed`` and ``tasklab db upgrade`` do that), but
+``/ready`` answers 503 with a problem naming the fix while it is missing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
+from alembic.script import ScriptDirectory
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
-from sqlalchemy import text
+from fastapi.openapi.utils import get_openapi
 
 from tasklab.database import make_async_engine
+from tasklab.jobs import JobManager
+from tasklab.migrations import alembic_config
+from tasklab.service import problems
+from tasklab.service.deps import Services
+from tasklab.service.domain.catalog_cache import CatalogCache, use_in_this_process
+from tasklab.service.limits import MAX_BODY_BYTES, BodyLimitMiddleware
+from tasklab.service.routes import ROUTERS
 from tasklab.settings import Settings, load_settings
+
+log = logging.getLogger("tasklab.service")
+TITLE = "tasklab reference service"
+VERSION = "0.1.0"
+DESCRIPTION = (
+    "A shop with points whose orders are settled by worker jobs, and data-sync jobs. "
+    "Authenticate with `Authorization: Bearer <token>` (see `tasklab seed`); errors "
+    "are RFC 9457 `application/problem+json`."
+)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.engine = make_async_engine(settings)
-        yield
-        await app.state.engine.dispose()
-
-    app = FastAPI(title="tasklab reference service", version="0.1.0", lifespan=lifespan,
-                  default_response_class=ORJSONResponse)
+    app = FastAPI(
+        title=TITLE,
+        version=VERSION,
+        lifespan=_lifespan(settings),
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
     app.state.settings = settings
-
-    @app.get("/health", tags=["ops"])
-    async def health() -> dict[str, str]:
-        """Liveness: answers without touching any server."""
-        return {"status": "ok"}
-
-    @app.get("/ready", tags=["ops"])
-    async def ready() -> ORJSONResponse:
-        """Readiness: the database and the broker answer."""
-        checks = {"database": await _check_db(app), "broker": await _check_broker(settings)}
-        status = "ok" if all(c["ok"] for c in checks.values()) else "degraded"
-        code = 503 if not checks["database"]["ok"] else 200
-        return ORJSONResponse({"status": status, "checks": checks}, status_code=code)
-
+    problems.install(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=MAX_BODY_BYTES)
+    _install_metrics(app, settings)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app
 
 
-async def _check_db(app: FastAPI) -> dict[str, Any]:
-    try:
-        async with app.state.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-        return {"ok": True}
-    except Exception as e:  # any driver error means not ready
-        return {"ok": False, "error": type(e).__name__}
+def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_async_engine(settings)
+        jobs = JobManager(settings, async_engine=engine)
+        broker = (
+            aioredis.from_url(
+                settings.effective_broker_url, socket_connect_timeout=0.5, socket_timeout=0.5
+            )
+            if settings.broker_is_redis
+            else None
+        )
+        cache = CatalogCache.for_settings(settings)
+        use_in_this_process(cache)  # jobs run locally (fallback) invalidate this cache
+        app.state.services = Services.build(
+            settings, engine, jobs, broker=broker, cache=cache, schema_head=schema_head(settings)
+        )
+        try:
+            yield
+        finally:
+            use_in_this_process(None)
+            if cache is not None:
+                await cache.aclose()
+            if broker is not None:
+                await broker.aclose()
+            await jobs.aclose()
+            await engine.dispose()
+
+    return lifespan
 
 
-async def _check_broker(settings: Settings) -> dict[str, Any]:
-    if not settings.broker_is_redis:
-        return {"ok": True, "detail": "not checked for non-Redis brokers"}
-    client = aioredis.from_url(settings.effective_broker_url, socket_connect_timeout=0.5,
-                               socket_timeout=0.5)
-    try:
-        await client.ping()
-        return {"ok": True}
-    except Exception as e:
-        return {"ok": False, "error": type(e).__name__}
-    finally:
-        await client.aclose()
+def schema_head(settings: Settings) -> str | None:
+    """The revision the code expects the database to be at."""
+    return ScriptDirectory.from_config(alembic_config(settings)).get_current_head()
+
+
+def _install_metrics(app: FastAPI, settings: Settings) -> None:
+    """HTTP metrics middleware, ``X-Process-Time`` and ``GET /metrics`` (tasklab.observe)."""
+    from tasklab.observe import http
+
+    http.install(app, settings)
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The generated schema, plus the problem+json schemas the error responses refer to."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, routes=app.routes, description=DESCRIPTION
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                problems.problem_schemas()
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return build
 
 
 def create_app_from_env() -> FastAPI:

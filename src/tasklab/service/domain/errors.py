@@ -1,0 +1,41 @@
+"""Errors the shop raises; ``tasklab.service.problems`` maps each to one HTTP status."""
+
+from __future__ import annotations
+
+from tasklab.errors import TasklabError
+
+
+class ShopError(TasklabError):
+    """Root of the reference service's domain errors."""
+
+
+class NotFound(ShopError):
+    """The resource does not exist, or belongs to someone else (the same answer for both)."""
+
+    def __init__(self, resource: str, key: object) -> None:
+        self.resource = resource
+        self.key = key
+        super().__init__(f"no {resource} {key!r}")
+
+
+class InvalidField(ShopError):
+    """A well-formed request that refers to something impossible (an unknown product,
+    more points than the order costs). ``field`` names the field at fault, dotted."""
+
+    def __init__(self, field: str, message: str, *, kind: str = "invalid") -> None:
+        self.field = field
+        self.message = message
+        self.kind = kind
+        super().__init__(f"{field}: {message}")
+
+
+class IdempotencyConflict(ShopError):
+    """An Idempotency-Key was reused with a different request body."""
+
+
+class Unauthorized(ShopError):
+    """No bearer token, or one that matches no user."""
+
+
+class SchemaMissing(ShopError):
+    """The database answers but the shop's tables are not migrated to the expected head."""

@@ -1,0 +1,285 @@
+"""Placing and reading orders (API side). Settlement runs in a worker: see ``settlement``.
+
+``place`` records the order as ``pending`` and submits ``tasklab.shop.process_order``; it never
+touches stock or points. An ``Idempotency-Key`` makes a retried request return the first order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tasklab.jobs import JobManager
+from tasklab.service.domain.catalog import prices_of
+from tasklab.service.domain.errors import IdempotencyConflict, InvalidField, NotFound
+from tasklab.service.domain.jobs import process_order
+from tasklab.service.domain.models import Order, OrderItem, OrderStatus
+from tasklab.service.domain.paging import Page, at, money, offset_of
+
+
+@dataclass(frozen=True)
+class Line:
+    product_id: int
+    quantity: int
+
+
+@dataclass(frozen=True)
+class Placed:
+    order_id: int
+    job_id: str | None
+    status: str
+    replayed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"order_id": self.order_id, "job_id": self.job_id, "status": self.status}
+
+
+_ORDER_COLUMNS = (
+    Order.id,
+    Order.user_id,
+    Order.status,
+    Order.reason,
+    Order.use_points,
+    Order.total_cents,
+    Order.job_id,
+    Order.created_at,
+    Order.updated_at,
+)
+
+
+def owner_of(user_id: int) -> str:
+    """The job owner string for a user: jobs are listed and checked by it."""
+    return f"user:{user_id}"
+
+
+def request_hash(lines: list[Line], use_points: int) -> str:
+    body = orjson.dumps(
+        {"items": [[ln.product_id, ln.quantity] for ln in lines], "use_points": use_points}
+    )
+    return hashlib.sha256(body).hexdigest()
+
+
+class Orders:
+    def __init__(
+        self, engine: AsyncEngine, jobs: JobManager, *, reader: AsyncEngine | None = None
+    ) -> None:
+        self.engine = engine
+        self.reader = reader or engine  # for reads that need no transaction
+        self.jobs = jobs
+        # SQLite has one writer at a time and makes the others sleep-and-retry (busy
+        # timeout), which ruins tail latency; within this process, writers queue here instead.
+        self._write_lock = (
+            asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
+
+    # --- place ------------------------------------------------------------------------------
+    async def place(
+        self,
+        user_id: int,
+        lines: list[Line],
+        *,
+        use_points: int,
+        idempotency_key: str | None = None,
+    ) -> Placed:
+        digest = request_hash(lines, use_points)
+        if idempotency_key is not None:
+            existing = await self._by_key(user_id, idempotency_key)
+            if existing is not None:
+                return await self._replay(existing, digest)
+        async with self._write_lock:
+            return await self._place(user_id, lines, use_points, idempotency_key, digest)
+
+    async def _place(
+        self,
+        user_id: int,
+        lines: list[Line],
+        use_points: int,
+        idempotency_key: str | None,
+        digest: str,
+    ) -> Placed:
+        try:
+            order_id = await self._insert(user_id, lines, use_points, idempotency_key, digest)
+        except IntegrityError:
+            existing = (
+                await self._by_key(user_id, idempotency_key)
+                if idempotency_key is not None
+                else None
+            )
+            if existing is None:
+                raise
+            return await self._replay(existing, digest)
+        job_id = await self._submit(user_id, order_id, keyed=idempotency_key is not None)
+        return Placed(order_id, job_id, OrderStatus.PENDING.value)
+
+    async def _insert(
+        self, user_id: int, lines: list[Line], use_points: int, key: str | None, digest: str
+    ) -> int:
+        now = time.time()
+        async with self.engine.begin() as conn:
+            prices = await _checked_prices(conn, lines)
+            total = sum(prices[ln.product_id] * ln.quantity for ln in lines)
+            if use_points > total:
+                raise InvalidField(
+                    "use_points",
+                    f"exceeds the order total ({total} points)",
+                    kind="too_many_points",
+                )
+            order_id: int = (
+                await conn.execute(
+                    sa.insert(Order)
+                    .values(
+                        user_id=user_id,
+                        status=OrderStatus.PENDING.value,
+                        reason=None,
+                        use_points=use_points,
+                        total_cents=total,
+                        job_id=None,
+                        idempotency_key=key,
+                        request_hash=digest,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .returning(Order.id)
+                )
+            ).scalar_one()
+            await conn.execute(
+                sa.insert(OrderItem),
+                [
+                    {
+                        "order_id": order_id,
+                        "product_id": ln.product_id,
+                        "quantity": ln.quantity,
+                        "unit_price_cents": prices[ln.product_id],
+                    }
+                    for ln in lines
+                ],
+            )
+        return order_id
+
+    async def _submit(self, user_id: int, order_id: int, *, keyed: bool) -> str:
+        """Submit the settlement job and record its id on the order. With an idempotency key
+        the job is keyed by the order too, so a replay after a crash submits it once."""
+        job = await self.jobs.asubmit(
+            process_order,
+            order_id,
+            owner=owner_of(user_id),
+            idempotency_key=f"order:{order_id}" if keyed else None,
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(sa.update(Order).where(Order.id == order_id).values(job_id=job.id))
+        return job.id
+
+    async def _by_key(self, user_id: int, key: str) -> Any:
+        stmt = sa.select(Order.id, Order.status, Order.job_id, Order.request_hash).where(
+            Order.user_id == user_id, Order.idempotency_key == key
+        )
+        async with self.reader.connect() as conn:
+            return (await conn.execute(stmt)).first()
+
+    async def _replay(self, row: Any, digest: str) -> Placed:
+        if row.request_hash != digest:
+            raise IdempotencyConflict("this Idempotency-Key was used for a different order request")
+        job_id = row.job_id
+        if job_id is None:  # the first request died between the insert and the submit
+            user_id = await self._user_of(row.id)
+            job_id = await self._submit(user_id, row.id, keyed=True)
+        return Placed(row.id, job_id, row.status, replayed=True)
+
+    async def _user_of(self, order_id: int) -> int:
+        async with self.reader.connect() as conn:
+            user_id: int = (
+                await conn.execute(sa.select(Order.user_id).where(Order.id == order_id))
+            ).scalar_one()
+        return user_id
+
+    # --- read -------------------------------------------------------------------------------
+    async def get(self, order_id: int, *, user_id: int, admin: bool = False) -> dict[str, Any]:
+        stmt = sa.select(*_ORDER_COLUMNS).where(Order.id == order_id)
+        if not admin:
+            stmt = stmt.where(Order.user_id == user_id)
+        async with self.reader.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+            if row is None:
+                raise NotFound("order", order_id)
+            items = await _items_of(conn, [order_id])
+        return order_dict(row, items[order_id])
+
+    async def page(
+        self, user_id: int, *, page: int, page_size: int, status: str | None = None
+    ) -> Page:
+        """Own orders, newest first: three queries whatever the page size."""
+        conds = [Order.user_id == user_id]
+        if status is not None:
+            conds.append(Order.status == status)
+        rows_stmt = (
+            sa.select(*_ORDER_COLUMNS)
+            .where(*conds)
+            .order_by(Order.id.desc())
+            .limit(page_size)
+            .offset(offset_of(page, page_size))
+        )
+        total_stmt = sa.select(sa.func.count()).select_from(Order).where(*conds)
+        async with self.reader.connect() as conn:
+            rows = (await conn.execute(rows_stmt)).all()
+            items = await _items_of(conn, [r.id for r in rows])
+            total = (await conn.execute(total_stmt)).scalar_one()
+        return Page([order_dict(r, items[r.id]) for r in rows], page, page_size, int(total))
+
+
+async def _checked_prices(conn: AsyncConnection, lines: list[Line]) -> dict[int, int]:
+    prices = await prices_of(conn, (ln.product_id for ln in lines))
+    for i, ln in enumerate(lines):
+        if ln.product_id not in prices:
+            raise InvalidField(
+                f"items.{i}.product_id", f"no product {ln.product_id}", kind="unknown_product"
+            )
+    return prices
+
+
+async def _items_of(
+    conn: AsyncConnection, order_ids: list[int]
+) -> defaultdict[int, list[dict[str, Any]]]:
+    found: defaultdict[int, list[dict[str, Any]]] = defaultdict(list)
+    if not order_ids:
+        return found
+    rows = await conn.execute(
+        sa.select(
+            OrderItem.order_id, OrderItem.product_id, OrderItem.quantity, OrderItem.unit_price_cents
+        )
+        .where(OrderItem.order_id.in_(order_ids))
+        .order_by(OrderItem.id)
+    )
+    for r in rows:
+        found[r.order_id].append(
+            {
+                "product_id": r.product_id,
+                "quantity": r.quantity,
+                "unit_price": money(r.unit_price_cents),
+            }
+        )
+    return found
+
+
+def order_dict(row: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "status": row.status,
+        "reason": row.reason,
+        "items": items,
+        "use_points": row.use_points,
+        "total": money(row.total_cents),
+        "total_cents": row.total_cents,
+        "job_id": row.job_id,
+        "created_at": at(row.created_at),
+        "updated_at": at(row.updated_at),
+    }
