@@ -222,17 +222,23 @@ def demo(
     ctx: typer.Context,
     tasks: Annotated[int, typer.Option(min=1, max=1_000_000)] = 1000,
 ) -> None:
-    """Start the embedded stack, run 1,000 no-op jobs through it and print the figures."""
+    """The lab's tour on embedded defaults: stress, bench overhead, a kill and an outage
+    drill, a load test on the reference service; one SLO table and .tasklab/report/index.html."""
     from tasklab.lab.demo import run_demo
 
-    run_demo(settings_of(ctx), tasks=tasks, console=console)
+    outcome = run_demo(settings_of(ctx), tasks=tasks, console=console)
+    raise typer.Exit(0 if outcome.ok else 1)
 
 
 def _register_part_commands() -> None:
     from tasklab.lab import commands as lab
 
-    for name in ("stress", "bench", "tune", "report"):
+    for name in ("stress", "bench", "tune", "report", "drill", "load"):
         app.command(name)(getattr(lab, name))
+    from tasklab.service import commands as service
+
+    app.command("seed")(service.seed)
+    app.command("check-invariants")(service.check_invariants)
 
 
 _register_part_commands()

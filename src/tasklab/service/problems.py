@@ -23,6 +23,7 @@ from tasklab.errors import DatabaseUnavailable
 from tasklab.service.domain.errors import (
     IdempotencyConflict,
     InvalidField,
+    Forbidden,
     NotFound,
     SchemaMissing,
     ShopError,
@@ -36,6 +37,7 @@ TYPE_PREFIX = "urn:tasklab:problem:"
 _TITLES = {
     400: "Malformed request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",
@@ -161,6 +163,8 @@ async def _shop(request: Request, exc: Exception) -> Response:
         return problem(409, str(exc), slug="idempotency-conflict")
     if isinstance(exc, Unauthorized):
         return problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(exc, Forbidden):
+        return problem(403, str(exc))
     if isinstance(exc, SchemaMissing):
         return problem(
             503, str(exc), slug="schema-missing", title="Database schema is not migrated"

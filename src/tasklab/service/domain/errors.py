@@ -37,5 +37,9 @@ class Unauthorized(ShopError):
     """No bearer token, or one that matches no user."""
 
 
+class Forbidden(ShopError):
+    """Authenticated, but the resource is for administrators only."""
+
+
 class SchemaMissing(ShopError):
     """The database answers but the shop's tables are not migrated to the expected head."""
