@@ -21,9 +21,9 @@ from starlette.routing import Match
 
 from tasklab.errors import DatabaseUnavailable
 from tasklab.service.domain.errors import (
+    Forbidden,
     IdempotencyConflict,
     InvalidField,
-    Forbidden,
     NotFound,
     SchemaMissing,
     ShopError,
