@@ -48,11 +48,12 @@ schema = schemathesis.openapi.from_dict(OPENAPI, config=CONFIG)
 def live_api(
     tmp_path_factory: pytest.TempPathFactory, embedded_redis: EmbeddedRedis
 ) -> Iterator[tuple[str, dict[str, str]]]:
-    """A seeded API served by uvicorn; (base URL, a user's Authorization header)."""
+    """A seeded API served by uvicorn; (base URL, the admin's Authorization header: the
+    admin may call every operation, the metrics views included)."""
     home: Path = tmp_path_factory.mktemp("schemathesis")
     api_settings = make_settings(home, embedded_redis.url)
     seed(api_settings, users=2, products=5, stock=10_000, points=1000)
-    user = read_tokens(api_settings.home_dir / "tokens.jsonl")[0]
+    user = next(a for a in read_tokens(api_settings.home_dir / "tokens.jsonl") if a.admin)
     server = ApiServer(api_settings).start()
     yield server.url, user.headers
     server.stop()
