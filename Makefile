@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	eval "$$($(BIN)/python scripts/detect_services.py)" && \
 	  bash scripts/test_prereqs.sh && \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	  $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
