@@ -140,3 +140,18 @@ def _wait_for(manager: JobManager, job_id: str, status: JobStatus, timeout_s: fl
     while manager.get(job_id).status is not status:
         assert time.monotonic() < deadline, f"job never reached {status}"
         time.sleep(0.02)
+
+
+def test_a_prepared_job_commits_with_the_callers_transaction(live: JobManager) -> None:
+    rolled_back = live.prepare(probe_jobs.effect)
+    with live.engine.connect() as conn, conn.begin() as tx:
+        conn.execute(*rolled_back.insert)
+        tx.rollback()
+    with pytest.raises(JobNotFound):
+        live.get(rolled_back.id)
+    committed = live.prepare(probe_jobs.effect)
+    with live.engine.begin() as conn:
+        conn.execute(*committed.insert)
+    live.dispatch(committed)
+    assert live.wait(committed.id, timeout_s=30).status is JobStatus.SUCCEEDED
+    assert effect_counts(live)[committed.id] == 1

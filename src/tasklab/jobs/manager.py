@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine
@@ -107,6 +108,44 @@ class JobManager:
             "message_id": uuid.uuid4().hex,
         }
         return spec, values
+
+    def prepare(
+        self,
+        task: str | JobSpec,
+        *args: Any,
+        queue: str | None = None,
+        priority: int | None = None,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+        countdown_s: float = 0,
+        **kwargs: Any,
+    ) -> PreparedJob:
+        """First half of a submit inside your own transaction: execute ``prepared.insert``
+        with your connection (so your rows and the job commit together), commit, then call
+        ``dispatch``/``adispatch``. If the process dies between commit and dispatch, the
+        reaper publishes the job (it is QUEUED without a message)."""
+        spec, values = self._prepare(
+            task,
+            args,
+            kwargs,
+            queue=queue,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            owner=owner,
+            countdown_s=countdown_s,
+        )
+        return PreparedJob(spec, values, countdown_s)
+
+    def dispatch(self, prepared: PreparedJob) -> Job:
+        """Second half: publish (or fall back) a prepared job whose row is committed."""
+        via = self._dispatch(prepared.spec, prepared.values, prepared.countdown_s)
+        metrics.JOBS_SUBMITTED.labels(prepared.spec.name, prepared.values["queue"], via).inc()
+        return _submitted_job(prepared.values, via)
+
+    async def adispatch(self, prepared: PreparedJob) -> Job:
+        via = await self._adispatch(prepared.spec, prepared.values, prepared.countdown_s)
+        metrics.JOBS_SUBMITTED.labels(prepared.spec.name, prepared.values["queue"], via).inc()
+        return _submitted_job(prepared.values, via)
 
     def submit(
         self,
@@ -361,6 +400,24 @@ class JobManager:
         self.close()
         if self._async_engine is not None:
             await self._async_engine.dispose()
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job ready to be inserted by the caller's transaction (see JobManager.prepare)."""
+
+    spec: JobSpec
+    values: dict[str, Any]
+    countdown_s: float
+
+    @property
+    def id(self) -> str:
+        return str(self.values["job_id"])
+
+    @property
+    def insert(self) -> store.Prepared:
+        """(statement, parameters) that insert the job row."""
+        return store.insert_job(**self.values)
 
 
 def _submitted_job(values: dict[str, Any], via: str) -> Job:

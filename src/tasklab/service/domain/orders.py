@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tasklab.jobs import JobManager
+from tasklab.jobs.manager import PreparedJob
 from tasklab.service.domain.catalog import prices_of
 from tasklab.service.domain.errors import IdempotencyConflict, InvalidField, NotFound
 from tasklab.service.domain.jobs import process_order
@@ -107,8 +108,11 @@ class Orders:
         idempotency_key: str | None,
         digest: str,
     ) -> Placed:
+        # The order, its items and its settlement job commit in one transaction: an order
+        # that exists always has a job, and the job is published once the commit is done.
+        job = self.jobs.prepare(process_order, 0, owner=owner_of(user_id))
         try:
-            order_id = await self._insert(user_id, lines, use_points, idempotency_key, digest)
+            order_id = await self._insert(user_id, lines, use_points, idempotency_key, digest, job)
         except IntegrityError:
             existing = (
                 await self._by_key(user_id, idempotency_key)
@@ -118,11 +122,17 @@ class Orders:
             if existing is None:
                 raise
             return await self._replay(existing, digest)
-        job_id = await self._submit(user_id, order_id, keyed=idempotency_key is not None)
-        return Placed(order_id, job_id, OrderStatus.PENDING.value)
+        await self.jobs.adispatch(job)
+        return Placed(order_id, job.id, OrderStatus.PENDING.value)
 
     async def _insert(
-        self, user_id: int, lines: list[Line], use_points: int, key: str | None, digest: str
+        self,
+        user_id: int,
+        lines: list[Line],
+        use_points: int,
+        key: str | None,
+        digest: str,
+        job: PreparedJob,
     ) -> int:
         now = time.time()
         async with self.engine.begin() as conn:
@@ -143,7 +153,7 @@ class Orders:
                         reason=None,
                         use_points=use_points,
                         total_cents=total,
-                        job_id=None,
+                        job_id=job.id,
                         idempotency_key=key,
                         request_hash=digest,
                         created_at=now,
@@ -164,20 +174,9 @@ class Orders:
                     for ln in lines
                 ],
             )
+            job.values["args"] = [order_id]  # the order id is known only now
+            await conn.execute(*job.insert)
         return order_id
-
-    async def _submit(self, user_id: int, order_id: int, *, keyed: bool) -> str:
-        """Submit the settlement job and record its id on the order. With an idempotency key
-        the job is keyed by the order too, so a replay after a crash submits it once."""
-        job = await self.jobs.asubmit(
-            process_order,
-            order_id,
-            owner=owner_of(user_id),
-            idempotency_key=f"order:{order_id}" if keyed else None,
-        )
-        async with self.engine.begin() as conn:
-            await conn.execute(sa.update(Order).where(Order.id == order_id).values(job_id=job.id))
-        return job.id
 
     async def _by_key(self, user_id: int, key: str) -> Any:
         stmt = sa.select(Order.id, Order.status, Order.job_id, Order.request_hash).where(
@@ -189,18 +188,9 @@ class Orders:
     async def _replay(self, row: Any, digest: str) -> Placed:
         if row.request_hash != digest:
             raise IdempotencyConflict("this Idempotency-Key was used for a different order request")
-        job_id = row.job_id
-        if job_id is None:  # the first request died between the insert and the submit
-            user_id = await self._user_of(row.id)
-            job_id = await self._submit(user_id, row.id, keyed=True)
-        return Placed(row.id, job_id, row.status, replayed=True)
-
-    async def _user_of(self, order_id: int) -> int:
-        async with self.reader.connect() as conn:
-            user_id: int = (
-                await conn.execute(sa.select(Order.user_id).where(Order.id == order_id))
-            ).scalar_one()
-        return user_id
+        # The order and its job were committed together, so the job exists (and is published
+        # by the reaper if the first request died before publishing it).
+        return Placed(row.id, row.job_id, row.status, replayed=True)
 
     # --- read -------------------------------------------------------------------------------
     async def get(self, order_id: int, *, user_id: int, admin: bool = False) -> dict[str, Any]:
