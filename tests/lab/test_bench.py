@@ -98,3 +98,19 @@ def test_the_queue_dimension_measures_rabbitmq_when_it_is_configured() -> None:
     url = required_url("TEST_RABBITMQ_URL")
     rates = _queue_rates(url, 50, f"lab-queue-test-{uuid.uuid4().hex[:6]}", lambda _: None)
     assert rates["enqueue_per_s"] > 0 and rates["dequeue_per_s"] > 0
+
+
+def test_the_l2_cache_target_is_judged_on_the_paired_redis_get_not_the_tight_loop() -> None:
+    from tasklab.lab.bench import cache_figures
+
+    out = {
+        "hit_rate": {"l1": 0.8, "l2": 0.15, "overall": 0.95, "miss": 0.05},
+        "latency_us": {"l2_hit_p50": 120.0, "redis_get_p50": 40.0, "l2_round_trip_p50": 100.0},
+        "throughput_per_s": {"tiered": 1.0},
+        "speedup": {"vs_no_cache": 2.0},
+        "targets": {"l2_hit_p50_vs_its_redis_get_p50": {"measured": 1.2, "pass": True}},
+        "reference_ratios": {"l2_hit_p50_vs_tight_loop_get_p50": 3.0},
+    }
+    figures = cache_figures(out)
+    assert figures["l2_vs_redis_get_p50_ratio"] == 1.2  # 120 / 100, not 120 / 40
+    assert figures["l2_vs_tight_loop_get_p50_ratio"] == 3.0

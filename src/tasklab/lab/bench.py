@@ -376,10 +376,14 @@ def cache_figures(out: dict[str, Any]) -> dict[str, float]:
         figures[f"{stem}_us_{stat}"] = float(value)
     figures.update({f"{k}_per_s": float(v) for k, v in out["throughput_per_s"].items()})
     figures.update({f"speedup_{k}": float(v) for k, v in out["speedup"].items()})
-    get_p50 = figures.get("redis_get_us_p50", 0.0)
-    figures["l2_vs_redis_get_p50_ratio"] = (
-        figures.get("l2_hit_us_p50", 0.0) / get_p50 if get_p50 else 0.0
-    )
+    # The L2 target is judged on the paired measure: each L2 hit against the Redis GET inside
+    # it (same request, same moment). The tight-loop GET (Redis and CPU kept hot) is a best
+    # case, reported next to it for reference.
+    paired = out["targets"]["l2_hit_p50_vs_its_redis_get_p50"]["measured"]
+    figures["l2_vs_redis_get_p50_ratio"] = float(paired)
+    tight = (out.get("reference_ratios") or {}).get("l2_hit_p50_vs_tight_loop_get_p50")
+    if tight is not None:
+        figures["l2_vs_tight_loop_get_p50_ratio"] = float(tight)
     return figures
 
 

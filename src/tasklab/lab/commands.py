@@ -1,5 +1,5 @@
 """The lab's CLI commands (registered on ``tasklab`` by tasklab.cli): thin wrappers over
-run_stress / run_bench / run_tune / run_report."""
+run_stress / run_bench / run_tune / run_report / run_drill / run_load."""
 
 from __future__ import annotations
 
@@ -111,9 +111,9 @@ def bench(
     from tasklab.lab.harness import worker_config
 
     settings = _settings(ctx)
-    sizes = replace(
-        BenchSizes(), jobs_submitters=submitters, **({"jobs_n": tasks} if tasks else {})
-    )
+    sizes = replace(BenchSizes(), jobs_submitters=submitters)
+    if tasks:
+        sizes = replace(sizes, jobs_n=tasks)
     result = run_bench(
         settings,
         dimensions=dimension or DIMENSIONS,
@@ -190,3 +190,82 @@ def report(
     )
     if compare is not None and regressions(files or [], compare, tolerance):
         raise typer.Exit(1)
+
+
+def drill(
+    ctx: typer.Context,
+    scenario: Annotated[
+        list[str] | None, typer.Argument(help="kill, outage, flush, api (one or more).")
+    ] = None,
+    all_drills: Annotated[bool, typer.Option("--all", help="Every drill, in turn.")] = False,
+    jobs: Annotated[int | None, typer.Option(min=1, help="Jobs of the kill drill.")] = None,
+    kills: Annotated[int | None, typer.Option(min=1, help="Workers SIGKILLed (kill).")] = None,
+    outage: Annotated[
+        float | None, typer.Option(min=0.5, help="Seconds the broker is down (outage).")
+    ] = None,
+    lease: Annotated[float, typer.Option("--lease-s", min=1, help="Job lease, s.")] = 3.0,
+    requeue_after: Annotated[
+        float, typer.Option("--requeue-after-s", min=1, help="Reaper re-queue age, s.")
+    ] = 3.0,
+    target: TargetOpt = None,
+) -> None:
+    """Break the stack on purpose (SIGKILLed workers, broker outage or flush, a killed API);
+    prove that nothing was lost or done twice, and time the recovery."""
+    from dataclasses import replace
+
+    from tasklab.lab.drill import DRILLS, DrillSizes, RecoveryKnobs, run_drill
+
+    base = DrillSizes()
+    sizes = replace(
+        base,
+        kill_jobs=jobs or base.kill_jobs,
+        kills=kills or base.kills,
+        outage_s=outage or base.outage_s,
+    )
+    result = run_drill(
+        _settings(ctx),
+        scenarios=DRILLS if all_drills else (scenario or ["kill"]),
+        sizes=sizes,
+        knobs=RecoveryKnobs(lease_s=lease, requeue_after_s=requeue_after),
+        targets=target or [],
+        console=console,
+    )
+    raise typer.Exit(0 if result.passed else 1)
+
+
+def load(
+    ctx: typer.Context,
+    users: Annotated[int, typer.Option(min=1, max=10_000, help="Concurrent Locust users.")] = 20,
+    spawn_rate: Annotated[float, typer.Option(min=0.1, help="Users started per second.")] = 10.0,
+    duration: Annotated[
+        float, typer.Option("--duration", min=1, max=3600, help="Seconds of load.")
+    ] = 20.0,
+    user_class: Annotated[
+        list[str] | None,
+        typer.Option("--user-class", help="shop, orders, sync (repeatable; default all)."),
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="A running service instead of the lab's own.")
+    ] = None,
+    tokens: Annotated[
+        Path | None, typer.Option(help="Its users: the JSON lines `tasklab seed` wrote.")
+    ] = None,
+    target: TargetOpt = None,
+) -> None:
+    """Locust, headless, against the reference service (seeded, with its API and workers, or
+    --url): RPS, P50/P95/P99 and failures by reason per endpoint, then the invariants."""
+    from dataclasses import replace
+
+    from tasklab.lab.load import USER_CLASSES, LoadSizes, run_load
+
+    sizes = replace(LoadSizes(), users=users, spawn_rate=spawn_rate, duration_s=duration)
+    result = run_load(
+        _settings(ctx),
+        sizes=sizes,
+        classes=user_class or list(USER_CLASSES),
+        url=url,
+        tokens=tokens,
+        targets=target or [],
+        console=console,
+    )
+    raise typer.Exit(0 if result.passed else 1)

@@ -1,12 +1,14 @@
-"""What a lab command shows while it runs: a Rich progress bar per phase, and a sampler thread
-recording worker memory and queue depth over time."""
+"""What a lab command shows while it runs: a Rich progress bar per phase, a sampler thread
+recording worker memory and queue depth over time — and what it keeps off the terminal."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import TracebackType
 
 from rich.console import Console
@@ -44,6 +46,25 @@ def phase(progress: Progress, description: str, total: int) -> Iterator[Callable
 
     yield update
     progress.update(task, completed=total)
+
+
+@contextmanager
+def log_to_file(path: Path) -> Iterator[None]:
+    """While a run provokes them, tasklab's own warnings (circuit open, leases expired, slow
+    queries) go to ``path`` instead of the terminal, where they would break the progress bars."""
+    logger = logging.getLogger("tasklab")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.propagate = propagate
 
 
 class Sampler:

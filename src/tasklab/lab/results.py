@@ -38,7 +38,18 @@ from tasklab.lab.errors import LabError, TargetError
 from tasklab.settings import PLAIN_ENV, Settings, mask_url
 
 SCHEMA = "tasklab.lab.result/1"
-PACKAGES = ("tasklab", "celery", "kombu", "redis", "SQLAlchemy", "amqp", "billiard")
+PACKAGES = (
+    "tasklab",
+    "celery",
+    "kombu",
+    "redis",
+    "SQLAlchemy",
+    "amqp",
+    "billiard",
+    "fastapi",
+    "uvicorn",
+    "locust",
+)
 OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
     "<=": operator.le,

@@ -1,0 +1,561 @@
+"""``tasklab drill``: break the stack on purpose, then prove that nothing was lost or done twice.
+
+- ``kill``: durable probe jobs (``tasklab.probe_job.effect`` writes one row to
+  ``tasklab_effects`` through ``job.transaction()``) run on a worker that is SIGKILLed while it
+  runs one, ``kills`` times: the whole worker (a replacement starts), then only the pool
+  process running the job, alternately.
+- ``outage``: jobs are submitted at a steady rate while the broker is stopped for
+  ``outage_s`` seconds, then restarted, empty, on the same port.
+- ``flush``: a backlog of jobs is queued, then the broker restarts empty.
+- ``api``: the reference API takes orders with the broker down (they settle in its local
+  fallback executor) and is SIGKILLed mid-run; broker, API and workers come back, the client
+  sends its unanswered requests again with their ``Idempotency-Key``, and the reaper (in the
+  workers) finishes what the dead API left: expired leases, jobs waiting in SQL.
+
+Each ends with its ledger — submitted, accepted, succeeded, dead, cancelled, lost (must be 0),
+duplicate effects (must be 0), and ``recover_s``: from the end of the fault (the kill, the
+broker back, the API back) until the last job it affected finished — and, where the shop is
+involved, the service's ``check_invariants``. The job layer's recovery knobs are set short
+(``RecoveryKnobs``) and recorded in the result. A worker that exits on its own is restarted
+and reported (``WorkerWatch``). Child processes (broker, workers, API) are started only by
+threads that outlive them — the main thread, or the watch, which lives as long as the stack:
+PR_SET_PDEATHSIG signals a child when the *thread* that started it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.progress import Progress
+from sqlalchemy import Engine
+
+from tasklab.embedded import EmbeddedRedis
+from tasklab.lab import summary
+from tasklab.lab.errors import LabError
+from tasklab.lab.harness import LabStack, WorkerConfig, WorkerNode
+from tasklab.lab.ledger import Ledger, take_ledger
+from tasklab.lab.progress import lab_progress, log_to_file, phase
+from tasklab.lab.results import LabResult, Series, Target, finish, resolve_targets
+from tasklab.lab.workload import JobsDriver, Probe, Sample, Ticket, submit_all
+from tasklab.settings import Settings
+
+DRILLS = ("kill", "outage", "flush", "api")
+POLL_S = 0.05
+# Per drill: nothing lost, nothing done twice, the shop consistent, recovered in bounded time
+# (with RecoveryKnobs' defaults: a lease of 3 s, a reaper tick of 0.5 s, a worker boot).
+TARGETS_OF_EVERY_DRILL = (
+    ("lost", "==", 0.0),
+    ("duplicate_effects", "==", 0.0),
+    ("recover_s", "<=", 30.0),
+)
+SHOP_DRILLS = ("api",)
+BROKER_DRILLS = ("outage", "flush", "api")  # they stop the broker: only the lab's own
+# Figures whose failure means data was lost or corrupted (the rest are about speed).
+CORRECTNESS = ("lost", "duplicate_effects", "invariant_violations")
+
+
+def default_targets(scenarios: Sequence[str]) -> list[Target]:
+    targets = [
+        Target(f"{s}.{name}", op, value)
+        for s in scenarios
+        for name, op, value in TARGETS_OF_EVERY_DRILL
+    ]
+    targets += [
+        Target(f"{s}.invariant_violations", "==", 0.0) for s in scenarios if s in SHOP_DRILLS
+    ]
+    return targets
+
+
+@dataclass(frozen=True)
+class RecoveryKnobs:
+    """The job layer's recovery settings, short so that a drill ends in seconds (production
+    defaults: lease 30 s, reaper 5 s, requeue 60 s, breaker 5 s, publish timeout 1 s)."""
+
+    lease_s: float = 3.0
+    reaper_interval_s: float = 0.5
+    requeue_after_s: float = 3.0
+    breaker_reset_s: float = 1.0
+    publish_timeout_s: float = 0.5
+
+    def apply(self, settings: Settings) -> Settings:
+        # Prefetch 1: a killed worker takes as few reserved messages down with it as it can.
+        return settings.model_copy(update={**asdict(self), "worker_prefetch_multiplier": 1})
+
+
+@dataclass(frozen=True)
+class DrillSizes:
+    kill_jobs: int = 30
+    kill_hold_s: float = 0.5  # each job holds this long before writing its effect
+    kills: int = 2
+    outage_rate_per_s: float = 20.0
+    outage_before_s: float = 2.0
+    outage_s: float = 5.0
+    outage_after_s: float = 3.0
+    outage_hold_s: float = 0.2  # slower than the rate: a backlog is in the broker when it stops
+    flush_jobs: int = 120
+    flush_hold_s: float = 0.05
+    api_users: int = 10
+    api_orders: int = 60  # accepted before the API is killed
+    api_clients: int = 4  # client threads placing orders
+    api_sync_batches: int = 2  # slower jobs, so that the kill finds one running
+    # The API's fallback executor, small so that it is busy and has a backlog (jobs waiting
+    # in SQL) when the API is killed: both recovery paths of the reaper get exercised.
+    api_local_workers: int = 1
+    api_local_queue_max: int = 0
+    timeout_s: float = 60.0  # the most any wait for recovery may take
+
+    @classmethod
+    def tiny(cls) -> DrillSizes:
+        return cls(
+            kill_jobs=10,
+            kill_hold_s=0.4,
+            kills=2,
+            outage_rate_per_s=10.0,
+            outage_before_s=1.0,
+            outage_s=2.0,
+            outage_after_s=1.0,
+            flush_jobs=30,
+            api_users=4,
+            api_orders=15,
+            api_clients=2,
+            api_sync_batches=1,
+            timeout_s=45.0,
+        )
+
+
+@dataclass(frozen=True)
+class Kill:
+    at: float  # epoch seconds
+    job_ids: list[str]  # jobs the victim was running
+    victim: str  # "worker" (main process and pool) or "pool process" (the one running a job)
+
+
+def sigkill(pids: Sequence[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def kill_node(node: WorkerNode) -> None:
+    """SIGKILL a worker node, main process and pool children at once, as a crash would."""
+    sigkill(node.pids())
+    if node.process is not None:
+        node.process.wait()
+
+
+class PacedSubmitter(threading.Thread):
+    """Submits ``n`` probe jobs at ``rate_per_s`` in the background (the main thread owns the
+    broker: a child process dies with the *thread* that started it, PR_SET_PDEATHSIG)."""
+
+    def __init__(
+        self,
+        driver: JobsDriver,
+        probe: Probe,
+        *,
+        n: int,
+        rate_per_s: float,
+        update: Callable[[int], None],
+    ) -> None:
+        super().__init__(name="lab-paced-submit", daemon=True)
+        self.driver = driver
+        self.probe = probe
+        self.n = n
+        self.interval_s = 1.0 / rate_per_s
+        self.update = update
+        self.tickets: list[Ticket] = []
+        self.refused = 0  # submits that raised: refused to the caller, so not lost
+
+    def run(self) -> None:
+        start = time.monotonic()
+        for i in range(self.n):
+            time.sleep(max(0.0, start + i * self.interval_s - time.monotonic()))
+            try:
+                self.tickets.append(self.driver.submit(self.probe))
+            except Exception:
+                self.refused += 1
+            self.update(i + 1)
+
+
+def restart_broker(server: EmbeddedRedis, *, down_s: float = 0.0) -> tuple[float, float]:
+    """Stop the broker, wait ``down_s``, start it again empty on its port: (stopped, back)."""
+    stopped_at = time.time()
+    server.stop()
+    time.sleep(down_s)
+    server.start()
+    return stopped_at, time.time()
+
+
+def own_broker(stack: LabStack) -> EmbeddedRedis:
+    if stack.broker_server is None:
+        raise LabError(
+            "this drill stops and restarts the broker: it needs the lab's embedded Redis "
+            "(unset REDIS_URL and BROKER_URL)"
+        )
+    return stack.broker_server
+
+
+def recover_s(samples: Sequence[Sample], *, fault_start: float, fault_end: float) -> float:
+    """From the end of the fault until the last job it affected (submitted before the fault
+    ended and not finished when it began) finished; 0 if it affected none."""
+    affected = [
+        s for s in samples if s.sent_at <= fault_end and (s.finished_at or 1e18) > fault_start
+    ]
+    if not affected:
+        return 0.0
+    last = max(s.finished_at or time.time() for s in affected)
+    return max(0.0, last - fault_end)
+
+
+LEDGER_COLUMNS = (
+    "submitted",
+    "accepted",
+    "succeeded",
+    "dead",
+    "cancelled",
+    "lost",
+    "duplicate_effects",
+    "invariant_violations",
+    "worker_exits",
+)
+
+
+def ledger_figures(ledger: Ledger, *, submitted: int) -> dict[str, float]:
+    return {
+        "submitted": submitted,
+        "accepted": ledger.submitted,
+        "succeeded": ledger.succeeded,
+        "dead": ledger.dead,
+        "cancelled": ledger.cancelled,
+        "lost": ledger.lost,
+        "duplicate_effects": ledger.duplicate_effects,
+        "effects": ledger.effects,
+        "retried": ledger.retried,
+        "balanced": float(ledger.balanced),
+    }
+
+
+def via_counts(engine: Engine, owner: str) -> dict[str, int]:
+    """How the owner's jobs last ran: ``broker`` (a worker) or ``local`` (the fallback)."""
+    from tasklab.jobs.records import jobs
+
+    stmt = sa.select(jobs.c.via, sa.func.count()).where(jobs.c.owner == owner).group_by(jobs.c.via)
+    with engine.connect() as conn:
+        return {str(via): int(n) for via, n in conn.execute(stmt)}
+
+
+def running_jobs(engine: Engine, owner: str | None = None) -> dict[str, int]:
+    """STARTED jobs (of ``owner``) -> the pid in their lease owner (``host:pid``)."""
+    from tasklab.jobs.records import JobStatus, jobs
+
+    stmt = sa.select(jobs.c.id, jobs.c.lease_owner).where(jobs.c.status == JobStatus.STARTED.value)
+    if owner is not None:
+        stmt = stmt.where(jobs.c.owner == owner)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    out = {}
+    for job_id, lease_owner in rows:
+        pid = str(lease_owner or "").rsplit(":", 1)[-1]
+        out[str(job_id)] = int(pid) if pid.isdigit() else 0
+    return out
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
+
+
+class WorkerWatch(threading.Thread):
+    """Restarts a worker node that exits on its own, as ``tasklab up``'s supervisor (or
+    systemd) would, and records why it exited: a drill must not end because a worker did,
+    and must say that one did. It lives as long as the stack: a child process is signalled
+    when the *thread* that started it ends (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, stack: LabStack, config: WorkerConfig, *, interval_s: float = 0.2) -> None:
+        super().__init__(name="lab-worker-watch", daemon=True)
+        self.stack = stack
+        self.config = config
+        self.interval_s = interval_s
+        self.lock = threading.Lock()  # held while nodes are killed, replaced or inspected
+        self.exits: list[str] = []
+        self._halt = threading.Event()
+
+    def __enter__(self) -> WorkerWatch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval_s):
+            with self.lock:
+                for node in [n for n in self.stack.nodes if n.exited]:
+                    self.exits.append(exit_reason(node))
+                    self.stack.nodes.remove(node)
+                    self.stack.spawn(self.config)
+
+    def kill(self, node: WorkerNode) -> None:
+        """SIGKILL ``node`` on purpose (not an exit to report) and start its replacement."""
+        with self.lock:
+            kill_node(node)
+            self.stack.nodes.remove(node)
+            self.stack.spawn(self.config)  # boots while the reaper waits out the lease
+
+    def nodes(self) -> list[WorkerNode]:
+        with self.lock:
+            return list(self.stack.nodes)
+
+
+def exit_reason(node: WorkerNode) -> str:
+    """The line of a worker's log that says why it stopped, else its exit code."""
+    lines = node.log_tail(20_000).splitlines()
+    fatal = [ln for ln in lines if "CRITICAL" in ln or "Unrecoverable" in ln]
+    code = node.process.returncode if node.process is not None else None
+    return (fatal[-1].strip() if fatal else f"exited with code {code}")[:300]
+
+
+class Drill:
+    """One drill run: settings with short recovery knobs, the result it fills, its progress."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sizes: DrillSizes,
+        knobs: RecoveryKnobs,
+        worker: WorkerConfig,
+        result: LabResult,
+        progress: Progress,
+    ) -> None:
+        self.settings = knobs.apply(settings)
+        self.sizes = sizes
+        self.worker = replace(worker, prefetch_multiplier=1)
+        self.result = result
+        self.progress = progress
+
+    @contextlib.contextmanager
+    def running(self, *, workers: str = "start") -> Iterator[tuple[LabStack, WorkerWatch]]:
+        """A fresh stack for one drill, its workers watched."""
+        with LabStack(self.settings, worker=self.worker, workers=workers) as stack:
+            if not self.result.servers:
+                self.result.servers = stack.server_versions()
+                self.result.params["broker"] = stack.broker_label
+            with WorkerWatch(stack, self.worker) as watch:
+                yield stack, watch
+
+    def collect(self, scenario: str, driver: JobsDriver, tickets: list[Ticket]) -> list[Sample]:
+        with phase(self.progress, f"{scenario}: jobs finished", len(tickets)) as update:
+            samples = driver.collect(tickets, timeout_s=self.sizes.timeout_s, progress=update)
+        self.result.series.append(
+            Series(
+                "drill: completions per second",
+                scenario,
+                "line",
+                "seconds",
+                "jobs/s",
+                summary.completions_over_time(samples),
+            )
+        )
+        return samples
+
+    def record(self, scenario: str, figures: dict[str, float], watch: WorkerWatch) -> None:
+        """The scenario's figures, its ledger row, and any worker that exited on its own."""
+        figures = {**figures, "worker_exits": len(watch.exits)}
+        self.result.add_figures(scenario, figures)
+        row = {"drill": scenario, **{k: figures[k] for k in LEDGER_COLUMNS if k in figures}}
+        row["recover_s"] = round(figures.get("recover_s", 0.0), 3)
+        self.result.tables.setdefault("ledger", []).append(row)
+        for reason in watch.exits:
+            self.result.notes.append(f"{scenario}: a worker exited and was restarted: {reason}")
+
+    # --- kill ---------------------------------------------------------------------------------
+    def kill(self) -> None:
+        s = self.sizes
+        with self.running() as (stack, watch):
+            driver = JobsDriver(stack.jobs, owner=stack.owner("kill"))
+            probe = Probe("effect", {"hold_s": s.kill_hold_s})
+            tickets = submit_all(driver, [probe] * s.kill_jobs)
+            kills = self.kill_workers(stack, watch, driver.owner)
+            samples = self.collect("kill", driver, tickets)
+            ledger = take_ledger(
+                stack.jobs.engine, owner=driver.owner, submitted_ids=[t.id for t in tickets]
+            )
+            finished = {x.id: x.finished_at or time.time() for x in samples}
+            per_kill = [
+                max((finished.get(j, k.at) for j in k.job_ids), default=k.at) - k.at for k in kills
+            ]
+            figures = {
+                **ledger_figures(ledger, submitted=len(tickets)),
+                "kills": len(kills),
+                "kills_worker": sum(1 for k in kills if k.victim == "worker"),
+                "kills_pool_process": sum(1 for k in kills if k.victim != "worker"),
+                "interrupted": sum(len(k.job_ids) for k in kills),
+                "recover_s": max(per_kill, default=0.0),
+            }
+            self.record("kill", figures, watch)
+
+    def kill_workers(self, stack: LabStack, watch: WorkerWatch, owner: str) -> list[Kill]:
+        """Kill ``kills`` times, each time once a job runs: first a whole worker (main process
+        and pool: a crashed host, an OOM-killed container), then only the pool process that
+        runs the job (the worker lives on and forks a new one), alternately."""
+        times = self.sizes.kills
+        kills: list[Kill] = []
+        with phase(self.progress, "kill: SIGKILL a worker mid-task", times) as update:
+            for n in range(times):
+                found = self.node_running_a_job(stack, watch, owner)
+                if found is None:
+                    self.result.notes.append(
+                        f"kill: no job was running for kill {n + 1} of {times}; stopped there"
+                    )
+                    break
+                node, running = found
+                if n % 2 == 0 or self.worker.pool != "prefork":
+                    kills.append(Kill(time.time(), list(running), "worker"))
+                    watch.kill(node)
+                else:
+                    pid = next(iter(running.values()))
+                    jobs = [job for job, p in running.items() if p == pid]
+                    kills.append(Kill(time.time(), jobs, "pool process"))
+                    sigkill([pid])
+                update(len(kills))
+        return kills
+
+    def node_running_a_job(
+        self, stack: LabStack, watch: WorkerWatch, owner: str
+    ) -> tuple[WorkerNode, dict[str, int]] | None:
+        """A live worker node with some of ``owner``'s jobs STARTED in it: job id -> pid."""
+        deadline = time.monotonic() + self.sizes.timeout_s
+        while time.monotonic() < deadline:
+            running = running_jobs(stack.jobs.engine, owner)
+            for node in watch.nodes():
+                pids = set(node.pids())
+                mine = {job: pid for job, pid in running.items() if pid in pids}
+                if mine:
+                    return node, mine
+            if not running and stack.jobs.counts().get("QUEUED", 0) == 0:
+                return None  # nothing left to interrupt
+            time.sleep(POLL_S)
+        return None
+
+    # --- outage -------------------------------------------------------------------------------
+    def outage(self) -> None:
+        s = self.sizes
+        with self.running() as (stack, watch):
+            server = own_broker(stack)
+            driver = JobsDriver(stack.jobs, owner=stack.owner("outage"))
+            total_s = s.outage_before_s + s.outage_s + s.outage_after_s
+            n = max(1, round(total_s * s.outage_rate_per_s))
+            probe = Probe("effect", {"hold_s": s.outage_hold_s})
+            with phase(self.progress, "outage: submit while the broker stops", n) as update:
+                submitter = PacedSubmitter(
+                    driver, probe, n=n, rate_per_s=s.outage_rate_per_s, update=update
+                )
+                submitter.start()
+                time.sleep(s.outage_before_s)
+                stopped_at, back_at = restart_broker(server, down_s=s.outage_s)
+                submitter.join()
+            tickets = submitter.tickets
+            samples = self.collect("outage", driver, tickets)
+            engine = stack.jobs.engine
+            ledger = take_ledger(engine, owner=driver.owner, submitted_ids=[t.id for t in tickets])
+            via = via_counts(engine, driver.owner)
+            during = [t for t in tickets if stopped_at <= t.sent_at <= back_at]
+            waiting = [x for x in samples if x.sent_at < stopped_at < (x.started_at or 1e18)]
+            figures = {
+                **ledger_figures(ledger, submitted=n),
+                "refused": submitter.refused,
+                "outage_s": back_at - stopped_at,
+                "via_local": via.get("local", 0),
+                "via_broker": via.get("broker", 0),
+                "waiting_at_outage": len(waiting),  # queued in the broker when it stopped
+                "submitted_during_outage": len(during),
+                **summary.submit_figures(during, prefix="outage_submit_ms"),
+                "recover_s": recover_s(samples, fault_start=stopped_at, fault_end=back_at),
+            }
+            self.record("outage", figures, watch)
+
+    # --- flush --------------------------------------------------------------------------------
+    def flush(self) -> None:
+        s = self.sizes
+        with self.running() as (stack, watch):
+            server = own_broker(stack)
+            driver = JobsDriver(stack.jobs, owner=stack.owner("flush"))
+            probe = Probe("effect", {"hold_s": s.flush_hold_s})
+            tickets = submit_all(driver, [probe] * s.flush_jobs)
+            ids = [t.id for t in tickets]
+            started = max(1, len(ids) // 10)
+            wait_for(lambda: driver.finished_count(ids) >= started, timeout_s=s.timeout_s)
+            waiting = len(ids) - driver.finished_count(ids)
+            stopped_at, back_at = restart_broker(server)
+            samples = self.collect("flush", driver, tickets)
+            ledger = take_ledger(stack.jobs.engine, owner=driver.owner, submitted_ids=ids)
+            figures = {
+                **ledger_figures(ledger, submitted=len(tickets)),
+                "waiting_at_flush": waiting,
+                "recover_s": recover_s(samples, fault_start=stopped_at, fault_end=back_at),
+            }
+            self.record("flush", figures, watch)
+
+    # --- api ----------------------------------------------------------------------------------
+    def api(self) -> None:
+        from tasklab.lab.api_drill import ApiDrill
+
+        with self.running(workers="none") as (stack, watch):
+            figures = ApiDrill(self, stack).run()
+            self.record("api", figures, watch)
+
+
+def run_drill(
+    settings: Settings,
+    *,
+    scenarios: Sequence[str] = ("kill",),
+    sizes: DrillSizes | None = None,
+    knobs: RecoveryKnobs | None = None,
+    worker: WorkerConfig | None = None,
+    targets: Sequence[str] = (),
+    console: Console | None = None,
+) -> LabResult:
+    """Run the drills one after another, each on a fresh stack; write and print the result."""
+    console = console or Console()
+    sizes = sizes or DrillSizes()
+    knobs = knobs or RecoveryKnobs()
+    unknown = set(scenarios) - set(DRILLS)
+    if unknown or not scenarios:
+        raise LabError(f"unknown drill(s) {sorted(unknown)}; known: {', '.join(DRILLS)}")
+    owning = sorted(set(scenarios) & set(BROKER_DRILLS))
+    if owning and (settings.redis_url or settings.broker_url):
+        raise LabError(
+            f"drill {', '.join(owning)} stops and restarts the broker: it needs the lab's "
+            "embedded Redis (unset REDIS_URL and BROKER_URL)"
+        )
+    slos = resolve_targets(default_targets(scenarios), targets)
+    worker = worker or WorkerConfig.from_settings(settings)
+    result = LabResult(
+        "drill",
+        params={
+            "scenarios": list(scenarios),
+            "sizes": asdict(sizes),
+            "recovery": asdict(knobs),
+            "worker": asdict(replace(worker, prefetch_multiplier=1)),
+        },
+    )
+    log_path = settings.home_dir / "lab" / "logs" / f"drill-{result.run_id}.log"
+    with lab_progress(console) as progress, log_to_file(log_path):
+        drill = Drill(settings, sizes, knobs, worker, result, progress)
+        for scenario in DRILLS:
+            if scenario in scenarios:
+                getattr(drill, scenario)()
+    # The envelope records the settings the drill ran with (its recovery knobs applied).
+    return finish(result, knobs.apply(settings), targets=slos, console=console)

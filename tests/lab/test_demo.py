@@ -1,0 +1,74 @@
+"""``tasklab demo`` shrunk to seconds per phase: every phase runs, one SLO table, one report."""
+
+from __future__ import annotations
+
+import psutil
+from rich.console import Console
+from typer.testing import CliRunner
+
+from tasklab.cli import app
+from tasklab.lab.demo import DemoSizes, embedded, run_demo
+from tasklab.settings import Settings
+from tests.lab.helpers import printed, read_json
+
+
+def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
+    lab_settings: Settings, console: Console
+) -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    outcome = run_demo(lab_settings, console=console, sizes=DemoSizes.tiny())
+
+    assert [p.name for p in outcome.phases] == [
+        "stress fast",
+        "bench overhead",
+        "drill kill + outage",
+        "load",
+    ]
+    assert all(p.error is None for p in outcome.phases), [p.error for p in outcome.phases]
+    assert outcome.ok, outcome.broken
+    shown = printed(console)
+    assert shown.count("tasklab demo: service levels") == 1
+    for row in (
+        "stress.fast.throughput_per_s",
+        "drill.kill.lost",
+        "drill.kill.duplicate_effects",
+        "drill.outage.lost",
+        "load.all.requests_per_s",
+        "load.shop.invariant_violations",
+        "bench.overhead.jobs_overhead_pct",
+    ):
+        assert row in shown, row
+
+    assert outcome.report == lab_settings.home_dir / "report" / "index.html"
+    html = outcome.report.read_text()
+    for command in ("stress", "bench", "drill", "load"):
+        assert f'<section class="result" id="{command}-' in html, command
+    assert '<table class="slo sortable">' in html
+    assert "kill.lost" in html and "shop.invariant_violations" in html
+    assert html.count('<svg class="chart"') >= 4
+
+    demo = read_json(outcome.result.path)
+    assert demo["command"] == "demo"
+    assert {s["figure"] for s in demo["slos"]} >= {"drill.kill.lost", "load.shop.orders_lost"}
+    assert demo["figures"]["phase.total_s"] > 0
+    assert [p["error"] for p in demo["params"]["phases"]] == [None] * 4
+    alive = {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if p.status() != psutil.STATUS_ZOMBIE
+    }
+    assert alive <= before, "a worker, the API or Redis outlived the demo"
+
+
+def test_the_demo_never_uses_a_configured_broker_or_database() -> None:
+    settings = Settings(redis_url="redis://prod:6379/0", database_url="postgresql://db/app")
+    local = embedded(settings)
+    assert (local.redis_url, local.broker_url, local.database_url) == (None, None, None)
+
+
+def test_drill_and_load_are_tasklab_commands() -> None:
+    runner = CliRunner()
+    for command in ("drill", "load", "demo"):
+        reply = runner.invoke(app, [command, "--help"])
+        assert reply.exit_code == 0, reply.output
+    assert "kill, outage, flush, api" in runner.invoke(app, ["drill", "--help"]).output
