@@ -118,9 +118,9 @@ class ApiDrill:
             self.wait_local_job()
             killed_at = time.time()
             self.api.kill()
+            client.stop()  # the requests in flight failed with it: they are unanswered
             # Nothing writes job records now (no API, no worker yet): this is what it left.
             interrupted = unfinished(self.engine)
-            client.stop()
             update(want)
         return {
             "killed_at": killed_at,
