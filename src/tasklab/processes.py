@@ -15,7 +15,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
-    """``preexec_fn``: ask the kernel to SIGTERM this child when its parent dies (Linux)."""
+    """``preexec_fn``: ask the kernel to SIGTERM this child when its parent dies (Linux).
+
+    The kernel ties this to the *thread* that started the child: start long-lived children
+    from the main thread (or another thread that outlives them), never from a short-lived one.
+    """
     if sys.platform == "linux":
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -40,6 +40,7 @@ def effect(ctx: JobContext, hold_s: float = 0.0, fail_first: int = 0) -> dict[st
     if ctx.attempt <= fail_first:
         raise RuntimeError(f"planned failure on attempt {ctx.attempt}")
     with ctx.transaction() as session:
-        session.execute(effects.insert().values(job_id=ctx.id, attempt=ctx.attempt,
-                                                created_at=time.time()))
+        session.execute(
+            effects.insert().values(job_id=ctx.id, attempt=ctx.attempt, created_at=time.time())
+        )
     return {"attempt": ctx.attempt}

@@ -14,8 +14,12 @@ from celery import shared_task
 @shared_task(name="tasklab.probe.noop")
 def noop(sent_at: float | None = None) -> dict[str, Any]:
     """Do nothing; report when it ran so the caller can split queue wait from run time."""
-    return {"sent_at": sent_at, "started_at": time.time(), "finished_at": time.time(),
-            "pid": os.getpid()}
+    return {
+        "sent_at": sent_at,
+        "started_at": time.time(),
+        "finished_at": time.time(),
+        "pid": os.getpid(),
+    }
 
 
 @shared_task(name="tasklab.probe.sleep")
@@ -23,8 +27,12 @@ def sleep(seconds: float, sent_at: float | None = None) -> dict[str, Any]:
     """I/O-bound stand-in: waits without using CPU."""
     started = time.time()
     time.sleep(seconds)
-    return {"sent_at": sent_at, "started_at": started, "finished_at": time.time(),
-            "pid": os.getpid()}
+    return {
+        "sent_at": sent_at,
+        "started_at": started,
+        "finished_at": time.time(),
+        "pid": os.getpid(),
+    }
 
 
 @shared_task(name="tasklab.probe.cpu")
@@ -34,19 +42,29 @@ def cpu(rounds: int = 20_000, sent_at: float | None = None) -> dict[str, Any]:
     digest = b"tasklab"
     for _ in range(rounds):
         digest = hashlib.sha256(digest).digest()
-    return {"sent_at": sent_at, "started_at": started, "finished_at": time.time(),
-            "pid": os.getpid(), "digest": digest.hex()[:8]}
+    return {
+        "sent_at": sent_at,
+        "started_at": started,
+        "finished_at": time.time(),
+        "pid": os.getpid(),
+        "digest": digest.hex()[:8],
+    }
 
 
 @shared_task(name="tasklab.probe.mixed")
-def mixed(rounds: int = 5_000, seconds: float = 0.01,
-          sent_at: float | None = None) -> dict[str, Any]:
+def mixed(
+    rounds: int = 5_000, seconds: float = 0.01, sent_at: float | None = None
+) -> dict[str, Any]:
     """Half hashing, half waiting."""
     started = time.time()
     cpu.run(rounds)
     time.sleep(seconds)
-    return {"sent_at": sent_at, "started_at": started, "finished_at": time.time(),
-            "pid": os.getpid()}
+    return {
+        "sent_at": sent_at,
+        "started_at": started,
+        "finished_at": time.time(),
+        "pid": os.getpid(),
+    }
 
 
 class ProbeFailure(RuntimeError):
