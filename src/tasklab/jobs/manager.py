@@ -159,33 +159,64 @@ class JobManager:
         **kwargs: Any,
     ) -> Job:
         """Record the job durably, then hand it to the broker (or the local fallback)."""
-        spec, values = self._prepare(
+        job = self.prepare(
             task,
-            args,
-            kwargs,
+            *args,
             queue=queue,
             priority=priority,
             idempotency_key=idempotency_key,
             owner=owner,
             countdown_s=countdown_s,
+            **kwargs,
         )
-        if idempotency_key is not None:
-            existing = self._by_key(values["owner"], idempotency_key)
-            if existing is not None:
-                return existing
+        owner_key = job.values["owner"]
+        if idempotency_key is not None and (found := self._by_key(owner_key, idempotency_key)):
+            return found
         try:
             with self.engine.begin() as conn:
-                conn.execute(*store.insert_job(**values))
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            found = self._by_key(values["owner"], idempotency_key)
-            if found is None:
+                conn.execute(*job.insert)
+        except IntegrityError:  # a concurrent submit with the same key won the insert
+            if idempotency_key is None or not (found := self._by_key(owner_key, idempotency_key)):
                 raise
             return found
-        via = self._dispatch(spec, values, countdown_s)
-        metrics.JOBS_SUBMITTED.labels(spec.name, values["queue"], via).inc()
-        return _submitted_job(values, via)
+        return self.dispatch(job)
+
+    async def asubmit(
+        self,
+        task: str | JobSpec,
+        *args: Any,
+        queue: str | None = None,
+        priority: int | None = None,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+        countdown_s: float = 0,
+        **kwargs: Any,
+    ) -> Job:
+        job = self.prepare(
+            task,
+            *args,
+            queue=queue,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            owner=owner,
+            countdown_s=countdown_s,
+            **kwargs,
+        )
+        owner_key = job.values["owner"]
+        if idempotency_key is not None and (
+            found := await self._aby_key(owner_key, idempotency_key)
+        ):
+            return found
+        try:
+            async with self.async_engine.begin() as conn:
+                await conn.execute(*job.insert)
+        except IntegrityError:
+            if idempotency_key is None or not (
+                found := await self._aby_key(owner_key, idempotency_key)
+            ):
+                raise
+            return found
+        return await self.adispatch(job)
 
     def _dispatch(
         self,
@@ -228,45 +259,6 @@ class JobManager:
         with self.engine.connect() as conn:
             row = conn.execute(store.select_by_idempotency(owner, key)).first()
         return Job.from_row(row) if row else None
-
-    async def asubmit(
-        self,
-        task: str | JobSpec,
-        *args: Any,
-        queue: str | None = None,
-        priority: int | None = None,
-        idempotency_key: str | None = None,
-        owner: str | None = None,
-        countdown_s: float = 0,
-        **kwargs: Any,
-    ) -> Job:
-        spec, values = self._prepare(
-            task,
-            args,
-            kwargs,
-            queue=queue,
-            priority=priority,
-            idempotency_key=idempotency_key,
-            owner=owner,
-            countdown_s=countdown_s,
-        )
-        if idempotency_key is not None:
-            existing = await self._aby_key(values["owner"], idempotency_key)
-            if existing is not None:
-                return existing
-        try:
-            async with self.async_engine.begin() as conn:
-                await conn.execute(*store.insert_job(**values))
-        except IntegrityError:
-            found = (
-                await self._aby_key(values["owner"], idempotency_key) if idempotency_key else None
-            )
-            if found is None:
-                raise
-            return found
-        via = await self._adispatch(spec, values, countdown_s)
-        metrics.JOBS_SUBMITTED.labels(spec.name, values["queue"], via).inc()
-        return _submitted_job(values, via)
 
     async def _adispatch(self, spec: JobSpec, values: dict[str, Any], countdown_s: float) -> str:
         # Publishing is blocking kombu I/O (bounded by publish_timeout_s): keep it off the loop.
