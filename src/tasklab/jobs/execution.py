@@ -153,6 +153,7 @@ class Executor:
     def run(self, spec: JobSpec, job_id: str) -> Outcome:
         lease_s = spec.lease_s or self.default_lease_s
         with self.engine.begin() as conn:
+            store.relax_commit(conn)
             row = conn.execute(
                 *store.claim(
                     job_id,

@@ -62,6 +62,7 @@ class LeaseKeeper:
         renewed = 0
         try:
             with self.engine.begin() as conn:
+                store.relax_commit(conn)
                 for job_id, (attempt, lease_s) in held.items():
                     renewed += conn.execute(
                         *store.renew_lease(job_id, attempt, now + lease_s)
