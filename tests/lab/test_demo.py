@@ -24,7 +24,11 @@ def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
         "drill kill + outage",
         "load",
     ]
-    assert all(p.error is None for p in outcome.phases), [p.error for p in outcome.phases]
+    logs = sorted((lab_settings.home_dir / "lab" / "logs").glob("demo-*.log"))
+    assert all(p.error is None for p in outcome.phases), (
+        [p.error for p in outcome.phases],
+        logs[-1].read_text()[-6000:] if logs else "no demo log",
+    )
     assert outcome.ok, outcome.broken
     shown = printed(console)
     assert shown.count("tasklab demo: service levels") == 1

@@ -16,6 +16,7 @@ could not run or data was lost or corrupted; a missed speed target is shown, not
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,8 @@ HEADLINES = {
     "drill": ("kill.interrupted", "kill.retried", "outage.waiting_at_outage", "outage.via_local"),
     "load": ("order.latency_ms_p99", "points.latency_ms_p99"),
 }
+
+logger = logging.getLogger("tasklab.lab.demo")
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,7 @@ def _run_phase(phase: Phase, label: str, console: Console) -> None:
             phase.error = str(e).splitlines()[0] if str(e) else type(e).__name__
         except Exception as e:  # a tour goes on; the failure is reported and fails the demo
             phase.error = f"{type(e).__name__}: {e}"
+            logger.exception("demo phase %r failed", phase.name)
     phase.duration_s = time.monotonic() - began
     if phase.error:
         verdict = f"[bold red]did not run[/]: {phase.error}"
