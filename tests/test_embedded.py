@@ -92,3 +92,30 @@ def test_a_live_owner_keeps_its_data_dir(tmp_path: Path) -> None:
         server.pidfile.write_text(record.to_json())
         with pytest.raises(EmbeddedServerError, match="in use"):
             EmbeddedRedis(tmp_path).start()
+
+
+def test_a_port_taken_by_another_redis_is_refused_never_used_as_ours(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path / "first") as first:
+        taken = first.port
+        assert taken is not None
+        second = EmbeddedRedis(tmp_path / "second", port=taken)
+        with pytest.raises(EmbeddedServerError, match=f"port {taken} is taken"):
+            second.start()
+        assert second.process is None
+        assert redis.Redis(port=taken).ping()  # the first one is untouched
+
+
+def test_a_free_port_lost_to_another_server_before_the_bind_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasklab.embedded as embedded
+
+    with EmbeddedRedis(tmp_path / "first") as first:
+        real_free_port = embedded.free_port
+        picks = iter([first.port])
+        # The first "free" port is the one the other server just took.
+        monkeypatch.setattr(embedded, "free_port", lambda: next(picks, None) or real_free_port())
+        with EmbeddedRedis(tmp_path / "second") as second:
+            assert second.port not in (None, first.port)
+            info = redis.Redis(port=second.port).info("server")
+            assert info["process_id"] == second.pid

@@ -70,6 +70,7 @@ class EmbeddedRedis:
         self.data_dir = Path(data_dir)
         self.port = port
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
 
     @property
     def pidfile(self) -> Path:
@@ -89,7 +90,22 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_pidfile(self.pidfile)
         binary = find_redis_server()
-        port = self.port or free_port()
+        if self.port is not None:
+            return self._start_on(binary, self.port)
+        # A free port can be taken by another process between our check and the server's
+        # bind: pick another one then.
+        for attempt in range(3):
+            try:
+                return self._start_on(binary, free_port())
+            except PortInUse:
+                if attempt == 2:
+                    raise
+                self.port = None
+        raise AssertionError("unreachable")
+
+    def _start_on(self, binary: Path, port: int) -> str:
+        log = self.data_dir / "redis.log"
+        self._log_offset = log.stat().st_size if log.exists() else 0
         args = [
             str(binary),
             "--port",
@@ -135,9 +151,14 @@ class EmbeddedRedis:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     err = (self.process.stderr.read() if self.process.stderr else b"").decode()
+                    err += _log_tail(self.data_dir / "redis.log", self._log_offset)
+                    self.process = None
+                    if "already in use" in err:
+                        raise PortInUse(f"port {self.port} is taken: {err.strip()[-300:]}")
                     raise EmbeddedServerError(f"redis-server exited at start: {err.strip()[:300]}")
                 with contextlib.suppress(redis.ConnectionError):
-                    if client.ping():
+                    # Ours, not another server that holds the port while ours fails to bind.
+                    if client.info("server").get("process_id") == self.process.pid:
                         return
                 time.sleep(0.02)
         finally:
@@ -168,6 +189,20 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class PortInUse(EmbeddedServerError):
+    """The chosen port was taken before redis-server could bind it."""
+
+
+def _log_tail(path: Path, offset: int) -> str:
+    """What the server logged since ``offset`` (the log is kept across restarts)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")[-500:]
+    except OSError:
+        return ""
 
 
 def clean_stale_pidfile(pidfile: Path) -> bool:

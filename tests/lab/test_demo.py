@@ -76,3 +76,43 @@ def test_drill_and_load_are_tasklab_commands() -> None:
         reply = runner.invoke(app, [command, "--help"])
         assert reply.exit_code == 0, reply.output
     assert "kill, outage, flush, api" in runner.invoke(app, ["drill", "--help"]).output
+
+
+def test_a_phase_whose_connection_drops_once_is_re_run_and_a_second_drop_fails_it(
+    console: Console,
+) -> None:
+    import redis
+
+    from tasklab.lab.demo import Phase, _run_phase
+    from tasklab.lab.results import LabResult
+
+    calls: list[int] = []
+
+    def flaky() -> LabResult:
+        calls.append(1)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Connection closed by server.")
+        return LabResult("stress")
+
+    hiccup = Phase("stress fast", flaky)
+    _run_phase(hiccup, "[1/1]", console)
+    assert (hiccup.error, len(calls)) == (None, 2)
+    assert hiccup.retried == "ConnectionError: Connection closed by server."
+
+    def broken() -> LabResult:
+        calls.append(1)
+        raise redis.ConnectionError("Connection refused")
+
+    calls.clear()
+    fault = Phase("stress fast", broken)
+    _run_phase(fault, "[1/1]", console)
+    assert fault.error == "ConnectionError: Connection refused" and len(calls) == 2
+
+    def bug() -> LabResult:
+        calls.append(1)
+        raise ValueError("not a connection problem")
+
+    calls.clear()
+    wrong = Phase("stress fast", bug)
+    _run_phase(wrong, "[1/1]", console)
+    assert wrong.error == "ValueError: not a connection problem" and len(calls) == 1
