@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tasklab.observe.sql import instrument
 from tasklab.settings import Settings
+
+T = TypeVar("T")
 
 
 def _is_sqlite(url: str) -> bool:
@@ -74,3 +78,49 @@ def make_async_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
         )
     instrument(engine.sync_engine, slow_query_ms=settings.slow_query_ms)
     return engine
+
+
+class SqlRunner:
+    """Runs a plain function of a SQLAlchemy ``Connection`` from async code, the cheapest way
+    for the database at hand:
+
+    - SQLite: aiosqlite hands every statement to a thread and back (~0.6 ms of CPU per
+      query here, ten times the query itself). Reads run inline on the event loop instead
+      (in WAL mode a reader never waits for a writer; a point read takes ~50 µs); a write
+      transaction runs in one worker thread, because it may wait out the busy timeout.
+    - PostgreSQL: the asyncpg engine runs the function through ``run_sync`` (no thread).
+
+    Reads use ``reader`` when given: on PostgreSQL an autocommit view of the pool, which
+    saves the BEGIN/ROLLBACK around a single SELECT.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        sync_engine: Engine | None = None,
+        reader: AsyncEngine | None = None,
+    ) -> None:
+        self.engine = engine
+        self.reader = reader or engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        self.sync_engine = sync_engine if self.is_sqlite else None
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        if self.sync_engine is not None:
+            with self.sync_engine.connect() as conn:
+                return fn(conn)
+        async with self.reader.connect() as aconn:
+            return await aconn.run_sync(fn)
+
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        """``fn`` inside one transaction: committed if it returns, rolled back if it raises."""
+        if self.sync_engine is not None:
+            return await asyncio.to_thread(self._write_sync, self.sync_engine, fn)
+        async with self.engine.begin() as aconn:
+            return await aconn.run_sync(fn)
+
+    @staticmethod
+    def _write_sync(engine: Engine, fn: Callable[[Connection], T]) -> T:
+        with engine.begin() as conn:
+            return fn(conn)

@@ -9,6 +9,7 @@ from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tasklab.database import SqlRunner
 from tasklab.jobs import JobManager
 from tasklab.service.auth import Authenticator, Principal
 from tasklab.service.domain.catalog import Catalog
@@ -49,14 +50,15 @@ class Services:
         schema_head: str | None,
     ) -> Services:
         reader = read_engine(engine)
+        sql = SqlRunner(engine, sync_engine=jobs.engine, reader=reader)
         return cls(
             settings=settings,
             engine=engine,
             jobs=jobs,
             auth=Authenticator(reader),
             catalog=Catalog(reader, cache),
-            points=Points(reader),
-            orders=Orders(engine, jobs, reader=reader),
+            points=Points(sql),
+            orders=Orders(sql, jobs),
             data_sync=DataSync(reader, jobs),
             job_views=JobViews(jobs),
             broker=broker,

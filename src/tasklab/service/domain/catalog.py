@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tasklab.service.domain.catalog_cache import CatalogCache, list_key
 from tasklab.service.domain.errors import NotFound
@@ -90,9 +91,9 @@ class Catalog:
         return Page([product_dict(r) for r in rows], page, page_size, int(total))
 
 
-async def prices_of(conn: AsyncConnection, product_ids: Iterable[int]) -> dict[int, int]:
+def prices_of(conn: Connection, product_ids: Iterable[int]) -> dict[int, int]:
     """{product_id: price_cents} for the ids that exist (one query)."""
-    rows = await conn.execute(
+    rows = conn.execute(
         sa.select(Product.id, Product.price_cents).where(Product.id.in_(set(product_ids)))
     )
     return {r.id: r.price_cents for r in rows}

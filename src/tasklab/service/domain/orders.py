@@ -16,9 +16,10 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tasklab.database import SqlRunner
 from tasklab.jobs import JobManager
 from tasklab.jobs.manager import PreparedJob
 from tasklab.service.domain.catalog import prices_of
@@ -71,17 +72,12 @@ def request_hash(lines: list[Line], use_points: int) -> str:
 
 
 class Orders:
-    def __init__(
-        self, engine: AsyncEngine, jobs: JobManager, *, reader: AsyncEngine | None = None
-    ) -> None:
-        self.engine = engine
-        self.reader = reader or engine  # for reads that need no transaction
+    def __init__(self, sql: SqlRunner, jobs: JobManager) -> None:
+        self.sql = sql
         self.jobs = jobs
         # SQLite has one writer at a time and makes the others sleep-and-retry (busy
         # timeout), which ruins tail latency; within this process, writers queue here instead.
-        self._write_lock = (
-            asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        )
+        self._write_lock = asyncio.Lock() if sql.is_sqlite else contextlib.nullcontext()
 
     # --- place ------------------------------------------------------------------------------
     async def place(
@@ -97,8 +93,15 @@ class Orders:
             existing = await self._by_key(user_id, idempotency_key)
             if existing is not None:
                 return await self._replay(existing, digest)
+        # The order, its items and its settlement job commit in one transaction: an order
+        # that exists always has a job, and the job is published once the commit is done
+        # (outside the write lock: publishing does not touch the database).
+        job = self.jobs.prepare(process_order, 0, owner=owner_of(user_id))
         async with self._write_lock:
-            return await self._place(user_id, lines, use_points, idempotency_key, digest)
+            placed = await self._place(user_id, lines, use_points, idempotency_key, digest, job)
+        if not placed.replayed:
+            await self.jobs.adispatch(job)
+        return placed
 
     async def _place(
         self,
@@ -107,10 +110,8 @@ class Orders:
         use_points: int,
         idempotency_key: str | None,
         digest: str,
+        job: PreparedJob,
     ) -> Placed:
-        # The order, its items and its settlement job commit in one transaction: an order
-        # that exists always has a job, and the job is published once the commit is done.
-        job = self.jobs.prepare(process_order, 0, owner=owner_of(user_id))
         try:
             order_id = await self._insert(user_id, lines, use_points, idempotency_key, digest, job)
         except IntegrityError:
@@ -122,7 +123,6 @@ class Orders:
             if existing is None:
                 raise
             return await self._replay(existing, digest)
-        await self.jobs.adispatch(job)
         return Placed(order_id, job.id, OrderStatus.PENDING.value)
 
     async def _insert(
@@ -135,8 +135,9 @@ class Orders:
         job: PreparedJob,
     ) -> int:
         now = time.time()
-        async with self.engine.begin() as conn:
-            prices = await _checked_prices(conn, lines)
+
+        def insert(conn: Connection) -> int:
+            prices = _checked_prices(conn, lines)
             total = sum(prices[ln.product_id] * ln.quantity for ln in lines)
             if use_points > total:
                 raise InvalidField(
@@ -144,25 +145,23 @@ class Orders:
                     f"exceeds the order total ({total} points)",
                     kind="too_many_points",
                 )
-            order_id: int = (
-                await conn.execute(
-                    sa.insert(Order)
-                    .values(
-                        user_id=user_id,
-                        status=OrderStatus.PENDING.value,
-                        reason=None,
-                        use_points=use_points,
-                        total_cents=total,
-                        job_id=job.id,
-                        idempotency_key=key,
-                        request_hash=digest,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .returning(Order.id)
+            order_id: int = conn.execute(
+                sa.insert(Order)
+                .values(
+                    user_id=user_id,
+                    status=OrderStatus.PENDING.value,
+                    reason=None,
+                    use_points=use_points,
+                    total_cents=total,
+                    job_id=job.id,
+                    idempotency_key=key,
+                    request_hash=digest,
+                    created_at=now,
+                    updated_at=now,
                 )
+                .returning(Order.id)
             ).scalar_one()
-            await conn.execute(
+            conn.execute(
                 sa.insert(OrderItem),
                 [
                     {
@@ -175,15 +174,16 @@ class Orders:
                 ],
             )
             job.values["args"] = [order_id]  # the order id is known only now
-            await conn.execute(*job.insert)
-        return order_id
+            conn.execute(*job.insert)
+            return order_id
+
+        return await self.sql.write(insert)
 
     async def _by_key(self, user_id: int, key: str) -> Any:
         stmt = sa.select(Order.id, Order.status, Order.job_id, Order.request_hash).where(
             Order.user_id == user_id, Order.idempotency_key == key
         )
-        async with self.reader.connect() as conn:
-            return (await conn.execute(stmt)).first()
+        return await self.sql.read(lambda conn: conn.execute(stmt).first())
 
     async def _replay(self, row: Any, digest: str) -> Placed:
         if row.request_hash != digest:
@@ -197,11 +197,14 @@ class Orders:
         stmt = sa.select(*_ORDER_COLUMNS).where(Order.id == order_id)
         if not admin:
             stmt = stmt.where(Order.user_id == user_id)
-        async with self.reader.connect() as conn:
-            row = (await conn.execute(stmt)).first()
-            if row is None:
-                raise NotFound("order", order_id)
-            items = await _items_of(conn, [order_id])
+
+        def order_and_items(conn: Connection) -> tuple[Any, Any]:
+            row = conn.execute(stmt).first()
+            return row, (_items_of(conn, [order_id]) if row is not None else None)
+
+        row, items = await self.sql.read(order_and_items)
+        if row is None:
+            raise NotFound("order", order_id)
         return order_dict(row, items[order_id])
 
     async def page(
@@ -219,15 +222,21 @@ class Orders:
             .offset(offset_of(page, page_size))
         )
         total_stmt = sa.select(sa.func.count()).select_from(Order).where(*conds)
-        async with self.reader.connect() as conn:
-            rows = (await conn.execute(rows_stmt)).all()
-            items = await _items_of(conn, [r.id for r in rows])
-            total = (await conn.execute(total_stmt)).scalar_one()
+
+        def page_of(conn: Connection) -> tuple[Any, Any, Any]:
+            rows = conn.execute(rows_stmt).all()
+            return (
+                rows,
+                _items_of(conn, [r.id for r in rows]),
+                conn.execute(total_stmt).scalar_one(),
+            )
+
+        rows, items, total = await self.sql.read(page_of)
         return Page([order_dict(r, items[r.id]) for r in rows], page, page_size, int(total))
 
 
-async def _checked_prices(conn: AsyncConnection, lines: list[Line]) -> dict[int, int]:
-    prices = await prices_of(conn, (ln.product_id for ln in lines))
+def _checked_prices(conn: Connection, lines: list[Line]) -> dict[int, int]:
+    prices = prices_of(conn, (ln.product_id for ln in lines))
     for i, ln in enumerate(lines):
         if ln.product_id not in prices:
             raise InvalidField(
@@ -236,13 +245,11 @@ async def _checked_prices(conn: AsyncConnection, lines: list[Line]) -> dict[int,
     return prices
 
 
-async def _items_of(
-    conn: AsyncConnection, order_ids: list[int]
-) -> defaultdict[int, list[dict[str, Any]]]:
+def _items_of(conn: Connection, order_ids: list[int]) -> defaultdict[int, list[dict[str, Any]]]:
     found: defaultdict[int, list[dict[str, Any]]] = defaultdict(list)
     if not order_ids:
         return found
-    rows = await conn.execute(
+    rows = conn.execute(
         sa.select(
             OrderItem.order_id, OrderItem.product_id, OrderItem.quantity, OrderItem.unit_price_cents
         )

@@ -6,8 +6,9 @@ import time
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Connection
 
+from tasklab.database import SqlRunner
 from tasklab.service.domain.models import LedgerEntry, LedgerKind, PointAccount
 from tasklab.service.domain.paging import Page, at, offset_of
 
@@ -27,15 +28,14 @@ def entry_dict(row: Any) -> dict[str, Any]:
 
 
 class Points:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, sql: SqlRunner) -> None:
+        self.sql = sql
 
     async def balance(self, user_id: int) -> dict[str, Any]:
         stmt = sa.select(PointAccount.balance, PointAccount.updated_at).where(
             PointAccount.user_id == user_id
         )
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(stmt)).first()
+        row = await self.sql.read(lambda conn: conn.execute(stmt).first())
         return {
             "user_id": user_id,
             "balance": row.balance if row else 0,
@@ -60,9 +60,11 @@ class Points:
             .offset(offset_of(page, page_size))
         )
         total_stmt = sa.select(sa.func.count()).select_from(LedgerEntry).where(mine)
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(rows_stmt)).all()
-            total = (await conn.execute(total_stmt)).scalar_one()
+
+        def page_of(conn: Connection) -> tuple[Any, Any]:
+            return conn.execute(rows_stmt).all(), conn.execute(total_stmt).scalar_one()
+
+        rows, total = await self.sql.read(page_of)
         return Page([entry_dict(r) for r in rows], page, page_size, int(total))
 
     async def expiring(
@@ -82,13 +84,12 @@ class Points:
             .order_by(LedgerEntry.expires_at)
             .limit(MAX_EXPIRING_ITEMS)
         )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(stmt)).all()
-            balance = (
-                await conn.execute(
-                    sa.select(PointAccount.balance).where(PointAccount.user_id == user_id)
-                )
-            ).scalar_one_or_none() or 0
+        balance_stmt = sa.select(PointAccount.balance).where(PointAccount.user_id == user_id)
+
+        def grants_and_balance(conn: Connection) -> tuple[Any, int]:
+            return conn.execute(stmt).all(), conn.execute(balance_stmt).scalar_one_or_none() or 0
+
+        rows, balance = await self.sql.read(grants_and_balance)
         items = [
             {"entry_id": r.id, "points": r.delta, "expires_at": at(r.expires_at)} for r in rows
         ]
