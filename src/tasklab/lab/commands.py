@@ -242,7 +242,10 @@ def load(
     ] = 20.0,
     user_class: Annotated[
         list[str] | None,
-        typer.Option("--user-class", help="shop, orders, sync (repeatable; default all)."),
+        typer.Option(
+            "--user-class",
+            help="shop, orders, points, sync (repeatable; default shop, orders, sync).",
+        ),
     ] = None,
     url: Annotated[
         str | None, typer.Option(help="A running service instead of the lab's own.")
@@ -256,13 +259,13 @@ def load(
     --url): RPS, P50/P95/P99 and failures by reason per endpoint, then the invariants."""
     from dataclasses import replace
 
-    from tasklab.lab.load import USER_CLASSES, LoadSizes, run_load
+    from tasklab.lab.load import DEFAULT_CLASSES, LoadSizes, run_load
 
     sizes = replace(LoadSizes(), users=users, spawn_rate=spawn_rate, duration_s=duration)
     result = run_load(
         _settings(ctx),
         sizes=sizes,
-        classes=user_class or list(USER_CLASSES),
+        classes=user_class or list(DEFAULT_CLASSES),
         url=url,
         tokens=tokens,
         targets=target or [],

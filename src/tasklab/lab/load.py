@@ -54,7 +54,14 @@ from tasklab.lab.summary import cdf_points
 from tasklab.settings import Settings
 
 LOCUSTFILE = Path(__file__).parent / "locustfiles" / "shop.py"
-USER_CLASSES = {"shop": "ShopUser", "orders": "OrderUser", "sync": "SyncUser"}
+USER_CLASSES = {
+    "shop": "ShopUser",
+    "orders": "OrderUser",
+    "points": "PointsUser",
+    "sync": "SyncUser",
+}
+# The mixed default; ``points`` (reads at full speed) is asked for by name.
+DEFAULT_CLASSES = ("shop", "orders", "sync")
 FLOW = "FLOW"  # Locust entries that are whole flows, not HTTP requests
 STOP_TIMEOUT_S = 2
 DEFAULT_TARGETS = (
@@ -393,7 +400,7 @@ def run_load(
     settings: Settings,
     *,
     sizes: LoadSizes | None = None,
-    classes: Sequence[str] = tuple(USER_CLASSES),
+    classes: Sequence[str] = DEFAULT_CLASSES,
     url: str | None = None,
     tokens: Path | None = None,
     worker: WorkerConfig | None = None,

@@ -114,6 +114,17 @@ class OrderUser(_ShopClient):
         self.place_order()
 
 
+class PointsUser(_ShopClient):
+    """Balance reads as fast as the server answers (the service's read target)."""
+
+    weight = 2
+    wait_time = constant(0)
+
+    @task
+    def points(self) -> None:
+        self.get_json("/api/v1/points", "points")
+
+
 class SyncUser(_ShopClient):
     weight = 1
     wait_time = between(0.5, 1.0)
