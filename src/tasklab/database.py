@@ -124,3 +124,16 @@ class SqlRunner:
     def _write_sync(engine: Engine, fn: Callable[[Connection], T]) -> T:
         with engine.begin() as conn:
             return fn(conn)
+
+
+def one_statement(engine: Engine) -> Engine:
+    """``engine`` for transactions of a single statement (a job insert, claim, completion).
+
+    On SQLite it runs them in autocommit mode: the statement is its own transaction inside
+    ``sqlite3_step``, so the write lock is never held while Python runs between BEGIN and
+    COMMIT, where a preempted process would make every other writer sleep out SQLite's busy
+    handler (1, 2, 5 ms ...). Other databases: the engine itself.
+    """
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine

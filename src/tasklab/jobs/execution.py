@@ -18,6 +18,7 @@ import orjson
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from tasklab.database import one_statement
 from tasklab.errors import JobError, StaleAttempt
 from tasklab.jobs import store
 from tasklab.jobs.lease import LeaseKeeper
@@ -144,6 +145,7 @@ class Executor:
         reschedule: Callable[[JobSpec, str, str, int, float], None],
     ) -> None:
         self.engine = engine
+        self.single = one_statement(engine)  # claims, completions, failures: one statement
         self.lease_owner = lease_owner
         self.via = via
         self.default_lease_s = default_lease_s
@@ -152,7 +154,7 @@ class Executor:
 
     def run(self, spec: JobSpec, job_id: str) -> Outcome:
         lease_s = spec.lease_s or self.default_lease_s
-        with self.engine.begin() as conn:
+        with self.single.begin() as conn:
             store.relax_commit(conn)
             row = conn.execute(
                 *store.claim(
@@ -216,7 +218,7 @@ class Executor:
             ctx._commit_pending(value)
             updated = 1
         else:
-            with self.engine.begin() as conn:
+            with self.single.begin() as conn:
                 updated = conn.execute(
                     *store.complete(ctx.id, ctx.attempt, result=value, now=now)
                 ).rowcount
@@ -235,7 +237,7 @@ class Executor:
         delay = spec.retry.delay_s(ctx.attempt) if retry else None
         now = time.time()
         error = f"{type(exc).__name__}: {exc}"
-        with self.engine.begin() as conn:
+        with self.single.begin() as conn:
             updated = conn.execute(
                 store.fail(
                     ctx.id,

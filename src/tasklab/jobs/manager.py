@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tasklab.celery_app import MAX_PRIORITY
-from tasklab.database import make_async_engine, make_engine
+from tasklab.database import make_async_engine, make_engine, one_statement
 from tasklab.errors import BrokerUnavailable, JobError, JobNotFound, JobStateError, JobTimeout
 from tasklab.jobs import store
 from tasklab.jobs.execution import Executor
@@ -56,6 +56,7 @@ class JobManager:
             workers=settings.local_workers if local_fallback else 0,
             queue_max=settings.local_queue_max,
         )
+        self._single = one_statement(self.engine)  # the insert of submit()
         self._leases = LeaseKeeper(self.engine)
         self._executor = Executor(
             self.engine,
@@ -173,7 +174,7 @@ class JobManager:
         if idempotency_key is not None and (found := self._by_key(owner_key, idempotency_key)):
             return found
         try:
-            with self.engine.begin() as conn:
+            with self._single.begin() as conn:
                 conn.execute(*job.insert)
         except IntegrityError:  # a concurrent submit with the same key won the insert
             if idempotency_key is None or not (found := self._by_key(owner_key, idempotency_key)):
