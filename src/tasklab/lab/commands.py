@@ -44,6 +44,12 @@ ConcOpt = Annotated[int | None, typer.Option(min=1, help="Worker concurrency.")]
 PrefetchOpt = Annotated[
     int | None, typer.Option("--prefetch", min=1, help="Worker prefetch multiplier.")
 ]
+NodesOpt = Annotated[
+    int,
+    typer.Option(
+        "--nodes", min=1, max=64, help="Worker processes to start (e.g. 2 solo nodes on 2 cores)."
+    ),
+]
 
 
 def stress(
@@ -102,6 +108,7 @@ def bench(
     pool: PoolOpt = None,
     concurrency: ConcOpt = None,
     prefetch: PrefetchOpt = None,
+    nodes: NodesOpt = 1,
 ) -> None:
     """Benchmarks: submit latency, concurrent submitters, overhead, worker throughput, memory,
     broker rates, raw Celery vs tasklab jobs, the cache."""
@@ -122,7 +129,11 @@ def bench(
         external_workers=external_workers,
         brokers=configured_brokers(settings, dict(os.environ)),
         worker=worker_config(
-            settings, pool=pool, concurrency=concurrency, prefetch_multiplier=prefetch
+            settings,
+            pool=pool,
+            concurrency=concurrency,
+            prefetch_multiplier=prefetch,
+            nodes=nodes,
         ),
         targets=target or [],
         console=console,
