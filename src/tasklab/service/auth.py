@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tasklab.database import SqlRunner
 from tasklab.service.domain import tokens
 from tasklab.service.domain.errors import Unauthorized
 from tasklab.service.domain.models import User
@@ -31,12 +31,12 @@ class Principal:
 class Authenticator:
     def __init__(
         self,
-        engine: AsyncEngine,
+        sql: SqlRunner,
         *,
         ttl_s: float = AUTH_CACHE_TTL_S,
         max_entries: int = AUTH_CACHE_MAX_ENTRIES,
     ) -> None:
-        self.engine = engine
+        self.sql = sql
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._cache: dict[bytes, tuple[Principal, float]] = {}
@@ -58,12 +58,8 @@ class Authenticator:
         if parts is None:
             raise Unauthorized("invalid bearer token")
         user_id, secret = parts
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(User.token_hash, User.is_admin).where(User.id == user_id)
-                )
-            ).first()
+        stmt = sa.select(User.token_hash, User.is_admin).where(User.id == user_id)
+        row = await self.sql.read(lambda conn: conn.execute(stmt).first())
         if row is None or not tokens.matches(secret, row.token_hash):
             raise Unauthorized("invalid bearer token")
         return Principal(user_id, bool(row.is_admin))

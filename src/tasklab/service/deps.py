@@ -55,7 +55,7 @@ class Services:
             settings=settings,
             engine=engine,
             jobs=jobs,
-            auth=Authenticator(reader),
+            auth=Authenticator(sql),
             catalog=Catalog(reader, cache),
             points=Points(sql),
             orders=Orders(sql, jobs),
