@@ -7,6 +7,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
+from tasklab.kombu_redis import TRANSPORT
 from tasklab.settings import Settings
 
 # Queues, most urgent first: a worker consuming several queues polls them in this order.
@@ -105,6 +106,9 @@ def _config(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
         conf["task_send_sent_event"] = False
     if is_redis:
         conf.update(_redis_transport(settings, for_publishing=for_publishing))
+        if settings.effective_broker_url.startswith("redis://"):
+            # kombu's Redis transport, minus a client object built per publish and per ack.
+            conf["broker_transport"] = TRANSPORT
     elif for_publishing:
         conf["broker_transport_options"] = _fail_fast(settings)
         conf["broker_connection_timeout"] = settings.publish_timeout_s
