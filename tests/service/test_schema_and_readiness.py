@@ -87,3 +87,44 @@ async def test_with_the_broker_down_the_api_is_degraded_and_orders_settle_locall
         job = (await client.get(f"/api/v1/jobs/{order['job_id']}", headers=user.headers)).json()
     assert order["status"] == "paid"
     assert (job["via"], job["status"]) == ("local", "SUCCEEDED")
+
+
+async def test_connections_the_database_dropped_cost_at_most_one_retryable_503(
+    tmp_path: Path, redis_url: str, postgres_url: str
+) -> None:
+    """The API pings no connection on checkout (speed): when PostgreSQL drops them all, as on
+    a restart, a request may get a 503 with Retry-After, never a 500, and the pool recovers."""
+    import sqlalchemy as sa
+
+    from tasklab.service.domain.seed import seed
+    from tests.conftest import _reset_postgres
+
+    _reset_postgres(postgres_url)
+    settings = make_settings(tmp_path, redis_url, postgres_url)
+    seed(settings, users=2, products=2, stock=10, points=100)
+    user = read_tokens(settings.home_dir / "tokens.jsonl")[0]
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        warm = [await c.get("/api/v1/points", headers=user.headers) for _ in range(3)]
+        assert [r.status_code for r in warm] == [200, 200, 200]
+        admin = make_engine(settings)
+        with admin.connect() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        admin.dispose()
+        assert killed >= 1
+        after = [await c.get("/api/v1/points", headers=user.headers) for _ in range(4)]
+    codes = [r.status_code for r in after]
+    assert codes.count(503) <= 1 and 500 not in codes, codes
+    assert codes[-2:] == [200, 200]
+    for r in after:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1"
+            assert r.headers["content-type"].startswith("application/problem+json")

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -198,6 +198,14 @@ async def _database(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _dbapi(request: Request, exc: Exception) -> Response:
+    """A driver error: a dropped connection (the pool is invalidated and reconnects) is a
+    retryable 503 like any unavailable database; anything else is a bug."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return await _database(request, exc)
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem(500, "internal error")
@@ -216,6 +224,7 @@ def install(app: FastAPI) -> None:
         ConnectionRefusedError,
     ):
         app.add_exception_handler(db_error, _database)
+    app.add_exception_handler(DBAPIError, _dbapi)
     app.add_exception_handler(Exception, _unexpected)
 
 
