@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,12 @@ BARE_APP = textwrap.dedent(
         return {"status": "ok"}
     """
 )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_up(url: str, timeout_s: float = 60.0) -> None:
@@ -83,11 +90,12 @@ def main() -> None:
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="tasklab-api-speed-"))
+    ours_port, bare_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BROKER_URL")}
     env.pop("DATABASE_URL", None)
     env.update(
         TASKLAB_HOME_DIR=str(home),
-        TASKLAB_API_PORT="8765",
+        TASKLAB_API_PORT=str(ours_port),
         TASKLAB_API_WORKERS=str(args.workers),
         TASKLAB_LOG_LEVEL="WARNING",
     )
@@ -105,7 +113,7 @@ def main() -> None:
     users = [json.loads(line) for line in tokens_file.read_text().splitlines()]
     users = [u for u in users if not u.get("admin")]
     (home / "bare_app.py").write_text(BARE_APP)
-    uvicorn = ["uvicorn", "bare_app:app", "--port", "8766", "--workers", str(args.workers)]
+    uvicorn = ["uvicorn", "bare_app:app", "--port", str(bare_port), "--workers", str(args.workers)]
     uvicorn += ["--loop", "uvloop", "--http", "httptools", "--log-level", "warning"]
     bare = subprocess.Popen(
         [sys.executable, "-m", *uvicorn],
@@ -118,7 +126,7 @@ def main() -> None:
         stdout=(home / "up.log").open("w"),
         stderr=subprocess.STDOUT,
     )
-    ours, bare_url = "http://127.0.0.1:8765", "http://127.0.0.1:8766"
+    ours, bare_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{bare_port}"
     try:
         wait_up(bare_url + "/health")
         wait_up(ours + "/health")

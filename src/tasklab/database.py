@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -105,24 +106,33 @@ class SqlRunner:
         *,
         sync_engine: Engine | None = None,
         reader: AsyncEngine | None = None,
+        max_concurrent: int | None = None,
     ) -> None:
+        """``max_concurrent``: statements in flight at once (on PostgreSQL, the pool size).
+        More callers queue here: beyond the pool, SQLAlchemy would open and close an overflow
+        connection per request (a PostgreSQL backend started each time)."""
         self.engine = engine
         self.reader = reader or engine
         self.is_sqlite = engine.dialect.name == "sqlite"
         self.sync_engine = sync_engine if self.is_sqlite else None
+        self._slots = (
+            asyncio.Semaphore(max_concurrent)
+            if max_concurrent and not self.is_sqlite
+            else contextlib.nullcontext()
+        )
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         if self.sync_engine is not None:
             with self.sync_engine.connect() as conn:
                 return fn(conn)
-        async with self.reader.connect() as aconn:
+        async with self._slots, self.reader.connect() as aconn:
             return await aconn.run_sync(fn)
 
     async def write(self, fn: Callable[[Connection], T]) -> T:
         """``fn`` inside one transaction: committed if it returns, rolled back if it raises."""
         if self.sync_engine is not None:
             return await asyncio.to_thread(self._write_sync, self.sync_engine, fn)
-        async with self.engine.begin() as aconn:
+        async with self._slots, self.engine.begin() as aconn:
             return await aconn.run_sync(fn)
 
     @staticmethod

@@ -50,7 +50,9 @@ class Services:
         schema_head: str | None,
     ) -> Services:
         reader = read_engine(engine)
-        sql = SqlRunner(engine, sync_engine=jobs.engine, reader=reader)
+        sql = SqlRunner(
+            engine, sync_engine=jobs.engine, reader=reader, max_concurrent=settings.db_pool_size
+        )
         return cls(
             settings=settings,
             engine=engine,
