@@ -45,6 +45,16 @@ def test_a_short_load_reports_every_endpoint_and_the_shop_stays_consistent(
     assert "tasklab load: endpoints" in shown and "P99 ms" in shown
 
 
+def test_the_points_class_only_reads_balances(lab_settings: Settings, console: Console) -> None:
+    result = run_load(lab_settings, sizes=LoadSizes.tiny(), classes=["points"], console=console)
+    data = read_json(result.path)
+    f = data["figures"]
+    assert data["params"]["user_classes"] == ["PointsUser"]
+    assert f["points.requests"] > 0 and f["all.success_pct"] == 100
+    assert {row["endpoint"] for row in data["tables"]["endpoints"]} - {"setup"} == {"points", "all"}
+    assert f["shop.orders"] == 0 and f["shop.invariant_violations"] == 0
+
+
 def test_a_running_service_needs_the_tokens_of_its_users(
     lab_settings: Settings, console: Console
 ) -> None:
