@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import multiprocessing
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from tasklab.database import SqlRunner, make_async_engine, make_engine
+from tasklab.database import SqlRunner, make_async_engine, make_engine, write_gate
 from tasklab.settings import Settings
 
 _things = sa.Table(
@@ -76,3 +80,77 @@ async def test_on_sqlite_reads_stay_on_the_loop_thread_and_writes_leave_it(
     assert runner.is_sqlite
     assert read_on == loop_thread  # no hand-off to a thread for a read
     assert write_on != loop_thread  # a write may wait on the busy timeout: never on the loop
+
+
+async def test_grouped_writes_that_meet_commit_together_and_a_failing_one_fails_alone(
+    runner: SqlRunner,
+) -> None:
+    transactions: list[int] = []
+
+    def add(name: str) -> Callable[[Connection], str]:
+        def insert(conn: Connection) -> str:
+            transactions.append(id(conn))
+            if name == "bad":
+                raise ValueError("refused")
+            conn.execute(_things.insert().values(name=name))
+            return name
+
+        return insert
+
+    results = await asyncio.gather(
+        *(runner.write_grouped(add(n)) for n in ["a", "b", "bad", "c"]), return_exceptions=True
+    )
+
+    assert results[:2] == ["a", "b"] and results[3] == "c"
+    assert isinstance(results[2], ValueError)
+    assert sorted(await runner.read(_names)) == ["a", "b", "c"]
+    # "a" ran alone; "b", "bad" and "c" met while it ran and shared one transaction (then, as
+    # "bad" failed, each re-ran alone): 1 + 3 + 3 calls in all.
+    assert len(transactions) == 7
+
+
+def _hold_gate(db: str, holding: Any, release: Any) -> None:
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with write_gate(engine):
+        holding.set()
+        release.wait(30)
+
+
+def test_the_write_gate_makes_writers_of_other_processes_wait_for_the_holder(
+    tmp_path: Path,
+) -> None:
+    db = str(tmp_path / "gate.db")
+    ctx = multiprocessing.get_context("spawn")
+    holding, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_gate, args=(db, holding, release))
+    holder.start()
+    try:
+        assert holding.wait(30)
+        entered = threading.Event()
+
+        def writer() -> None:
+            with write_gate(sa.create_engine(f"sqlite:///{db}")):
+                entered.set()
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        assert not entered.wait(0.3)  # blocked while the other process holds it
+        release.set()
+        assert entered.wait(30)  # and let in once it lets go
+    finally:
+        release.set()
+        holder.join(30)
+
+
+def test_the_write_gate_is_reentrant_within_a_thread(tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'gate.db'}")
+    with write_gate(engine), write_gate(engine):
+        pass
+    with write_gate(engine):  # released by the outer exit: taken again at once
+        pass
+
+
+def test_the_write_gate_is_a_no_op_for_servers() -> None:
+    engine = sa.create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    gate = write_gate(engine)
+    assert isinstance(gate, contextlib.nullcontext)

@@ -10,15 +10,15 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
-from tasklab.database import one_statement
+from tasklab.database import one_statement, write_gate, writing
 from tasklab.errors import JobError, StaleAttempt
 from tasklab.jobs import store
 from tasklab.jobs.lease import LeaseKeeper
@@ -55,7 +55,7 @@ class JobContext:
     engine: Engine
     lease_s: float
     _last_progress_at: float = field(default=0.0, repr=False)
-    _pending: Session | None = field(default=None, repr=False)
+    _pending: tuple[Session, _Held] | None = field(default=None, repr=False)
 
     def progress(self, current: int, total: int | None = None, message: str | None = None) -> None:
         """Record progress (at most every 0.5 s, and always at the end); raise JobCancelled
@@ -65,7 +65,7 @@ class JobContext:
         if not last and now - self._last_progress_at < PROGRESS_MIN_INTERVAL_S:
             return
         self._last_progress_at = now
-        with self.engine.begin() as conn:
+        with writing(self.engine) as conn:
             row = conn.execute(
                 *store.progress(
                     self.id,
@@ -92,7 +92,11 @@ class JobContext:
         """
         if self._pending is not None:
             raise JobError("job.transaction() may be used once per attempt")
+        gate = _Held(write_gate(self.engine))  # until the commit (or rollback) below
         session = Session(self.engine)
+        # Let the next writer in as soon as the database committed: before the session's
+        # other after-commit hooks (a cache invalidation does network I/O).
+        event.listen(session, "after_commit", lambda _s: gate.release())
         session.begin()
         try:
             yield session
@@ -104,25 +108,50 @@ class JobContext:
                     f"job {self.id} attempt {self.attempt} lost its claim; effects rolled back"
                 )
         except BaseException:
-            session.rollback()
-            session.close()
+            _end(session, gate, commit=False)
             raise
-        self._pending = session
+        self._pending = (session, gate)
 
     def _commit_pending(self, result: Any) -> None:
-        session, self._pending = self._pending, None
-        assert session is not None
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        session, gate = pending
         try:
             session.execute(*store.set_result(self.id, self.attempt, result))
-            session.commit()
-        finally:
-            session.close()
+        except BaseException:
+            _end(session, gate, commit=False)
+            raise
+        _end(session, gate, commit=True)
 
     def _discard_pending(self) -> None:
-        session, self._pending = self._pending, None
-        if session is not None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            _end(*pending, commit=False)
+
+
+class _Held:
+    """A write gate entered now and released once, whichever way the transaction ends."""
+
+    def __init__(self, gate: AbstractContextManager[None]) -> None:
+        gate.__enter__()
+        self._gate: AbstractContextManager[None] | None = gate
+
+    def release(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.__exit__(None, None, None)
+
+
+def _end(session: Session, gate: _Held, *, commit: bool) -> None:
+    """Commit or roll back a job's transaction, then let the next writer in."""
+    try:
+        if commit:
+            session.commit()
+        else:
             session.rollback()
-            session.close()
+    finally:
+        session.close()
+        gate.release()
 
 
 @dataclass
@@ -154,7 +183,7 @@ class Executor:
 
     def run(self, spec: JobSpec, job_id: str) -> Outcome:
         lease_s = spec.lease_s or self.default_lease_s
-        with self.single.begin() as conn:
+        with writing(self.single) as conn:
             store.relax_commit(conn)
             row = conn.execute(
                 *store.claim(
@@ -218,7 +247,7 @@ class Executor:
             ctx._commit_pending(value)
             updated = 1
         else:
-            with self.single.begin() as conn:
+            with writing(self.single) as conn:
                 updated = conn.execute(
                     *store.complete(ctx.id, ctx.attempt, result=value, now=now)
                 ).rowcount
@@ -237,7 +266,7 @@ class Executor:
         delay = spec.retry.delay_s(ctx.attempt) if retry else None
         now = time.time()
         error = f"{type(exc).__name__}: {exc}"
-        with self.single.begin() as conn:
+        with writing(self.single) as conn:
             updated = conn.execute(
                 store.fail(
                     ctx.id,
@@ -270,7 +299,7 @@ class Executor:
         return Outcome("retrying", retry_in_s=delay)
 
     def _finish_cancelled(self, spec: JobSpec, ctx: JobContext) -> Outcome:
-        with self.engine.begin() as conn:
+        with writing(self.engine) as conn:
             conn.execute(store.mark_cancelled_running(ctx.id, ctx.attempt, time.time()))
         metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "cancelled").inc()
         return Outcome("cancelled")

@@ -12,6 +12,7 @@ import time
 
 from sqlalchemy import Engine
 
+from tasklab.database import writing
 from tasklab.jobs import store
 
 log = logging.getLogger("tasklab.jobs.lease")
@@ -61,7 +62,7 @@ class LeaseKeeper:
         now = time.time()
         renewed = 0
         try:
-            with self.engine.begin() as conn:
+            with writing(self.engine) as conn:
                 store.relax_commit(conn)
                 for job_id, (attempt, lease_s) in held.items():
                     renewed += conn.execute(

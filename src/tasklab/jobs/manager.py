@@ -22,7 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tasklab.celery_app import MAX_PRIORITY
-from tasklab.database import make_async_engine, make_engine, one_statement
+from tasklab.coalesce import Coalescer
+from tasklab.database import make_async_engine, make_engine, one_statement, writing
 from tasklab.errors import BrokerUnavailable, JobError, JobNotFound, JobStateError, JobTimeout
 from tasklab.jobs import store
 from tasklab.jobs.execution import Executor
@@ -57,6 +58,9 @@ class JobManager:
             queue_max=settings.local_queue_max,
         )
         self._single = one_statement(self.engine)  # the insert of submit()
+        self._dispatches: Coalescer[tuple[JobSpec, dict[str, Any], float], str] = Coalescer(
+            self._dispatch_batch
+        )
         self._leases = LeaseKeeper(self.engine)
         self._executor = Executor(
             self.engine,
@@ -174,8 +178,7 @@ class JobManager:
         if idempotency_key is not None and (found := self._by_key(owner_key, idempotency_key)):
             return found
         try:
-            with self._single.begin() as conn:
-                conn.execute(*job.insert)
+            self._insert(job)
         except IntegrityError:  # a concurrent submit with the same key won the insert
             if idempotency_key is None or not (found := self._by_key(owner_key, idempotency_key)):
                 raise
@@ -209,8 +212,11 @@ class JobManager:
         ):
             return found
         try:
-            async with self.async_engine.begin() as conn:
-                await conn.execute(*job.insert)
+            if self.engine.dialect.name == "sqlite":  # a write waits for the gate: off the loop
+                await asyncio.to_thread(self._insert, job)
+            else:
+                async with self.async_engine.begin() as conn:
+                    await conn.execute(*job.insert)
         except IntegrityError:
             if idempotency_key is None or not (
                 found := await self._aby_key(owner_key, idempotency_key)
@@ -218,6 +224,10 @@ class JobManager:
                 raise
             return found
         return await self.adispatch(job)
+
+    def _insert(self, job: PreparedJob) -> None:
+        with writing(self._single) as conn:
+            conn.execute(*job.insert)
 
     def _dispatch(
         self,
@@ -242,11 +252,11 @@ class JobManager:
                 message_id=values.get("message_id"),
             )
             if mark_queued:
-                with self.engine.begin() as conn:
+                with writing(self.engine) as conn:
                     conn.execute(store.mark_published(job_id, message_id, time.time()))
             return "broker"
         except BrokerUnavailable as e:
-            with self.engine.begin() as conn:
+            with writing(self.engine) as conn:
                 conn.execute(store.mark_pending(job_id, via="local"))
             if countdown_s == 0 and self.local.try_run(
                 spec.name, lambda: self._executor.run(spec, job_id).status
@@ -262,8 +272,24 @@ class JobManager:
         return Job.from_row(row) if row else None
 
     async def _adispatch(self, spec: JobSpec, values: dict[str, Any], countdown_s: float) -> str:
-        # Publishing is blocking kombu I/O (bounded by publish_timeout_s): keep it off the loop.
-        return await asyncio.to_thread(self._dispatch, spec, values, countdown_s)
+        via: str = await self._dispatches.submit((spec, values, countdown_s))
+        return via
+
+    async def _dispatch_batch(
+        self, batch: builtins.list[tuple[JobSpec, dict[str, Any], float]]
+    ) -> builtins.list[str | BaseException]:
+        # Publishing is blocking kombu I/O (bounded by publish_timeout_s): keep it off the
+        # loop, and make one thread hop for the jobs dispatched meanwhile (see Coalescer).
+        def publish_all() -> builtins.list[str | BaseException]:
+            outcomes: builtins.list[str | BaseException] = []
+            for spec, values, countdown_s in batch:
+                try:
+                    outcomes.append(self._dispatch(spec, values, countdown_s))
+                except Exception as e:
+                    outcomes.append(e)
+            return outcomes
+
+        return await asyncio.to_thread(publish_all)
 
     async def _aby_key(self, owner: str, key: str) -> Job | None:
         async with self.async_engine.connect() as conn:
@@ -335,7 +361,7 @@ class JobManager:
         if job.status in FINAL:
             raise JobStateError(f"job {job_id} is already {job.status.value}")
         now = time.time()
-        with self.engine.begin() as conn:
+        with writing(self.engine) as conn:
             if conn.execute(store.cancel_waiting(job_id, now)).rowcount == 0:
                 conn.execute(store.request_cancel_running(job_id, now=now, terminate=terminate))
         if terminate and job.message_id and job.status is JobStatus.STARTED:
@@ -346,7 +372,7 @@ class JobManager:
         """Re-run a DEAD (or CANCELLED) job with a fresh set of attempts."""
         job = self.get(job_id)
         spec = get_spec(job.task)
-        with self.engine.begin() as conn:
+        with writing(self.engine) as conn:
             updated = conn.execute(store.retry_dead(job_id, spec.retry.max_attempts)).rowcount
         if updated != 1:
             raise JobStateError(

@@ -22,6 +22,7 @@ import redis
 from sqlalchemy import Engine
 
 from tasklab.celery_app import QUEUES
+from tasklab.database import writing
 from tasklab.errors import BrokerUnavailable
 from tasklab.jobs import store
 from tasklab.jobs.publisher import Publisher
@@ -64,7 +65,7 @@ class Reaper:
 
     def _release_expired(self, now: float) -> int:
         released = 0
-        with self.engine.begin() as conn:
+        with writing(self.engine) as conn:
             for row in conn.execute(store.expired_leases(now, BATCH)).all():
                 dead = row.attempt >= row.max_attempts
                 n = conn.execute(
@@ -148,7 +149,7 @@ class Reaper:
                 )
             except BrokerUnavailable:
                 break
-            with self.engine.begin() as conn:
+            with writing(self.engine) as conn:
                 conn.execute(store.mark_published(row.id, message_id, time.time()))
             reason = "unpublished" if row.status == "PENDING" else "message_lost"
             counts[reason] += 1
@@ -164,7 +165,7 @@ class Reaper:
 
     def purge(self) -> int:
         before = time.time() - self.settings.job_retention_days * 86400
-        with self.engine.begin() as conn:
+        with writing(self.engine) as conn:
             return int(conn.execute(store.purge_finished(before)).rowcount)
 
     def close(self) -> None:

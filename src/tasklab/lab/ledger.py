@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
+from tasklab.database import writing
 from tasklab.jobs.records import CLAIMABLE, FINAL, JobStatus, effects, jobs
 
 _CHUNK = 500  # ids per IN (...) query
@@ -103,5 +104,5 @@ def cancel_waiting(engine: Engine, *, owner: str) -> int:
         .where(jobs.c.owner == owner, jobs.c.status.in_([s.value for s in CLAIMABLE]))
         .values(status=JobStatus.CANCELLED.value, finished_at=time.time(), cancel_requested=True)
     )
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         return int(conn.execute(stmt).rowcount)

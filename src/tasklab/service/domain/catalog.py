@@ -91,9 +91,13 @@ class Catalog:
         return Page([product_dict(r) for r in rows], page, page_size, int(total))
 
 
+# Built once: constructing the statement per order cost more than running it.
+_PRICES = sa.select(Product.__table__.c.id, Product.__table__.c.price_cents).where(
+    Product.__table__.c.id.in_(sa.bindparam("p_ids", expanding=True))
+)
+
+
 def prices_of(conn: Connection, product_ids: Iterable[int]) -> dict[int, int]:
     """{product_id: price_cents} for the ids that exist (one query)."""
-    rows = conn.execute(
-        sa.select(Product.id, Product.price_cents).where(Product.id.in_(set(product_ids)))
-    )
+    rows = conn.execute(_PRICES, {"p_ids": list(set(product_ids))})
     return {r.id: r.price_cents for r in rows}

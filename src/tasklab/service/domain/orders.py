@@ -6,13 +6,12 @@ touches stock or points. An ``Idempotency-Key`` makes a retried request return t
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import sqlalchemy as sa
@@ -75,9 +74,6 @@ class Orders:
     def __init__(self, sql: SqlRunner, jobs: JobManager) -> None:
         self.sql = sql
         self.jobs = jobs
-        # SQLite has one writer at a time and makes the others sleep-and-retry (busy
-        # timeout), which ruins tail latency; within this process, writers queue here instead.
-        self._write_lock = asyncio.Lock() if sql.is_sqlite else contextlib.nullcontext()
 
     # --- place ------------------------------------------------------------------------------
     async def place(
@@ -93,27 +89,20 @@ class Orders:
             existing = await self._by_key(user_id, idempotency_key)
             if existing is not None:
                 return await self._replay(existing, digest)
-        # The order, its items and its settlement job commit in one transaction: an order
-        # that exists always has a job, and the job is published once the commit is done
-        # (outside the write lock: publishing does not touch the database).
+        # Checked before the write, so that a bad order never fails the batch it would join.
+        prices = await self.sql.read(lambda conn: _checked_prices(conn, lines))
+        total = sum(prices[ln.product_id] * ln.quantity for ln in lines)
+        if use_points > total:
+            raise InvalidField(
+                "use_points", f"exceeds the order total ({total} points)", kind="too_many_points"
+            )
+        # The order, its items and its settlement job commit in one transaction (shared
+        # with the orders placed meanwhile: group commit): an order that exists always has
+        # a job, and the job is published once the commit is done.
         job = self.jobs.prepare(process_order, 0, owner=owner_of(user_id))
-        async with self._write_lock:
-            placed = await self._place(user_id, lines, use_points, idempotency_key, digest, job)
-        if not placed.replayed:
-            await self.jobs.adispatch(job)
-        return placed
-
-    async def _place(
-        self,
-        user_id: int,
-        lines: list[Line],
-        use_points: int,
-        idempotency_key: str | None,
-        digest: str,
-        job: PreparedJob,
-    ) -> Placed:
+        insert = _order_insert(user_id, lines, prices, total, use_points, idempotency_key, digest)
         try:
-            order_id = await self._insert(user_id, lines, use_points, idempotency_key, digest, job)
+            order_id = await self.sql.write_grouped(lambda conn: insert(conn, job))
         except IntegrityError:
             existing = (
                 await self._by_key(user_id, idempotency_key)
@@ -123,61 +112,8 @@ class Orders:
             if existing is None:
                 raise
             return await self._replay(existing, digest)
+        await self.jobs.adispatch(job)
         return Placed(order_id, job.id, OrderStatus.PENDING.value)
-
-    async def _insert(
-        self,
-        user_id: int,
-        lines: list[Line],
-        use_points: int,
-        key: str | None,
-        digest: str,
-        job: PreparedJob,
-    ) -> int:
-        now = time.time()
-
-        def insert(conn: Connection) -> int:
-            prices = _checked_prices(conn, lines)
-            total = sum(prices[ln.product_id] * ln.quantity for ln in lines)
-            if use_points > total:
-                raise InvalidField(
-                    "use_points",
-                    f"exceeds the order total ({total} points)",
-                    kind="too_many_points",
-                )
-            order_id: int = conn.execute(
-                sa.insert(Order)
-                .values(
-                    user_id=user_id,
-                    status=OrderStatus.PENDING.value,
-                    reason=None,
-                    use_points=use_points,
-                    total_cents=total,
-                    job_id=job.id,
-                    idempotency_key=key,
-                    request_hash=digest,
-                    created_at=now,
-                    updated_at=now,
-                )
-                .returning(Order.id)
-            ).scalar_one()
-            conn.execute(
-                sa.insert(OrderItem),
-                [
-                    {
-                        "order_id": order_id,
-                        "product_id": ln.product_id,
-                        "quantity": ln.quantity,
-                        "unit_price_cents": prices[ln.product_id],
-                    }
-                    for ln in lines
-                ],
-            )
-            job.values["args"] = [order_id]  # the order id is known only now
-            conn.execute(*job.insert)
-            return order_id
-
-        return await self.sql.write(insert)
 
     async def _by_key(self, user_id: int, key: str) -> Any:
         stmt = sa.select(Order.id, Order.status, Order.job_id, Order.request_hash).where(
@@ -233,6 +169,58 @@ class Orders:
 
         rows, items, total = await self.sql.read(page_of)
         return Page([order_dict(r, items[r.id]) for r in rows], page, page_size, int(total))
+
+
+# Built once (Core, on the tables): constructing ORM statements per order cost more than
+# running them.
+_INSERT_ORDER = sa.insert(cast(sa.Table, Order.__table__)).returning(Order.__table__.c.id)
+_INSERT_ITEM = sa.insert(cast(sa.Table, OrderItem.__table__))
+
+
+def _order_insert(
+    user_id: int,
+    lines: list[Line],
+    prices: dict[int, int],
+    total: int,
+    use_points: int,
+    key: str | None,
+    digest: str,
+) -> Callable[[Connection, PreparedJob], int]:
+    now = time.time()
+
+    def insert(conn: Connection, job: PreparedJob) -> int:
+        order_id: int = conn.execute(
+            _INSERT_ORDER,
+            {
+                "user_id": user_id,
+                "status": OrderStatus.PENDING.value,
+                "reason": None,
+                "use_points": use_points,
+                "total_cents": total,
+                "job_id": job.id,
+                "idempotency_key": key,
+                "request_hash": digest,
+                "created_at": now,
+                "updated_at": now,
+            },
+        ).scalar_one()
+        conn.execute(
+            _INSERT_ITEM,
+            [
+                {
+                    "order_id": order_id,
+                    "product_id": ln.product_id,
+                    "quantity": ln.quantity,
+                    "unit_price_cents": prices[ln.product_id],
+                }
+                for ln in lines
+            ],
+        )
+        job.values["args"] = [order_id]  # the order id is known only now
+        conn.execute(*job.insert)
+        return order_id
+
+    return insert
 
 
 def _checked_prices(conn: Connection, lines: list[Line]) -> dict[int, int]:

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from tasklab.database import make_engine
+from tasklab.database import make_engine, writing
 from tasklab.migrations import migrate
 from tasklab.service.domain import tokens
 from tasklab.service.domain.catalog_cache import CatalogCache
@@ -72,7 +72,7 @@ def seed(
     out = tokens_out or default_tokens_path(settings)
     engine = make_engine(settings)
     try:
-        with engine.begin() as conn:
+        with writing(engine) as conn:
             if reset:
                 _wipe(conn)
             products_created = _ensure_products(conn, products, stock, now)
