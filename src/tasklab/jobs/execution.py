@@ -85,10 +85,11 @@ class JobContext:
     def transaction(self) -> Iterator[Session]:
         """A session whose effects commit together with the job's completion, fenced by the
         attempt number: if another attempt took over (or the job already finished), nothing
-        commits and StaleAttempt is raised, so the effects happen exactly once.
+        commits, so the effects happen exactly once (the attempt ends as stale).
 
-        The commit happens when the job function returns (so its result is stored in the
-        same transaction); if the function raises afterwards, the effects are rolled back.
+        The commit happens when the job function returns, with the completion and the
+        result in the same transaction; if the function raises afterwards, the effects are
+        rolled back.
         """
         if self._pending is not None:
             raise JobError("job.transaction() may be used once per attempt")
@@ -100,24 +101,25 @@ class JobContext:
         session.begin()
         try:
             yield session
-            done = session.execute(
-                *store.complete(self.id, self.attempt, result=None, now=time.time())
-            )
-            if done.rowcount != 1:  # type: ignore[attr-defined]
-                raise StaleAttempt(
-                    f"job {self.id} attempt {self.attempt} lost its claim; effects rolled back"
-                )
         except BaseException:
             _end(session, gate, commit=False)
             raise
         self._pending = (session, gate)
 
     def _commit_pending(self, result: Any) -> None:
+        """Record the completion, fenced, with the job's result, and commit it together with
+        the job's effects; or roll everything back and raise StaleAttempt."""
         pending, self._pending = self._pending, None
         assert pending is not None
         session, gate = pending
         try:
-            session.execute(*store.set_result(self.id, self.attempt, result))
+            done = session.execute(
+                *store.complete(self.id, self.attempt, result=result, now=time.time())
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                raise StaleAttempt(
+                    f"job {self.id} attempt {self.attempt} lost its claim; effects rolled back"
+                )
         except BaseException:
             _end(session, gate, commit=False)
             raise
@@ -244,8 +246,11 @@ class Executor:
         value = _jsonable(result)
         now = time.time()
         if ctx._pending is not None:
-            ctx._commit_pending(value)
-            updated = 1
+            try:
+                ctx._commit_pending(value)
+                updated = 1
+            except StaleAttempt:
+                updated = 0
         else:
             with writing(self.single) as conn:
                 updated = conn.execute(

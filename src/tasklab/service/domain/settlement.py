@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from tasklab.service.domain.catalog_cache import invalidate_after_commit
@@ -25,50 +26,81 @@ from tasklab.service.domain.models import (
     PointAccount,
     Product,
     RejectReason,
+    table,
 )
 
-_NO_SYNC = {"synchronize_session": False}
+_orders, _items, _products = table(Order), table(OrderItem), table(Product)
+_accounts, _ledger = table(PointAccount), table(LedgerEntry)
+
+# Built once; executed on the session's connection (Core), which skips the ORM's per-call
+# statement handling: a settlement is ten statements and runs inside the write lock.
+_CLAIM = (
+    sa.update(_orders)
+    .where(_orders.c.id == sa.bindparam("p_id"), _orders.c.status == OrderStatus.PENDING.value)
+    .values(updated_at=sa.bindparam("p_now"))
+    .returning(_orders.c.user_id, _orders.c.use_points)
+)
+_STATUS = sa.select(_orders.c.status, _orders.c.reason).where(_orders.c.id == sa.bindparam("p_id"))
+_LINES = (
+    sa.select(_items.c.product_id, sa.func.sum(_items.c.quantity))
+    .where(_items.c.order_id == sa.bindparam("p_id"))
+    .group_by(_items.c.product_id)
+    .order_by(_items.c.product_id)
+)
+_TAKE_STOCK = (
+    sa.update(_products)
+    .where(_products.c.id == sa.bindparam("p_id"), _products.c.stock >= sa.bindparam("p_qty"))
+    .values(stock=_products.c.stock - sa.bindparam("p_qty"), updated_at=sa.bindparam("p_now"))
+)
+_PUT_BACK = (
+    sa.update(_products)
+    .where(_products.c.id == sa.bindparam("p_id"))
+    .values(stock=_products.c.stock + sa.bindparam("p_qty"), updated_at=sa.bindparam("p_now"))
+)
+_TAKE_POINTS = (
+    sa.update(_accounts)
+    .where(
+        _accounts.c.user_id == sa.bindparam("p_user"), _accounts.c.balance >= sa.bindparam("p_pts")
+    )
+    .values(balance=_accounts.c.balance - sa.bindparam("p_pts"), updated_at=sa.bindparam("p_now"))
+)
+_SPEND = sa.insert(_ledger)
+_FINISH = (
+    sa.update(_orders)
+    .where(_orders.c.id == sa.bindparam("p_id"))
+    .values(
+        status=sa.bindparam("p_status"),
+        reason=sa.bindparam("p_reason"),
+        updated_at=sa.bindparam("p_now"),
+    )
+)
 
 
 def settle_order(session: Session, order_id: int) -> dict[str, Any]:
+    conn = session.connection()
     now = time.time()
-    if not _claim(session, order_id, now):
-        return _already_settled(session, order_id)
-    order = session.execute(
-        sa.select(Order.user_id, Order.use_points).where(Order.id == order_id)
-    ).one()
-    lines = _lines(session, order_id)
-    reason = _take_stock(session, lines, now)
+    # Taking the order's row is the first write: it also takes SQLite's write lock, and the
+    # row lock on PostgreSQL. None if it is no longer pending.
+    order = conn.execute(_CLAIM, {"p_id": order_id, "p_now": now}).first()
+    if order is None:
+        return _already_settled(conn, order_id)
+    lines = [(int(pid), int(qty)) for pid, qty in conn.execute(_LINES, {"p_id": order_id})]
+    reason = _take_stock(conn, lines, now)
     if reason is None and order.use_points:
-        reason = _take_points(session, order.user_id, order.use_points, order_id, now)
+        reason = _take_points(conn, order.user_id, order.use_points, order_id, now)
         if reason is not None:
-            _put_back(session, lines, now)
+            _put_back(conn, lines, now)
     status = OrderStatus.PAID if reason is None else OrderStatus.REJECTED
     if status is OrderStatus.PAID:
         invalidate_after_commit(session, [product_id for product_id, _ in lines])
-    session.execute(
-        sa.update(Order)
-        .where(Order.id == order_id)
-        .values(status=status.value, reason=reason, updated_at=now),
-        execution_options=_NO_SYNC,
+    conn.execute(
+        _FINISH, {"p_id": order_id, "p_status": status.value, "p_reason": reason, "p_now": now}
     )
     return {"order_id": order_id, "status": status.value, "reason": reason}
 
 
-def _claim(session: Session, order_id: int, now: float) -> bool:
-    """Take the order's row (the first write: it also takes SQLite's write lock, and the row
-    lock on PostgreSQL). False if it is no longer pending."""
-    result = session.execute(
-        sa.update(Order)
-        .where(Order.id == order_id, Order.status == OrderStatus.PENDING.value)
-        .values(updated_at=now),
-        execution_options=_NO_SYNC,
-    )
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-
-def _already_settled(session: Session, order_id: int) -> dict[str, Any]:
-    row = session.execute(sa.select(Order.status, Order.reason).where(Order.id == order_id)).first()
+def _already_settled(conn: Connection, order_id: int) -> dict[str, Any]:
+    row = conn.execute(_STATUS, {"p_id": order_id}).first()
     if row is None:
         return {"order_id": order_id, "status": "missing", "reason": None}
     return {
@@ -79,62 +111,38 @@ def _already_settled(session: Session, order_id: int) -> dict[str, Any]:
     }
 
 
-def _lines(session: Session, order_id: int) -> list[tuple[int, int]]:
-    """(product_id, quantity) per product, ordered by product id (the lock order)."""
-    rows = session.execute(
-        sa.select(OrderItem.product_id, sa.func.sum(OrderItem.quantity))
-        .where(OrderItem.order_id == order_id)
-        .group_by(OrderItem.product_id)
-        .order_by(OrderItem.product_id)
-    ).all()
-    return [(int(pid), int(qty)) for pid, qty in rows]
-
-
-def _take_stock(session: Session, lines: list[tuple[int, int]], now: float) -> str | None:
+def _take_stock(conn: Connection, lines: list[tuple[int, int]], now: float) -> str | None:
+    """Lines are (product_id, quantity) ordered by product id: the lock order."""
     taken: list[tuple[int, int]] = []
     for product_id, qty in lines:
-        result = session.execute(
-            sa.update(Product)
-            .where(Product.id == product_id, Product.stock >= qty)
-            .values(stock=Product.stock - qty, updated_at=now),
-            execution_options=_NO_SYNC,
-        )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            _put_back(session, taken, now)
+        result = conn.execute(_TAKE_STOCK, {"p_id": product_id, "p_qty": qty, "p_now": now})
+        if result.rowcount != 1:
+            _put_back(conn, taken, now)
             return RejectReason.OUT_OF_STOCK.value
         taken.append((product_id, qty))
     return None
 
 
-def _put_back(session: Session, lines: list[tuple[int, int]], now: float) -> None:
+def _put_back(conn: Connection, lines: list[tuple[int, int]], now: float) -> None:
     for product_id, qty in lines:
-        session.execute(
-            sa.update(Product)
-            .where(Product.id == product_id)
-            .values(stock=Product.stock + qty, updated_at=now),
-            execution_options=_NO_SYNC,
-        )
+        conn.execute(_PUT_BACK, {"p_id": product_id, "p_qty": qty, "p_now": now})
 
 
 def _take_points(
-    session: Session, user_id: int, points: int, order_id: int, now: float
+    conn: Connection, user_id: int, points: int, order_id: int, now: float
 ) -> str | None:
-    result = session.execute(
-        sa.update(PointAccount)
-        .where(PointAccount.user_id == user_id, PointAccount.balance >= points)
-        .values(balance=PointAccount.balance - points, updated_at=now),
-        execution_options=_NO_SYNC,
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    result = conn.execute(_TAKE_POINTS, {"p_user": user_id, "p_pts": points, "p_now": now})
+    if result.rowcount != 1:
         return RejectReason.INSUFFICIENT_POINTS.value
-    session.execute(
-        sa.insert(LedgerEntry).values(
-            user_id=user_id,
-            delta=-points,
-            kind=LedgerKind.SPEND.value,
-            order_id=order_id,
-            expires_at=None,
-            created_at=now,
-        )
+    conn.execute(
+        _SPEND,
+        {
+            "user_id": user_id,
+            "delta": -points,
+            "kind": LedgerKind.SPEND.value,
+            "order_id": order_id,
+            "expires_at": None,
+            "created_at": now,
+        },
     )
     return None
