@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -43,15 +44,13 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     url = settings.sync_database_url
     if _is_sqlite(url):
         settings.home_dir.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            url,
-            connect_args={
-                "timeout": settings.sqlite_busy_timeout_ms / 1000,
-                "check_same_thread": False,
-            },
-            **kwargs,
-        )
-        event.listen(engine, "connect", _sqlite_pragmas(settings))
+        engine = _sqlite_engine(settings, url, **kwargs)
+        # The twin that one_statement() hands out: its own pool, always in autocommit (an
+        # execution option would switch each connection's mode at checkout and back at
+        # checkin: one more statement per write).
+        twin = _sqlite_engine(settings, url, isolation_level="AUTOCOMMIT", **kwargs)
+        _autocommit_twins[engine] = twin
+        instrument(twin, slow_query_ms=settings.slow_query_ms)
     else:
         engine = create_engine(
             url,
@@ -63,6 +62,22 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         )
     instrument(engine, slow_query_ms=settings.slow_query_ms)
     return engine
+
+
+def _sqlite_engine(settings: Settings, url: str, **kwargs: Any) -> Engine:
+    engine = create_engine(
+        url,
+        connect_args={
+            "timeout": settings.sqlite_busy_timeout_ms / 1000,
+            "check_same_thread": False,
+        },
+        **kwargs,
+    )
+    event.listen(engine, "connect", _sqlite_pragmas(settings))
+    return engine
+
+
+_autocommit_twins: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 
 
 def make_async_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
@@ -177,7 +192,8 @@ def one_statement(engine: Engine) -> Engine:
     handler (1, 2, 5 ms ...). Other databases: the engine itself.
     """
     if engine.dialect.name == "sqlite":
-        return engine.execution_options(isolation_level="AUTOCOMMIT")
+        twin = _autocommit_twins.get(engine)
+        return twin if twin is not None else engine.execution_options(isolation_level="AUTOCOMMIT")
     return engine
 
 

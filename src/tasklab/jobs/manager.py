@@ -414,6 +414,7 @@ class JobManager:
         self.local.shutdown(wait=wait)
         self.publisher.close()
         self.engine.dispose()
+        self._single.dispose()
 
     async def aclose(self) -> None:
         self.close()
