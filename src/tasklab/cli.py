@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Any
 
@@ -82,6 +83,8 @@ def worker(
     ]
     if settings.task_events:
         argv.append("-E")
+    if settings.worker_nice:
+        os.nice(settings.worker_nice)  # inherited by the pool's processes
     celery.worker_main(argv)
 
 

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     worker_prefetch_multiplier: int = Field(4, ge=1, le=1000)
     worker_max_tasks_per_child: int = Field(10_000, ge=1)
     worker_max_memory_per_child_kb: int = Field(512_000, ge=10_000)
+    # Scheduling priority of worker processes (Unix nice, 0..19). Where workers share cores
+    # with the API or the code that submits, the latency-bound side should win the CPU;
+    # on machines of their own it changes nothing.
+    worker_nice: int = Field(5, ge=0, le=19)
     task_soft_time_limit_s: int = Field(300, ge=1)
     task_time_limit_s: int = Field(330, ge=1)
     visibility_timeout_s: int = Field(7200, ge=60)

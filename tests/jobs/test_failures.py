@@ -245,7 +245,6 @@ def test_a_stale_attempt_cannot_commit_its_effects(
         lease_s=1,
     )
     from tasklab.errors import StaleAttempt
-
     from tasklab.jobs.records import effects
 
     with stale.transaction() as session:

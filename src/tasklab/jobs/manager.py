@@ -29,7 +29,7 @@ from tasklab.jobs import store
 from tasklab.jobs.execution import Executor
 from tasklab.jobs.fallback import LocalExecutor
 from tasklab.jobs.lease import LeaseKeeper
-from tasklab.jobs.publisher import Publisher
+from tasklab.jobs.publisher import Outgoing, Publisher
 from tasklab.jobs.records import FINAL, Job, JobStatus
 from tasklab.jobs.registry import JobSpec, get_spec
 from tasklab.observe import metrics
@@ -241,30 +241,50 @@ class JobManager:
 
         New jobs are inserted as QUEUED already (one write less per submit); a job coming
         back from DEAD is PENDING and is marked QUEUED here once published."""
-        job_id = values["job_id"]
-        try:
-            message_id = self.publisher.publish(
+        return self._dispatch_many([(spec, values, countdown_s)], mark_queued=mark_queued)[0]
+
+    def _dispatch_many(
+        self,
+        batch: builtins.list[tuple[JobSpec, dict[str, Any], float]],
+        *,
+        mark_queued: bool = False,
+    ) -> builtins.list[str]:
+        """``_dispatch`` for several jobs, published in one round trip (see publish_many)."""
+        outgoing = [
+            Outgoing(
                 spec.name,
-                job_id,
-                queue=values["queue"],
-                priority=values["priority"],
-                countdown_s=countdown_s,
-                message_id=values.get("message_id"),
+                values["job_id"],
+                values["queue"],
+                values["priority"],
+                countdown_s,
+                values.get("message_id"),
             )
-            if mark_queued:
-                with writing(self.engine) as conn:
-                    conn.execute(store.mark_published(job_id, message_id, time.time()))
-            return "broker"
+            for spec, values, countdown_s in batch
+        ]
+        try:
+            message_ids = self.publisher.publish_many(outgoing)
         except BrokerUnavailable as e:
+            return [
+                self._fall_back(spec, values["job_id"], delay, e) for spec, values, delay in batch
+            ]
+        if mark_queued:
             with writing(self.engine) as conn:
-                conn.execute(store.mark_pending(job_id, via="local"))
-            if countdown_s == 0 and self.local.try_run(
-                spec.name, lambda: self._executor.run(spec, job_id).status
-            ):
-                log.info("job %s (%s) runs locally: %s", job_id, spec.name, e)
-            else:
-                log.info("job %s (%s) waits in SQL for the broker: %s", job_id, spec.name, e)
-            return "local"
+                for (_, values, _), message_id in zip(batch, message_ids, strict=True):
+                    conn.execute(store.mark_published(values["job_id"], message_id, time.time()))
+        return ["broker"] * len(batch)
+
+    def _fall_back(
+        self, spec: JobSpec, job_id: str, countdown_s: float, e: BrokerUnavailable
+    ) -> str:
+        with writing(self.engine) as conn:
+            conn.execute(store.mark_pending(job_id, via="local"))
+        if countdown_s == 0 and self.local.try_run(
+            spec.name, lambda: self._executor.run(spec, job_id).status
+        ):
+            log.info("job %s (%s) runs locally: %s", job_id, spec.name, e)
+        else:
+            log.info("job %s (%s) waits in SQL for the broker: %s", job_id, spec.name, e)
+        return "local"
 
     def _by_key(self, owner: str, key: str) -> Job | None:
         with self.engine.connect() as conn:
@@ -281,6 +301,10 @@ class JobManager:
         # Publishing is blocking kombu I/O (bounded by publish_timeout_s): keep it off the
         # loop, and make one thread hop for the jobs dispatched meanwhile (see Coalescer).
         def publish_all() -> builtins.list[str | BaseException]:
+            try:
+                return builtins.list(self._dispatch_many(batch))
+            except Exception:  # a database error while falling back: find whose it is
+                pass
             outcomes: builtins.list[str | BaseException] = []
             for spec, values, countdown_s in batch:
                 try:
