@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import multiprocessing
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -80,33 +79,6 @@ async def test_on_sqlite_reads_stay_on_the_loop_thread_and_writes_leave_it(
     assert runner.is_sqlite
     assert read_on == loop_thread  # no hand-off to a thread for a read
     assert write_on != loop_thread  # a write may wait on the busy timeout: never on the loop
-
-
-async def test_grouped_writes_that_meet_commit_together_and_a_failing_one_fails_alone(
-    runner: SqlRunner,
-) -> None:
-    transactions: list[int] = []
-
-    def add(name: str) -> Callable[[Connection], str]:
-        def insert(conn: Connection) -> str:
-            transactions.append(id(conn))
-            if name == "bad":
-                raise ValueError("refused")
-            conn.execute(_things.insert().values(name=name))
-            return name
-
-        return insert
-
-    results = await asyncio.gather(
-        *(runner.write_grouped(add(n)) for n in ["a", "b", "bad", "c"]), return_exceptions=True
-    )
-
-    assert results[:2] == ["a", "b"] and results[3] == "c"
-    assert isinstance(results[2], ValueError)
-    assert sorted(await runner.read(_names)) == ["a", "b", "c"]
-    # "a" ran alone; "b", "bad" and "c" met while it ran and shared one transaction (then, as
-    # "bad" failed, each re-ran alone): 1 + 3 + 3 calls in all.
-    assert len(transactions) == 7
 
 
 def _hold_gate(db: str, holding: Any, release: Any) -> None:

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from tasklab.coalesce import Coalescer
 from tasklab.observe.sql import instrument
 from tasklab.settings import Settings
 
@@ -139,7 +138,6 @@ class SqlRunner:
             if max_concurrent and not self.is_sqlite
             else contextlib.nullcontext()
         )
-        self._group: Coalescer[Callable[[Connection], Any], Any] = Coalescer(self._write_batch)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         if self.sync_engine is not None:
@@ -154,28 +152,6 @@ class SqlRunner:
             return await asyncio.to_thread(self._write_sync, self.sync_engine, fn)
         async with self._slots, self.engine.begin() as aconn:
             return await aconn.run_sync(fn)
-
-    async def write_grouped(self, fn: Callable[[Connection], T]) -> T:
-        """Like ``write``, but concurrent calls commit together (group commit): one write
-        lock and one commit for all the calls that arrived while the previous batch ran.
-        If any of them raises, each is re-run in a transaction of its own, so only the
-        failing one fails; ``fn`` must therefore be safe to run again after a rollback."""
-        result: T = await self._group.submit(fn)
-        return result
-
-    async def _write_batch(self, fns: list[Callable[[Connection], Any]]) -> list[Any]:
-        try:
-            return await self.write(lambda conn: [fn(conn) for fn in fns])
-        except Exception:
-            if len(fns) == 1:
-                raise
-        outcomes: list[Any] = []
-        for fn in fns:
-            try:
-                outcomes.append(await self.write(fn))
-            except Exception as e:
-                outcomes.append(e)
-        return outcomes
 
     @staticmethod
     def _write_sync(engine: Engine, fn: Callable[[Connection], T]) -> T:

@@ -7,11 +7,9 @@ touches stock or points. An ``Idempotency-Key`` makes a retried request return t
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -20,18 +18,11 @@ from sqlalchemy.exc import IntegrityError
 
 from tasklab.database import SqlRunner
 from tasklab.jobs import JobManager
-from tasklab.jobs.manager import PreparedJob
-from tasklab.service.domain.catalog import prices_of
-from tasklab.service.domain.errors import IdempotencyConflict, InvalidField, NotFound
+from tasklab.service.domain.errors import IdempotencyConflict, NotFound
 from tasklab.service.domain.jobs import process_order
 from tasklab.service.domain.models import Order, OrderItem, OrderStatus
 from tasklab.service.domain.paging import Page, at, money, offset_of
-
-
-@dataclass(frozen=True)
-class Line:
-    product_id: int
-    quantity: int
+from tasklab.service.domain.placement import Line, NewOrder, Placement
 
 
 @dataclass(frozen=True)
@@ -74,6 +65,7 @@ class Orders:
     def __init__(self, sql: SqlRunner, jobs: JobManager) -> None:
         self.sql = sql
         self.jobs = jobs
+        self._placement = Placement(sql)
 
     # --- place ------------------------------------------------------------------------------
     async def place(
@@ -89,20 +81,13 @@ class Orders:
             existing = await self._by_key(user_id, idempotency_key)
             if existing is not None:
                 return await self._replay(existing, digest)
-        # Checked before the write, so that a bad order never fails the batch it would join.
-        prices = await self.sql.read(lambda conn: _checked_prices(conn, lines))
-        total = sum(prices[ln.product_id] * ln.quantity for ln in lines)
-        if use_points > total:
-            raise InvalidField(
-                "use_points", f"exceeds the order total ({total} points)", kind="too_many_points"
-            )
         # The order, its items and its settlement job commit in one transaction (shared
-        # with the orders placed meanwhile: group commit): an order that exists always has
+        # with the orders placed meanwhile: see placement): an order that exists always has
         # a job, and the job is published once the commit is done.
         job = self.jobs.prepare(process_order, 0, owner=owner_of(user_id))
-        insert = _order_insert(user_id, lines, prices, total, use_points, idempotency_key, digest)
+        order = NewOrder(user_id, lines, use_points, idempotency_key, digest, job)
         try:
-            order_id = await self.sql.write_grouped(lambda conn: insert(conn, job))
+            order_id = await self._placement.insert(order)
         except IntegrityError:
             existing = (
                 await self._by_key(user_id, idempotency_key)
@@ -169,68 +154,6 @@ class Orders:
 
         rows, items, total = await self.sql.read(page_of)
         return Page([order_dict(r, items[r.id]) for r in rows], page, page_size, int(total))
-
-
-# Built once (Core, on the tables): constructing ORM statements per order cost more than
-# running them.
-_INSERT_ORDER = sa.insert(cast(sa.Table, Order.__table__)).returning(Order.__table__.c.id)
-_INSERT_ITEM = sa.insert(cast(sa.Table, OrderItem.__table__))
-
-
-def _order_insert(
-    user_id: int,
-    lines: list[Line],
-    prices: dict[int, int],
-    total: int,
-    use_points: int,
-    key: str | None,
-    digest: str,
-) -> Callable[[Connection, PreparedJob], int]:
-    now = time.time()
-
-    def insert(conn: Connection, job: PreparedJob) -> int:
-        order_id: int = conn.execute(
-            _INSERT_ORDER,
-            {
-                "user_id": user_id,
-                "status": OrderStatus.PENDING.value,
-                "reason": None,
-                "use_points": use_points,
-                "total_cents": total,
-                "job_id": job.id,
-                "idempotency_key": key,
-                "request_hash": digest,
-                "created_at": now,
-                "updated_at": now,
-            },
-        ).scalar_one()
-        conn.execute(
-            _INSERT_ITEM,
-            [
-                {
-                    "order_id": order_id,
-                    "product_id": ln.product_id,
-                    "quantity": ln.quantity,
-                    "unit_price_cents": prices[ln.product_id],
-                }
-                for ln in lines
-            ],
-        )
-        job.values["args"] = [order_id]  # the order id is known only now
-        conn.execute(*job.insert)
-        return order_id
-
-    return insert
-
-
-def _checked_prices(conn: Connection, lines: list[Line]) -> dict[int, int]:
-    prices = prices_of(conn, (ln.product_id for ln in lines))
-    for i, ln in enumerate(lines):
-        if ln.product_id not in prices:
-            raise InvalidField(
-                f"items.{i}.product_id", f"no product {ln.product_id}", kind="unknown_product"
-            )
-    return prices
 
 
 def _items_of(conn: Connection, order_ids: list[int]) -> defaultdict[int, list[dict[str, Any]]]:

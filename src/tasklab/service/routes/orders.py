@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Path, Query, Response
 
 from tasklab.service.deps import CurrentUser, PageNo, PageSize, ServicesDep
-from tasklab.service.domain.orders import Line
+from tasklab.service.domain.placement import Line
 from tasklab.service.problems import documented
 from tasklab.service.schemas import MAX_ID, Order, OrderAccepted, OrderIn, Page
 
