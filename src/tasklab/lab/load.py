@@ -83,7 +83,7 @@ class LoadSizes:
     users: int = 20
     spawn_rate: float = 10.0
     duration_s: float = 20.0
-    settle_timeout_s: float = 60.0  # how long orders may take to settle after the load
+    settle_timeout_s: float = 60.0  # give up settling after this long without progress
     shop: ShopSizes = field(default_factory=ShopSizes)
 
     @classmethod
@@ -354,7 +354,7 @@ def _settle(settings: Settings, *, timeout_s: float, own: bool) -> dict[str, flo
             started = time.monotonic()
             pending = wait_orders_settled(engine, timeout_s=timeout_s)
             shop["settle_s"] = time.monotonic() - started
-            shop["orders_lost"] = pending  # still pending after timeout_s: never settled
+            shop["orders_lost"] = pending  # still pending when settling stalled
         return {**shop, **order_outcomes(engine)}
     finally:
         engine.dispose()

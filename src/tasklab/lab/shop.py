@@ -132,15 +132,23 @@ def pending_orders(engine: Engine, order_ids: Sequence[int] | None = None) -> in
 
 
 def wait_orders_settled(
-    engine: Engine, *, order_ids: Sequence[int] | None = None, timeout_s: float
+    engine: Engine,
+    *,
+    order_ids: Sequence[int] | None = None,
+    timeout_s: float,
+    max_s: float = 900.0,
 ) -> int:
-    """Poll until no order (of ``order_ids``) is pending, at most ``timeout_s``; returns how
-    many still are."""
-    deadline = time.monotonic() + timeout_s
+    """Poll until no order (of ``order_ids``) is pending; returns how many still are. Gives
+    up once no order settled for ``timeout_s`` (a backlog that is still shrinking is waited
+    for: a burst the API took faster than the workers settle it), or after ``max_s``."""
+    now = time.monotonic()
+    deadline, give_up = now + timeout_s, now + max_s
     left = pending_orders(engine, order_ids)
-    while left and time.monotonic() < deadline:
+    while left and time.monotonic() < min(deadline, give_up):
         time.sleep(POLL_S * 2)
-        left = pending_orders(engine, order_ids)
+        before, left = left, pending_orders(engine, order_ids)
+        if left < before:
+            deadline = time.monotonic() + timeout_s
     return left
 
 
