@@ -93,10 +93,12 @@ class JobContext:
         """
         if self._pending is not None:
             raise JobError("job.transaction() may be used once per attempt")
-        gate = _Held(write_gate(self.engine))  # until the commit (or rollback) below
+        gate = _Held(write_gate(self.engine))
         session = Session(self.engine)
-        # Let the next writer in as soon as the database committed: before the session's
+        # The write gate is taken when the session starts its transaction (its first
+        # statement) and let go as soon as the database committed: before the session's
         # other after-commit hooks (a cache invalidation does network I/O).
+        event.listen(session, "after_begin", lambda *_a: gate.take())
         event.listen(session, "after_commit", lambda _s: gate.release())
         session.begin()
         try:
@@ -132,16 +134,21 @@ class JobContext:
 
 
 class _Held:
-    """A write gate entered now and released once, whichever way the transaction ends."""
+    """A write gate taken once and released once, whichever way the transaction ends."""
 
     def __init__(self, gate: AbstractContextManager[None]) -> None:
-        gate.__enter__()
-        self._gate: AbstractContextManager[None] | None = gate
+        self._gate = gate
+        self._held = False
+
+    def take(self) -> None:
+        if not self._held:
+            self._gate.__enter__()
+            self._held = True
 
     def release(self) -> None:
-        gate, self._gate = self._gate, None
-        if gate is not None:
-            gate.__exit__(None, None, None)
+        if self._held:
+            self._held = False
+            self._gate.__exit__(None, None, None)
 
 
 def _end(session: Session, gate: _Held, *, commit: bool) -> None:

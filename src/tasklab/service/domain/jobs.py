@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasklab.jobs import JobContext, JobSpec, job
-from tasklab.service.domain.settlement import settle_order
+from tasklab.service.domain.settlement import order_lines, settle_order
 from tasklab.service.domain.sync import run_sync
 
 DATA_SYNC_QUEUE = "data_sync"
@@ -13,8 +13,10 @@ DATA_SYNC_QUEUE = "data_sync"
 
 def _process_order(ctx: JobContext, order_id: int) -> dict[str, Any]:
     """Deduct stock and points for a pending order, or reject it, exactly once."""
+    with ctx.engine.connect() as conn:
+        lines = order_lines(conn, order_id)
     with ctx.transaction() as session:
-        outcome = settle_order(session, order_id)
+        outcome = settle_order(session, order_id, lines)
     return outcome
 
 

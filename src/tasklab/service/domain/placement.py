@@ -59,25 +59,30 @@ class Placement:
         return await self._batches.submit(order)
 
     async def _write(self, batch: list[NewOrder]) -> list[int | BaseException]:
+        # Prices are read before the write transaction (which then holds SQLite's write
+        # lock for less time): the price an order records is the one it was checked with.
+        ids = {ln.product_id for order in batch for ln in order.lines}
+        prices = await self.sql.read(lambda conn: prices_of(conn, ids))
         try:
-            return await self.sql.write(lambda conn: insert_orders(conn, batch))
+            return await self.sql.write(lambda conn: insert_orders(conn, batch, prices))
         except Exception:
             if len(batch) == 1:
                 raise
         outcomes: list[int | BaseException] = []
         for order in batch:
             try:
-                outcomes.extend(
-                    await self.sql.write(functools.partial(insert_orders, batch=[order]))
-                )
+                alone = functools.partial(insert_orders, batch=[order], prices=prices)
+                outcomes.extend(await self.sql.write(alone))
             except Exception as e:
                 outcomes.append(e)
         return outcomes
 
 
-def insert_orders(conn: Connection, batch: list[NewOrder]) -> list[int | BaseException]:
-    """Insert the valid orders of ``batch``; one outcome per order: its id or its error."""
-    prices = prices_of(conn, {ln.product_id for order in batch for ln in order.lines})
+def insert_orders(
+    conn: Connection, batch: list[NewOrder], prices: dict[int, int]
+) -> list[int | BaseException]:
+    """Insert the valid orders of ``batch`` (``prices``: ``prices_of`` their products); one
+    outcome per order: its id or its error."""
     outcomes: list[int | BaseException] = []
     valid: list[tuple[int, NewOrder, int]] = []  # (position, order, total)
     for order in batch:

@@ -76,7 +76,15 @@ _FINISH = (
 )
 
 
-def settle_order(session: Session, order_id: int) -> dict[str, Any]:
+def order_lines(conn: Connection, order_id: int) -> list[tuple[int, int]]:
+    """(product_id, quantity) per product, ordered by product id (the lock order). An order's
+    lines never change: read them before the write transaction, which then holds SQLite's
+    write lock for less time."""
+    return [(int(pid), int(qty)) for pid, qty in conn.execute(_LINES, {"p_id": order_id})]
+
+
+def settle_order(session: Session, order_id: int, lines: list[tuple[int, int]]) -> dict[str, Any]:
+    """Settle ``order_id`` whose ``lines`` (``order_lines``) were read before."""
     conn = session.connection()
     now = time.time()
     # Taking the order's row is the first write: it also takes SQLite's write lock, and the
@@ -84,7 +92,6 @@ def settle_order(session: Session, order_id: int) -> dict[str, Any]:
     order = conn.execute(_CLAIM, {"p_id": order_id, "p_now": now}).first()
     if order is None:
         return _already_settled(conn, order_id)
-    lines = [(int(pid), int(qty)) for pid, qty in conn.execute(_LINES, {"p_id": order_id})]
     reason = _take_stock(conn, lines, now)
     if reason is None and order.use_points:
         reason = _take_points(conn, order.user_id, order.use_points, order_id, now)
