@@ -3,6 +3,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tasklab.celery_app import QUEUES, broker_priority, make_celery
@@ -11,6 +12,7 @@ from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.conftest import required_url
+from tests.support.worker import WorkerProcess
 
 
 def test_the_production_defaults_are_set() -> None:
@@ -98,3 +100,14 @@ def test_tasks_and_durable_jobs_round_trip_through_rabbitmq(
     j = jm.submit(probe_jobs.effect, priority=9)
     assert jm.wait(j.id, timeout_s=30).status is JobStatus.SUCCEEDED
     jm.close()
+
+
+def test_worker_processes_run_at_the_configured_nice_value(
+    settings: Settings, worker_factory: type[WorkerProcess]
+) -> None:
+    base = psutil.Process().nice()
+    worker = worker_factory(settings.model_copy(update={"worker_nice": 7}), name="niced").start()
+    assert worker.process is not None
+    niced = [worker.process.pid, *worker.child_pids()]
+    assert len(niced) >= 2  # the main process and its pool
+    assert {psutil.Process(pid).nice() for pid in niced} == {min(19, base + 7)}
