@@ -76,7 +76,11 @@ class Publisher:
         ids = [m.message_id or uuid.uuid4().hex for m in messages]
         app = self.app
         try:
-            with app.producer_or_acquire() as producer, producer.batch():
+            with (
+                app.producer_or_acquire() as producer,
+                # a batch costs a pipeline object: worth it from two messages on
+                producer.batch() if len(messages) > 1 else contextlib.nullcontext(),
+            ):
                 for message, message_id in zip(messages, ids, strict=True):
                     app.send_task(
                         message.task,
