@@ -108,8 +108,6 @@ def api(
     workers: Annotated[int | None, typer.Option(min=1, max=64)] = None,
 ) -> None:
     """Serve the HTTP API with uvicorn."""
-    import os
-
     import uvicorn
 
     from tasklab.observe import multiproc
