@@ -111,7 +111,7 @@ class SqlRunner:
     - SQLite: aiosqlite hands every statement to a thread and back (~0.6 ms of CPU per
       query here, ten times the query itself). Reads run inline on the event loop instead
       (in WAL mode a reader never waits for a writer; a point read takes ~50 µs); a write
-      transaction runs in one worker thread, because it may wait out the busy timeout.
+      transaction runs in one worker thread, because it may wait for the write lock.
     - PostgreSQL: the asyncpg engine runs the function through ``run_sync`` (no thread).
 
     Reads use ``reader`` when given: on PostgreSQL an autocommit view of the pool, which
