@@ -25,21 +25,19 @@ def test_purge_empties_one_queue_after_yes(settings: Settings) -> None:
         "REDIS_URL": settings.redis_url or "",
         "TASKLAB_HOME_DIR": str(settings.home_dir),
     }
-    refused = subprocess.run(
-        [sys.executable, "-m", "tasklab", "purge", "nope", "--yes"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+
+    def purge(queue: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tasklab", "purge", queue, "--yes"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    refused = purge("nope")
     assert refused.returncode == 2 and "unknown queue" in refused.stderr
-    done = subprocess.run(
-        [sys.executable, "-m", "tasklab", "purge", "low", "--yes"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    done = purge("low")
     assert done.returncode == 0 and "purged 3" in done.stdout
     client = redis.Redis.from_url(settings.redis_url or "")
     keys = {k.decode() for k in client.keys("*")}

@@ -228,20 +228,31 @@ class _GateHandle:
                 os.close(self.fd)
 
 
-_gates: dict[str, WriteGate] = {}
+_gates: dict[str, WriteGate] = {}  # by lock file: one per database file and process
+_gate_of: weakref.WeakKeyDictionary[Engine, WriteGate | None] = weakref.WeakKeyDictionary()
 _gates_lock = threading.Lock()
 
 
 def write_gate(engine: Engine) -> contextlib.AbstractContextManager[None]:
     """Hold this while a write transaction on ``engine`` is open (see ``WriteGate``); a
     no-op for servers, which queue writers themselves."""
+    try:
+        gate = _gate_of[engine]
+    except KeyError:
+        gate = _gate_of[engine] = _gate_for(engine)
+    return gate.hold() if gate is not None else contextlib.nullcontext()
+
+
+def _gate_for(engine: Engine) -> WriteGate | None:
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-        return contextlib.nullcontext()
+        return None
     path = os.path.abspath(database) + "-writer.lock"
     with _gates_lock:
-        gate = _gates.get(path) or _gates.setdefault(path, WriteGate(path))
-    return gate.hold()
+        gate = _gates.get(path)
+        if gate is None:
+            gate = _gates[path] = WriteGate(path)
+    return gate
 
 
 @contextlib.contextmanager

@@ -6,13 +6,22 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tasklab.embedded import EmbeddedRedis
+from tasklab.embedded import EmbeddedRedis, free_port
 from tasklab.jobs import JobManager
 from tasklab.jobs.records import effects
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.conftest import _reset_postgres
 from tests.support.worker import WorkerProcess
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own, which the test may stop and restart (empty) on its port."""
+    server = EmbeddedRedis(tmp_path / "broker", port=free_port())
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

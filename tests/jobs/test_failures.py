@@ -4,7 +4,6 @@ broker restarted empty, duplicate and stale deliveries, a dead result backend.""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.jobs.conftest import effect_counts
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A Redis of this test's own, which the test may stop and restart (empty) on its port."""
-    server = EmbeddedRedis(tmp_path / "broker", port=free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

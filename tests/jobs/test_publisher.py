@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,6 @@ from tasklab.embedded import EmbeddedRedis
 from tasklab.errors import BrokerUnavailable
 from tasklab.jobs.publisher import Outgoing, Publisher
 from tasklab.settings import Settings
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def _settings(tmp_path: Path, url: str) -> Settings:

@@ -241,15 +241,19 @@ class JobManager:
 
         New jobs are inserted as QUEUED already (one write less per submit); a job coming
         back from DEAD is PENDING and is marked QUEUED here once published."""
-        return self._dispatch_many([(spec, values, countdown_s)], mark_queued=mark_queued)[0]
+        outcome = self._dispatch_many([(spec, values, countdown_s)], mark_queued=mark_queued)[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def _dispatch_many(
         self,
         batch: builtins.list[tuple[JobSpec, dict[str, Any], float]],
         *,
         mark_queued: bool = False,
-    ) -> builtins.list[str]:
-        """``_dispatch`` for several jobs, published in one round trip (see publish_many)."""
+    ) -> builtins.list[str | BaseException]:
+        """``_dispatch`` for several jobs, published in one round trip (see publish_many).
+        One outcome per job: its via, or the error of its fallback (a database error)."""
         outgoing = [
             Outgoing(
                 spec.name,
@@ -264,9 +268,13 @@ class JobManager:
         try:
             message_ids = self.publisher.publish_many(outgoing)
         except BrokerUnavailable as e:
-            return [
-                self._fall_back(spec, values["job_id"], delay, e) for spec, values, delay in batch
-            ]
+            outcomes: builtins.list[str | BaseException] = []
+            for spec, values, delay in batch:
+                try:
+                    outcomes.append(self._fall_back(spec, values["job_id"], delay, e))
+                except Exception as err:
+                    outcomes.append(err)
+            return outcomes
         if mark_queued:
             with writing(self.engine) as conn:
                 for (_, values, _), message_id in zip(batch, message_ids, strict=True):
@@ -300,20 +308,7 @@ class JobManager:
     ) -> builtins.list[str | BaseException]:
         # Publishing is blocking kombu I/O (bounded by publish_timeout_s): keep it off the
         # loop, and make one thread hop for the jobs dispatched meanwhile (see Coalescer).
-        def publish_all() -> builtins.list[str | BaseException]:
-            try:
-                return builtins.list(self._dispatch_many(batch))
-            except Exception:  # a database error while falling back: find whose it is
-                pass
-            outcomes: builtins.list[str | BaseException] = []
-            for spec, values, countdown_s in batch:
-                try:
-                    outcomes.append(self._dispatch(spec, values, countdown_s))
-                except Exception as e:
-                    outcomes.append(e)
-            return outcomes
-
-        return await asyncio.to_thread(publish_all)
+        return await asyncio.to_thread(self._dispatch_many, batch)
 
     async def _aby_key(self, owner: str, key: str) -> Job | None:
         async with self.async_engine.connect() as conn:

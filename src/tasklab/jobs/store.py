@@ -200,22 +200,6 @@ def complete(job_id: str, attempt: int, *, result: Any, now: float) -> Prepared:
     return _COMPLETE, {"p_id": job_id, "p_attempt": attempt, "p_result": result, "p_now": now}
 
 
-_SET_RESULT = (
-    jobs.update()
-    .where(
-        jobs.c.id == sa.bindparam("p_id"),
-        jobs.c.attempt == sa.bindparam("p_attempt"),
-        jobs.c.status == JobStatus.SUCCEEDED.value,
-    )
-    .values(result=sa.bindparam("p_result", type_=sa.JSON))
-)
-
-
-def set_result(job_id: str, attempt: int, result: Any) -> Prepared:
-    """Record the return value of a job whose completion committed inside job.transaction()."""
-    return _SET_RESULT, {"p_id": job_id, "p_attempt": attempt, "p_result": result}
-
-
 def fail(
     job_id: str, attempt: int, *, error: str, tb: str, retry_at: float | None, now: float
 ) -> Update:

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tasklab.service.domain.catalog_cache import CatalogCache, list_key
 from tasklab.service.domain.errors import NotFound
-from tasklab.service.domain.models import Product
+from tasklab.service.domain.models import Product, table
 from tasklab.service.domain.paging import Page, money, offset_of
 
 ProductSort = Literal["id", "price", "-price", "name", "-name"]
@@ -92,8 +92,9 @@ class Catalog:
 
 
 # Built once: constructing the statement per order cost more than running it.
-_PRICES = sa.select(Product.__table__.c.id, Product.__table__.c.price_cents).where(
-    Product.__table__.c.id.in_(sa.bindparam("p_ids", expanding=True))
+_products = table(Product)
+_PRICES = sa.select(_products.c.id, _products.c.price_cents).where(
+    _products.c.id.in_(sa.bindparam("p_ids", expanding=True))
 )
 
 
