@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tasklab.observe.sql import instrument
@@ -19,13 +21,14 @@ from tasklab.settings import Settings
 
 T = TypeVar("T")
 POOL_RECYCLE_S = 1800
+GATE_SUFFIX = "-writer.lock"
 
 
 def _is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def _sqlite_pragmas(settings: Settings) -> Any:
+def _sqlite_pragmas(settings: Settings, database: str | None) -> Any:
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         # WAL lets readers proceed while one writer commits; busy_timeout makes concurrent
@@ -34,9 +37,77 @@ def _sqlite_pragmas(settings: Settings) -> Any:
         cur.execute(f"PRAGMA busy_timeout={settings.sqlite_busy_timeout_ms}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
+        if database:
+            # Checkpoints run in a thread of their own (WalCheckpointer), not inside the
+            # commit that crosses the threshold while it holds the write gate.
+            cur.execute("PRAGMA wal_autocheckpoint=0")
+            WalCheckpointer.of(database).ensure()
         cur.close()
 
     return on_connect
+
+
+def _file_of(url: str) -> str | None:
+    """The database file of a SQLite URL; None for an in-memory database."""
+    database = make_url(url).database
+    return os.path.abspath(database) if database and database != ":memory:" else None
+
+
+class WalCheckpointer:
+    """Copies a SQLite WAL back into the database file from a daemon thread, one per file
+    and process, every ``interval_s``.
+
+    SQLite's automatic checkpoint runs inside the commit that crosses 1,000 WAL pages: that
+    writer (and every writer queued behind it at the write gate) waits several milliseconds,
+    about once per few hundred commits, which was most of a submit's P99. A PASSIVE
+    checkpoint here waits for no one; SQLite restarts the WAL from its start once a
+    checkpoint has copied every frame, so it stays a few megabytes. Checkpointing from
+    several processes at once is safe (one runs, the others find it busy and skip).
+    """
+
+    interval_s = 0.2
+    _all: dict[str, WalCheckpointer] = {}
+    _all_lock = threading.Lock()
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self._pid = 0
+
+    @classmethod
+    def of(cls, database: str) -> WalCheckpointer:
+        with cls._all_lock:
+            found = cls._all.get(database)
+            if found is None:
+                found = cls._all[database] = cls(database)
+            return found
+
+    def ensure(self) -> None:
+        """Start the thread in this process if it is not running (first use, or a fork)."""
+        if self._pid == os.getpid():
+            return
+        with self._all_lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="tasklab-wal-checkpoint", daemon=True).start()
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """One PASSIVE checkpoint: (busy, frames in the WAL, frames checkpointed)."""
+        conn = sqlite3.connect(self.database, timeout=0, check_same_thread=False)
+        try:
+            busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(busy), int(frames), int(done)
+        finally:
+            conn.close()
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            time.sleep(self.interval_s)
+            try:
+                self.checkpoint()
+            except sqlite3.Error:  # locked, or the file went away (tests): try next time
+                continue
 
 
 def make_engine(settings: Settings, **kwargs: Any) -> Engine:
@@ -72,7 +143,7 @@ def _sqlite_engine(settings: Settings, url: str, **kwargs: Any) -> Engine:
         },
         **kwargs,
     )
-    event.listen(engine, "connect", _sqlite_pragmas(settings))
+    event.listen(engine, "connect", _sqlite_pragmas(settings, _file_of(url)))
     return engine
 
 
@@ -86,7 +157,7 @@ def make_async_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
         engine = create_async_engine(
             url, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000}, **kwargs
         )
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas(settings))
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas(settings, _file_of(url)))
     else:
         engine = create_async_engine(
             url,
@@ -211,6 +282,9 @@ class WriteGate:
         if handle is None or handle.pid != os.getpid():
             handle = _GateHandle(self.path)
             self._local.handle = handle
+            # A process that forked with its connections open made no new one: its writes
+            # still need checkpoints.
+            WalCheckpointer.of(self.path.removesuffix(GATE_SUFFIX)).ensure()
         return handle
 
 
@@ -247,7 +321,7 @@ def _gate_for(engine: Engine) -> WriteGate | None:
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         return None
-    path = os.path.abspath(database) + "-writer.lock"
+    path = os.path.abspath(database) + GATE_SUFFIX
     with _gates_lock:
         gate = _gates.get(path)
         if gate is None:

@@ -101,10 +101,12 @@ def test_with_the_broker_down_jobs_run_locally_then_return_to_the_broker(
     broker.stop()
     t0 = time.monotonic()
     first = jm.submit(probe_jobs.effect)
+    assert jm.flush(timeout_s=10)  # the relay's publish failed, the fallback took the job
     first_submit_s = time.monotonic() - t0
     assert jm.publisher.breaker.is_open
     t0 = time.monotonic()
     second = jm.submit(probe_jobs.effect)
+    assert jm.flush(timeout_s=10)
     open_submit_s = time.monotonic() - t0
     for j in (first, second):
         done = jm.wait(j.id, timeout_s=30)
@@ -131,6 +133,7 @@ def test_jobs_the_local_executor_cannot_take_wait_in_sql_for_the_broker(
     port = broker.port
     broker.stop()
     ids = [jm.submit(probe_jobs.effect).id for _ in range(5)]
+    assert jm.flush(timeout_s=10)
     assert {jm.get(i).status for i in ids} == {JobStatus.PENDING}
     broker.port = port
     broker.start()
@@ -146,6 +149,7 @@ def test_queued_jobs_survive_a_broker_restarted_empty(
 ) -> None:
     jm = JobManager(fault_settings)
     ids = [jm.submit(probe_jobs.effect).id for _ in range(10)]
+    assert jm.flush(timeout_s=10)  # their messages are in the broker
     port = broker.port
     broker.stop()  # Redis keeps nothing on disk: every queued message is gone
     broker.port = port
@@ -168,6 +172,7 @@ def test_the_reaper_republishes_at_once_when_it_sees_the_broker_flushed(
     )
     reaper.tick()  # learns the broker's epoch
     ids = [jm.submit(probe_jobs.noop).id for _ in range(3)]
+    assert jm.flush(timeout_s=10)
     client = redis.Redis.from_url(broker.url)
     client.flushall()
     counts = reaper.tick()

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session
 
 from tasklab.database import one_statement, write_gate, writing
 from tasklab.errors import JobError, StaleAttempt
 from tasklab.jobs import store
+from tasklab.jobs.bundle import Bundle, BundleWatch, HandBack
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.registry import JobSpec
 from tasklab.observe import metrics
@@ -167,6 +168,17 @@ def _end(session: Session, gate: _Held, *, commit: bool) -> None:
 class Outcome:
     status: str  # skipped | succeeded | retrying | dead | cancelled | stale
     retry_in_s: float | None = None
+    completion: store.Prepared | None = None  # a success not written yet (run_bundle)
+
+
+def _record_completion(conn: Connection, completion: store.Prepared) -> None:
+    if conn.execute(*completion).rowcount != 1:
+        params = completion[1]
+        log.warning(
+            "job %s attempt %s finished after losing its claim; result dropped",
+            params["p_id"],
+            params["p_attempt"],
+        )
 
 
 class Executor:
@@ -181,6 +193,8 @@ class Executor:
         default_lease_s: float,
         leases: LeaseKeeper,
         reschedule: Callable[[JobSpec, str, str, int, float], None],
+        hand_back: HandBack | None = None,
+        bundle_budget_s: float = 0.5,
     ) -> None:
         self.engine = engine
         self.single = one_statement(engine)  # claims, completions, failures: one statement
@@ -189,11 +203,56 @@ class Executor:
         self.default_lease_s = default_lease_s
         self.leases = leases
         self.reschedule = reschedule
+        self._watch = None if hand_back is None else BundleWatch(hand_back, bundle_budget_s)
+
+    def run_bundle(
+        self, spec: JobSpec, job_ids: list[str], *, queue: str, priority: int
+    ) -> list[Outcome]:
+        """Run a bundle's jobs one after the other, each as ``run`` would; past
+        ``bundle_budget_s`` the ones not started go back to the broker (tasklab.jobs.bundle).
+
+        A job that succeeded without ``job.transaction()`` has its completion written with
+        the next job's claim, in one write transaction instead of two. If the worker dies in
+        between (no job runs there), that job runs again: its execution is at least once,
+        as always; effects committed through ``job.transaction()`` commit at once.
+        """
+        bundle = Bundle(spec.name, job_ids, queue, priority)
+        if self._watch is not None and len(job_ids) > 1:
+            self._watch.watch(bundle)
+        outcomes: list[Outcome] = []
+        carry: store.Prepared | None = None
+        try:
+            while (job_id := bundle.take()) is not None:
+                claimed = self._claim(spec, job_id, carry)
+                carry = None
+                if claimed is None:
+                    outcomes.append(Outcome("skipped"))
+                    continue
+                outcomes.append(self._execute(spec, *claimed, defer=True))
+                carry = outcomes[-1].completion
+        finally:
+            if self._watch is not None:
+                self._watch.done(bundle)
+            if carry is not None:
+                with writing(self.single) as conn:
+                    _record_completion(conn, carry)
+        return outcomes
 
     def run(self, spec: JobSpec, job_id: str) -> Outcome:
+        claimed = self._claim(spec, job_id)
+        return Outcome("skipped") if claimed is None else self._execute(spec, *claimed)
+
+    def _claim(
+        self, spec: JobSpec, job_id: str, carry: store.Prepared | None = None
+    ) -> tuple[JobContext, list[Any], dict[str, Any]] | None:
+        """Claim one attempt (and record ``carry``, a finished job's completion, in the same
+        transaction); None if the job is not ours to run (finished, leased, cancelled)."""
         lease_s = spec.lease_s or self.default_lease_s
-        with writing(self.single) as conn:
-            store.relax_commit(conn)
+        with writing(self.single if carry is None else self.engine) as conn:
+            if carry is None:
+                store.relax_commit(conn)
+            else:
+                _record_completion(conn, carry)
             row = conn.execute(
                 *store.claim(
                     job_id,
@@ -205,7 +264,7 @@ class Executor:
             ).first()
         if row is None:
             metrics.DUPLICATE_DELIVERIES.labels(spec.name).inc()
-            return Outcome("skipped")
+            return None
         m = row._mapping
         ctx = JobContext(
             id=job_id,
@@ -220,10 +279,16 @@ class Executor:
         metrics.JOB_QUEUE_WAIT.labels(spec.name, ctx.queue).observe(
             max(0.0, m["started_at"] - wait_from)
         )
-        return self._execute(spec, ctx, list(m["args"]), dict(m["kwargs"]))
+        return ctx, list(m["args"]), dict(m["kwargs"])
 
     def _execute(
-        self, spec: JobSpec, ctx: JobContext, args: list[Any], kwargs: dict[str, Any]
+        self,
+        spec: JobSpec,
+        ctx: JobContext,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        *,
+        defer: bool = False,
     ) -> Outcome:
         token = _current.set(ctx)
         self.leases.hold(ctx.id, ctx.attempt, ctx.lease_s)
@@ -247,11 +312,18 @@ class Executor:
             metrics.JOB_DURATION.labels(spec.name, ctx.queue).observe(time.perf_counter() - started)
             self.leases.release(ctx.id)
             _current.reset(token)
-        return self._succeed(spec, ctx, result)
+        return self._succeed(spec, ctx, result, defer=defer)
 
-    def _succeed(self, spec: JobSpec, ctx: JobContext, result: Any) -> Outcome:
+    def _succeed(self, spec: JobSpec, ctx: JobContext, result: Any, *, defer: bool) -> Outcome:
+        """Record the completion; with ``defer`` (and no pending transaction) hand it back in
+        the outcome, for the caller to write with its next claim."""
         value = _jsonable(result)
         now = time.time()
+        if defer and ctx._pending is None:
+            metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "succeeded").inc()
+            return Outcome(
+                "succeeded", completion=store.complete(ctx.id, ctx.attempt, result=value, now=now)
+            )
         if ctx._pending is not None:
             try:
                 ctx._commit_pending(value)

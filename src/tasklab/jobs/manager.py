@@ -1,8 +1,9 @@
 """``JobManager``: submit, inspect, cancel, retry and wait for durable jobs (sync and async).
 
-A job is committed to SQL before ``submit`` returns. Then it is published to the broker; if the
-broker does not take it, it runs in a bounded local executor (via=local), or stays PENDING for
-the reaper to publish when the broker is back. Either way it is never lost.
+A job is committed to SQL before ``submit`` returns. Then it is published to the broker (by
+the relay thread for ``submit``, awaited by ``asubmit``); if the broker does not take it, it
+runs in a bounded local executor (via=local), or stays PENDING for the reaper to publish when
+the broker is back. Either way it is never lost.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.publisher import Outgoing, Publisher
 from tasklab.jobs.records import FINAL, Job, JobStatus
 from tasklab.jobs.registry import JobSpec, get_spec
+from tasklab.jobs.relay import Relay
 from tasklab.observe import metrics
 from tasklab.settings import Settings
 
@@ -60,6 +62,12 @@ class JobManager:
         self._single = one_statement(self.engine)  # the insert of submit()
         self._dispatches: Coalescer[tuple[JobSpec, dict[str, Any], float], str] = Coalescer(
             self._dispatch_batch
+        )
+        self._relay: Relay[tuple[JobSpec, dict[str, Any], float]] = Relay(
+            self._dispatch_submitted,
+            linger_s=settings.relay_linger_ms / 1000,
+            max_batch=max(256, settings.bundle_max),
+            exit_flush_s=2 * settings.publish_timeout_s,
         )
         self._leases = LeaseKeeper(self.engine)
         self._executor = Executor(
@@ -143,14 +151,20 @@ class JobManager:
 
     def dispatch(self, prepared: PreparedJob) -> Job:
         """Second half: publish (or fall back) a prepared job whose row is committed."""
-        via = self._dispatch(prepared.spec, prepared.values, prepared.countdown_s)
-        metrics.JOBS_SUBMITTED.labels(prepared.spec.name, prepared.values["queue"], via).inc()
+        batch = [(prepared.spec, prepared.values, prepared.countdown_s)]
+        via = self._dispatch_submitted(batch)[0]
+        if isinstance(via, BaseException):
+            raise via
         return _submitted_job(prepared.values, via)
 
     async def adispatch(self, prepared: PreparedJob) -> Job:
         via = await self._adispatch(prepared.spec, prepared.values, prepared.countdown_s)
-        metrics.JOBS_SUBMITTED.labels(prepared.spec.name, prepared.values["queue"], via).inc()
         return _submitted_job(prepared.values, via)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every job ``submit`` returned has been handed to the broker or to the
+        local fallback (the relay publishes behind ``submit``); False on timeout."""
+        return self._relay.flush(timeout_s)
 
     def submit(
         self,
@@ -183,7 +197,9 @@ class JobManager:
             if idempotency_key is None or not (found := self._by_key(owner_key, idempotency_key)):
                 raise
             return found
-        return self.dispatch(job)
+        # Durable now; published by the relay thread with the jobs submitted meanwhile.
+        self._relay.put((job.spec, job.values, job.countdown_s))
+        return _submitted_job(job.values, "broker")
 
     async def asubmit(
         self,
@@ -262,6 +278,7 @@ class JobManager:
                 values["priority"],
                 countdown_s,
                 values.get("message_id"),
+                bundle=spec.bundles,
             )
             for spec, values, countdown_s in batch
         ]
@@ -280,6 +297,16 @@ class JobManager:
                 for (_, values, _), message_id in zip(batch, message_ids, strict=True):
                     conn.execute(store.mark_published(values["job_id"], message_id, time.time()))
         return ["broker"] * len(batch)
+
+    def _dispatch_submitted(
+        self, batch: builtins.list[tuple[JobSpec, dict[str, Any], float]]
+    ) -> builtins.list[str | BaseException]:
+        """``_dispatch_many`` for new jobs, counted in jobs_submitted_total by via."""
+        outcomes = self._dispatch_many(batch)
+        for (spec, values, _), via in zip(batch, outcomes, strict=True):
+            if isinstance(via, str):
+                metrics.JOBS_SUBMITTED.labels(spec.name, values["queue"], via).inc()
+        return outcomes
 
     def _fall_back(
         self, spec: JobSpec, job_id: str, countdown_s: float, e: BrokerUnavailable
@@ -308,7 +335,7 @@ class JobManager:
     ) -> builtins.list[str | BaseException]:
         # Publishing is blocking kombu I/O (bounded by publish_timeout_s): keep it off the
         # loop, and make one thread hop for the jobs dispatched meanwhile (see Coalescer).
-        return await asyncio.to_thread(self._dispatch_many, batch)
+        return await asyncio.to_thread(self._dispatch_submitted, batch)
 
     async def _aby_key(self, owner: str, key: str) -> Job | None:
         async with self.async_engine.connect() as conn:
@@ -430,6 +457,10 @@ class JobManager:
             return {status: int(n) for status, n in conn.execute(store.count_by_status())}
 
     def close(self, *, wait: bool = False) -> None:
+        # What submit() returned goes to the broker (or the fallback) before the publisher
+        # closes; past the timeout it waits in SQL for the reaper.
+        if not self._relay.close(timeout_s=2 * self.settings.publish_timeout_s + 1):
+            log.warning("jobs submitted last are left for the reaper to publish")
         self.local.shutdown(wait=wait)
         self.publisher.close()
         self.engine.dispose()

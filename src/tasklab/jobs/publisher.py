@@ -1,14 +1,18 @@
 """Publishing job messages to the broker, behind a circuit breaker.
 
-A message carries only the job id; the record in SQL is the truth. Publishing never retries
-inside kombu (that is what makes Celery hang when the broker is down): it fails within
-``publish_timeout_s`` and the breaker makes later attempts free until a probe succeeds.
+A message carries only job ids; the record in SQL is the truth. Jobs of one task, queue and
+priority published together may share one message (a bundle, up to ``bundle_max`` ids): Celery
+spends most of a short job's cost per message, in the broker and in the worker, so a bundle
+pays it once. Publishing never retries inside kombu (that is what makes Celery hang when the
+broker is down): it fails within ``publish_timeout_s`` and the breaker makes later attempts
+free until a probe succeeds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,10 +28,14 @@ from tasklab.settings import Settings
 if TYPE_CHECKING:
     from tasklab.jobs.registry import JobSpec
 
+# The Celery task that runs a bundle: (task name, job ids, queue, priority).
+BUNDLE_TASK = "tasklab.bundle"
+
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One job message: the task's name and the job id it carries."""
+    """One job to publish: its task's name and id; ``bundle``: it may share a message with
+    other jobs of the same task, queue and priority (no countdown, no Celery time limit)."""
 
     task: str
     job_id: str
@@ -35,6 +43,7 @@ class Outgoing:
     priority: int
     countdown_s: float = 0
     message_id: str | None = None
+    bundle: bool = False
 
 
 class Publisher:
@@ -66,30 +75,32 @@ class Publisher:
         return self.publish_many([out])[0]
 
     def publish_many(self, messages: Sequence[Outgoing]) -> list[str]:
-        """Send several messages, in one round trip where the transport can (kombu's Redis
-        publish batch: one pipeline); return their ids. All or nothing as far as the caller
-        knows: on BrokerUnavailable some may have reached the broker (a duplicate delivery
-        is skipped by the claim), none is confirmed."""
+        """Send several jobs, in one round trip where the transport can (kombu's Redis
+        publish batch: one pipeline), bundling those that may be; return the id of the
+        message that carries each job. All or nothing as far as the caller knows: on
+        BrokerUnavailable some may have reached the broker (a duplicate delivery is skipped
+        by the claim), none is confirmed."""
         if not self.breaker.allow():
             metrics.BROKER_PUBLISH_FAILURES.labels("circuit_open").inc()
             raise BrokerUnavailable("broker circuit is open")
         ids = [m.message_id or uuid.uuid4().hex for m in messages]
+        sends = self._plan(messages, ids)
         app = self.app
         try:
             with (
                 app.producer_or_acquire() as producer,
                 # a batch costs a pipeline object: worth it from two messages on
-                producer.batch() if len(messages) > 1 else contextlib.nullcontext(),
+                producer.batch() if len(sends) > 1 else contextlib.nullcontext(),
             ):
-                for message, message_id in zip(messages, ids, strict=True):
+                for task, args, first, message_id in sends:
                     app.send_task(
-                        message.task,
-                        args=[message.job_id],
+                        task,
+                        args=args,
                         task_id=message_id,
-                        queue=message.queue,
-                        routing_key=message.queue,
-                        priority=broker_priority(self.settings, message.priority),
-                        countdown=message.countdown_s or None,
+                        queue=first.queue,
+                        routing_key=first.queue,
+                        priority=broker_priority(self.settings, first.priority),
+                        countdown=first.countdown_s or None,
                         retry=False,
                         ignore_result=True,
                         producer=producer,
@@ -100,6 +111,38 @@ class Publisher:
             raise BrokerUnavailable(f"broker did not accept the message: {e}") from e
         self.breaker.record_success()
         return ids
+
+    def _plan(
+        self, messages: Sequence[Outgoing], ids: list[str]
+    ) -> list[tuple[str, list[object], Outgoing, str]]:
+        """(task, args, the first job, message id) per message to send; ``ids`` is updated
+        so that each bundled job gets its bundle's message id."""
+        sends: list[tuple[str, list[object], Outgoing, str]] = []
+        groups: defaultdict[tuple[str, str, int], list[int]] = defaultdict(list)
+        for i, m in enumerate(messages):
+            if m.bundle and not m.countdown_s and self.settings.bundle_max > 1:
+                groups[(m.task, m.queue, m.priority)].append(i)
+            else:
+                sends.append((m.task, [m.job_id], m, ids[i]))
+        size = self.settings.bundle_max
+        for (task, queue, priority), members in groups.items():
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                first = messages[chunk[0]]
+                if len(chunk) == 1:
+                    sends.append((task, [first.job_id], first, ids[chunk[0]]))
+                    continue
+                bundle_id = uuid.uuid4().hex
+                job_ids = [messages[i].job_id for i in chunk]
+                sends.append((BUNDLE_TASK, [task, job_ids, queue, priority], first, bundle_id))
+                for i in chunk:
+                    ids[i] = bundle_id
+        return sends
+
+    def publish_bundle(self, task: str, job_ids: Sequence[str], queue: str, priority: int) -> str:
+        """Send jobs of one task as one bundle (a worker handing back what it did not run)."""
+        members = [Outgoing(task, job_id, queue, priority, bundle=True) for job_id in job_ids]
+        return self.publish_many(members)[0]
 
     def reschedule(
         self, spec: JobSpec, job_id: str, queue: str, attempt: int, delay_s: float

@@ -52,6 +52,11 @@ class JobSpec:
     lease_s: float | None = None
     bind: bool = False
 
+    @property
+    def bundles(self) -> bool:
+        """May share a broker message with other jobs (a Celery time limit is per message)."""
+        return self.soft_time_limit_s is None and self.time_limit_s is None
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Calling the declared function directly runs it in-process, without a job record."""
         return self.func(*args, **kwargs)
@@ -141,6 +146,27 @@ def _register_celery_task(spec: JobSpec) -> None:
     )(deliver)
 
 
+def _register_bundle_task() -> None:
+    """The Celery task that runs a bundle of jobs (see tasklab.jobs.publisher). No Celery
+    time limit: only jobs without one are bundled, and each job keeps its own lease."""
+    from tasklab.jobs.publisher import BUNDLE_TASK
+
+    def deliver_bundle(self: Any, task: str, job_ids: list[str], queue: str, priority: int) -> None:
+        from tasklab.jobs.worker_side import run_bundle  # imports this module
+
+        run_bundle(self.app, get_spec(task), job_ids, queue, priority)
+
+    shared_task(
+        name=BUNDLE_TASK,
+        bind=True,
+        ignore_result=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        soft_time_limit=None,
+        time_limit=None,
+    )(deliver_bundle)
+
+
 def get_spec(task: str | JobSpec) -> JobSpec:
     if isinstance(task, JobSpec):
         return task
@@ -152,3 +178,6 @@ def get_spec(task: str | JobSpec) -> JobSpec:
 
 def registered() -> dict[str, JobSpec]:
     return dict(_REGISTRY)
+
+
+_register_bundle_task()

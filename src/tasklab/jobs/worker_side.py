@@ -37,6 +37,8 @@ class WorkerRuntime:
             default_lease_s=settings.lease_s,
             leases=self.leases,
             reschedule=self.publisher.reschedule,
+            hand_back=self.publisher.publish_bundle,
+            bundle_budget_s=settings.bundle_budget_s,
         )
 
 
@@ -55,3 +57,7 @@ def runtime(app: Celery) -> WorkerRuntime:
 
 def run_delivery(app: Celery, spec: JobSpec, job_id: str) -> Any:
     return runtime(app).executor.run(spec, job_id).status
+
+
+def run_bundle(app: Celery, spec: JobSpec, job_ids: list[str], queue: str, priority: int) -> None:
+    runtime(app).executor.run_bundle(spec, job_ids, queue=queue, priority=priority)

@@ -105,6 +105,11 @@ LOCAL_EXECUTIONS = Counter(
     "Jobs run by the in-process fallback executor.",
     ["task", "status"],
 )
+BUNDLE_HANDED_BACK = Counter(
+    "tasklab_bundle_handed_back_total",
+    "Jobs of a bundle given back to the broker because the bundle ran past its time budget.",
+    ["task", "queue"],
+)
 DUPLICATE_DELIVERIES = Counter(
     "tasklab_duplicate_deliveries_total",
     "Deliveries skipped because the job was finished or leased.",

@@ -1,0 +1,121 @@
+"""Publishing behind ``submit()``: the transactional-outbox relay of one process.
+
+``submit()`` returns once the job is committed to SQL; this relay's thread then hands it to
+the broker (or to the local fallback), together with every job submitted meanwhile (and,
+while jobs keep coming, for up to ``relay_linger_ms``): one broker round trip, and bundles of
+jobs in one message, however the callers submit. If the
+process dies before the relay publishes a job, the job is QUEUED in SQL without a message and
+the reaper publishes it (tasklab.jobs.recovery).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+log = logging.getLogger("tasklab.jobs.relay")
+T = TypeVar("T")
+STREAM_GAP_S = 0.05
+
+
+class Relay(Generic[T]):
+    def __init__(
+        self,
+        dispatch: Callable[[list[T]], Sequence[object]],
+        *,
+        linger_s: float = 0.0,
+        max_batch: int = 256,
+        exit_flush_s: float = 5.0,
+    ) -> None:
+        """``dispatch(items)`` publishes a batch and returns one outcome per item: anything,
+        or the exception that item met (logged; the job waits in SQL for the reaper).
+
+        ``linger_s``: when jobs come in a stream (the last batch went out less than
+        STREAM_GAP_S ago), wait up to this long for more before publishing, so that they
+        travel in bundles; a job submitted alone goes at once."""
+        self._dispatch = dispatch
+        self._linger_s = linger_s
+        self._max_batch = max_batch
+        self._exit_flush_s = exit_flush_s
+        self._pid = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._last_dispatch_at = -1e9
+        self._cond = threading.Condition()
+        self._pending: list[T] = []
+        self._in_flight = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def put(self, item: T) -> None:
+        if self._pid != os.getpid():  # first use, or a forked child: the parent's items
+            self._reset()  # and thread are the parent's
+            self._pid = os.getpid()
+            atexit.register(self.flush, self._exit_flush_s)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the relay is closed")
+            self._pending.append(item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tasklab-relay", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything put so far was dispatched; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._in_flight, timeout_s)
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Flush, then stop the thread; later ``put`` calls raise."""
+        done = self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        return done
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
+                import time as _t
+
+                end = _t.monotonic() + 0.005
+                while len(self._pending) < self._max_batch and not self._closed:
+                    left = end - _t.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                self._in_flight = len(batch)
+            try:
+                outcomes = self._dispatch(batch)
+            except Exception:  # the jobs are in SQL: the reaper publishes them
+                log.exception("relay: %d job(s) left for the reaper", len(batch))
+            else:
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        log.error("relay: a job is left for the reaper: %s", outcome)
+            with self._cond:
+                self._in_flight = 0
+                self._last_dispatch_at = time.monotonic()
+                self._cond.notify_all()
+
+    def _linger(self) -> None:
+        """Inside a stream of submits, gather for up to ``linger_s`` (called holding the
+        condition; waiting releases it)."""
+        end = time.monotonic() + self._linger_s
+        while len(self._pending) < self._max_batch and not self._closed:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
