@@ -65,8 +65,13 @@ class Reaper:
 
     def _release_expired(self, now: float) -> int:
         released = 0
+        # Read first, outside the write gate: almost every tick finds nothing to release.
+        with self.engine.connect() as conn:
+            expired = conn.execute(store.expired_leases(now, BATCH)).all()
+        if not expired:
+            return 0
         with writing(self.engine) as conn:
-            for row in conn.execute(store.expired_leases(now, BATCH)).all():
+            for row in expired:  # each release is fenced: a renewal since the read wins
                 dead = row.attempt >= row.max_attempts
                 n = conn.execute(
                     store.release_expired(row.id, row.attempt, now, dead=dead)

@@ -65,7 +65,10 @@ class Relay(Generic[T]):
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tasklab-relay", daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
+            # Wake the thread only when it waits for a first item or the batch is full: a
+            # wake-up per submit would take the GIL from the submitting thread each time.
+            if len(self._pending) == 1 or len(self._pending) >= self._max_batch:
+                self._cond.notify_all()
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything put so far was dispatched; False on timeout."""

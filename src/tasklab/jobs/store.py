@@ -171,7 +171,18 @@ _CLAIM = (
         via=sa.bindparam("p_via"),
         next_attempt_at=None,
     )
-    .returning(*jobs.c)
+    # What the executor needs to run the attempt, not the whole row (result, traceback).
+    .returning(
+        jobs.c.queue,
+        jobs.c.attempt,
+        jobs.c.max_attempts,
+        jobs.c.args,
+        jobs.c.kwargs,
+        jobs.c.created_at,
+        jobs.c.queued_at,
+        jobs.c.started_at,
+        jobs.c.next_attempt_at,
+    )
 )
 
 
