@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
+import struct
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +19,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from tasklab.database import SqlRunner, make_async_engine, make_engine, write_gate
+from tasklab.database import (
+    SqlRunner,
+    WalCheckpointer,
+    make_async_engine,
+    make_engine,
+    one_statement,
+    write_gate,
+    writing,
+)
 from tasklab.settings import Settings
 
 _things = sa.Table(
@@ -126,3 +140,113 @@ def test_the_write_gate_is_a_no_op_for_servers() -> None:
     engine = sa.create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
     gate = write_gate(engine)
     assert isinstance(gate, contextlib.nullcontext)
+
+
+_blobs = sa.Table(
+    "blobs",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("data", sa.LargeBinary),
+)
+
+
+def test_sqlite_connections_leave_checkpoints_to_the_checkpointer(tmp_path: Path) -> None:
+    engine = make_engine(Settings(home_dir=tmp_path / ".tasklab"))
+    try:
+        for e in (engine, one_statement(engine)):  # the autocommit twin too
+            with e.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+                assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    finally:
+        engine.dispose()
+
+
+def _wal_index(db: str) -> tuple[int, int]:
+    """(frames in the WAL, frames already copied into the database) from the wal-index
+    (https://www.sqlite.org/walformat.html): mxFrame at byte 16, nBackfill at byte 96,
+    native byte order. Read without taking a lock, so it checkpoints nothing itself."""
+    with open(db + "-shm", "rb") as f:
+        header = f.read(100)
+    (max_frame,) = struct.unpack_from("=I", header, 16)
+    (backfilled,) = struct.unpack_from("=I", header, 96)
+    return max_frame, backfilled
+
+
+def _write_blobs(engine: sa.Engine, count: int, size: int) -> None:
+    for _ in range(count):  # one transaction each: many commits, as jobs make them
+        with writing(engine) as conn:
+            conn.execute(_blobs.insert().values(data=os.urandom(size)))
+
+
+def _wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_the_checkpointer_thread_copies_the_wal_into_the_database(tmp_path: Path) -> None:
+    settings = Settings(home_dir=tmp_path / ".tasklab")
+    engine = make_engine(settings)
+    db = str(settings.sqlite_path.resolve())
+    written = 200 * 20_000  # ~1,000 pages, past SQLite's own automatic checkpoint
+    try:
+        with writing(engine) as conn:
+            _blobs.create(conn)
+        with engine.connect():  # a connection stays open: no checkpoint-on-close
+            _write_blobs(engine, 200, 20_000)
+            # Only a checkpoint writes the database file in WAL mode, and nothing here asks
+            # for one: the thread has to.
+            _wait_until(lambda: os.path.getsize(db) >= written, 20, "the WAL to be copied")
+            _wait_until(
+                lambda: (lambda m, b: m == b)(*_wal_index(db)), 20, "every frame checkpointed"
+            )
+            busy, frames, checkpointed = WalCheckpointer.of(db).checkpoint()
+            assert busy == 0 and frames == checkpointed
+    finally:
+        engine.dispose()
+
+
+_FORKED_WRITER = """
+import os, sys, threading, time
+import sqlalchemy as sa
+from tasklab.database import make_engine, writing
+from tasklab.settings import Settings
+
+blobs = sa.Table("blobs", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                 sa.Column("data", sa.LargeBinary))
+settings = Settings(home_dir=sys.argv[1])
+db = str(settings.sqlite_path.resolve())
+engine = make_engine(settings)
+with writing(engine) as conn:
+    blobs.create(conn)
+parent = os.getpid()
+if os.fork():
+    os._exit(0)  # the parent goes, and its checkpointer thread with it
+while os.getppid() == parent:
+    time.sleep(0.01)
+engine.dispose(close=False)  # the parent's connections are not the child's
+with engine.connect():
+    start = os.path.getsize(db)
+    for _ in range(200):
+        with writing(engine) as conn:
+            conn.execute(blobs.insert().values(data=os.urandom(20_000)))
+    deadline = time.monotonic() + 20
+    while os.path.getsize(db) < start + 200 * 20_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grew = os.path.getsize(db) - start
+names = {t.name for t in threading.enumerate()}
+print("checkpointed" if grew >= 200 * 20_000 else f"not checkpointed: {grew}", sorted(names))
+"""
+
+
+def test_a_forked_child_checkpoints_with_a_thread_of_its_own(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_FORKED_WRITER), str(tmp_path / ".tasklab")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("checkpointed"), done.stdout + done.stderr
+    assert "tasklab-wal-checkpoint" in done.stdout

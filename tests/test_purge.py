@@ -15,7 +15,7 @@ def test_purge_empties_one_queue_after_yes(settings: Settings) -> None:
     from tasklab.migrations import migrate
 
     migrate(settings)
-    jm = JobManager(settings)
+    jm = JobManager(settings.model_copy(update={"bundle_max": 1}))  # a message per job
     for _ in range(3):
         jm.submit(probe_jobs.noop, queue="low")
     jm.submit(probe_jobs.noop, queue="high")

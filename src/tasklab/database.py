@@ -92,8 +92,9 @@ class WalCheckpointer:
             threading.Thread(target=self._run, name="tasklab-wal-checkpoint", daemon=True).start()
 
     def checkpoint(self) -> tuple[int, int, int]:
-        """One PASSIVE checkpoint: (busy, frames in the WAL, frames checkpointed)."""
-        conn = sqlite3.connect(self.database, timeout=0, check_same_thread=False)
+        """One PASSIVE checkpoint: (busy, frames in the WAL, frames checkpointed). Raises
+        sqlite3.Error if the database file does not exist (it is never created here)."""
+        conn = sqlite3.connect(f"file:{self.database}?mode=rw", uri=True, timeout=0)
         try:
             busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             return int(busy), int(frames), int(done)
@@ -102,12 +103,26 @@ class WalCheckpointer:
 
     def _run(self) -> None:
         pid = os.getpid()
+        wal = self.database + "-wal"
+        seen = None
         while self._pid == pid:
             time.sleep(self.interval_s)
             try:
-                self.checkpoint()
-            except sqlite3.Error:  # locked, or the file went away (tests): try next time
+                changed = os.stat(wal).st_mtime_ns
+            except FileNotFoundError:  # no WAL yet, or the database is closed everywhere
+                if not os.path.exists(self.database):
+                    break  # the database is gone (a test's temporary file): so is the work
                 continue
+            if changed == seen:  # no commit since the last checkpoint: nothing to copy
+                continue
+            try:
+                self.checkpoint()
+                seen = changed
+            except sqlite3.Error:  # locked: next time
+                continue
+        with self._all_lock:
+            if self._pid == pid:
+                self._pid = 0  # a later connection starts the thread again
 
 
 def make_engine(settings: Settings, **kwargs: Any) -> Engine:

@@ -66,14 +66,17 @@ class BundleWatch:
         self.budget_s = budget_s
         self._due: dict[Bundle, float] = {}
         self._cond = threading.Condition()
+        self._start_lock = threading.Lock()
         self._pid = 0
 
     def watch(self, bundle: Bundle) -> None:
         if self._pid != os.getpid():  # first use, or a forked child
-            self._pid = os.getpid()
-            self._cond = threading.Condition()
-            self._due = {}
-            threading.Thread(target=self._run, name="tasklab-bundles", daemon=True).start()
+            with self._start_lock:
+                if self._pid != os.getpid():
+                    self._cond = threading.Condition()
+                    self._due = {}
+                    threading.Thread(target=self._run, name="tasklab-bundles", daemon=True).start()
+                    self._pid = os.getpid()
         with self._cond:
             self._due[bundle] = time.monotonic() + self.budget_s
             self._cond.notify()

@@ -206,7 +206,13 @@ class Executor:
         self._watch = None if hand_back is None else BundleWatch(hand_back, bundle_budget_s)
 
     def run_bundle(
-        self, spec: JobSpec, job_ids: list[str], *, queue: str, priority: int
+        self,
+        spec: JobSpec,
+        job_ids: list[str],
+        *,
+        queue: str,
+        priority: int,
+        message_id: str | None = None,
     ) -> list[Outcome]:
         """Run a bundle's jobs one after the other, each as ``run`` would; past
         ``bundle_budget_s`` the ones not started go back to the broker (tasklab.jobs.bundle).
@@ -223,7 +229,7 @@ class Executor:
         carry: store.Prepared | None = None
         try:
             while (job_id := bundle.take()) is not None:
-                claimed = self._claim(spec, job_id, carry)
+                claimed = self._claim(spec, job_id, carry, message_id=message_id)
                 carry = None
                 if claimed is None:
                     outcomes.append(Outcome("skipped"))
@@ -238,12 +244,17 @@ class Executor:
                     _record_completion(conn, carry)
         return outcomes
 
-    def run(self, spec: JobSpec, job_id: str) -> Outcome:
-        claimed = self._claim(spec, job_id)
+    def run(self, spec: JobSpec, job_id: str, *, message_id: str | None = None) -> Outcome:
+        claimed = self._claim(spec, job_id, message_id=message_id)
         return Outcome("skipped") if claimed is None else self._execute(spec, *claimed)
 
     def _claim(
-        self, spec: JobSpec, job_id: str, carry: store.Prepared | None = None
+        self,
+        spec: JobSpec,
+        job_id: str,
+        carry: store.Prepared | None = None,
+        *,
+        message_id: str | None = None,
     ) -> tuple[JobContext, list[Any], dict[str, Any]] | None:
         """Claim one attempt (and record ``carry``, a finished job's completion, in the same
         transaction); None if the job is not ours to run (finished, leased, cancelled)."""
@@ -260,6 +271,7 @@ class Executor:
                     lease_s=lease_s,
                     via=self.via,
                     now=time.time(),
+                    message_id=message_id,
                 )
             ).first()
         if row is None:

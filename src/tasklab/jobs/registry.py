@@ -132,7 +132,7 @@ def _register_celery_task(spec: JobSpec) -> None:
     from tasklab.jobs.worker_side import run_delivery
 
     def deliver(self: Any, job_id: str) -> None:
-        run_delivery(self.app, spec, job_id)
+        run_delivery(self.app, spec, job_id, self.request.id)
 
     deliver.__name__ = spec.name.rsplit(".", 1)[-1]
     shared_task(
@@ -154,7 +154,7 @@ def _register_bundle_task() -> None:
     def deliver_bundle(self: Any, task: str, job_ids: list[str], queue: str, priority: int) -> None:
         from tasklab.jobs.worker_side import run_bundle  # imports this module
 
-        run_bundle(self.app, get_spec(task), job_ids, queue, priority)
+        run_bundle(self.app, get_spec(task), job_ids, queue, priority, self.request.id)
 
     shared_task(
         name=BUNDLE_TASK,

@@ -15,8 +15,9 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("tasklab.jobs.relay")
 T = TypeVar("T")
@@ -42,8 +43,10 @@ class Relay(Generic[T]):
         self._linger_s = linger_s
         self._max_batch = max_batch
         self._exit_flush_s = exit_flush_s
-        self._pid = 0
+        self._pid_lock = threading.Lock()
         self._reset()
+        self._pid = os.getpid()
+        _live.add(self)
 
     def _reset(self) -> None:
         self._last_dispatch_at = -1e9
@@ -54,10 +57,13 @@ class Relay(Generic[T]):
         self._thread: threading.Thread | None = None
 
     def put(self, item: T) -> None:
-        if self._pid != os.getpid():  # first use, or a forked child: the parent's items
-            self._reset()  # and thread are the parent's
-            self._pid = os.getpid()
-            atexit.register(self.flush, self._exit_flush_s)
+        if self._pid != os.getpid():  # a forked child: the parent's items and thread are
+            with self._pid_lock:  # the parent's (a closed relay stays closed)
+                if self._pid != os.getpid():
+                    closed = self._closed
+                    self._reset()
+                    self._closed = closed
+                    self._pid = os.getpid()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the relay is closed")
@@ -89,14 +95,8 @@ class Relay(Generic[T]):
                 self._cond.wait_for(lambda: self._pending or self._closed)
                 if not self._pending:
                     return
-                import time as _t
-
-                end = _t.monotonic() + 0.005
-                while len(self._pending) < self._max_batch and not self._closed:
-                    left = end - _t.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
+                if time.monotonic() - self._last_dispatch_at < STREAM_GAP_S:
+                    self._linger()
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 self._in_flight = len(batch)
@@ -122,3 +122,14 @@ class Relay(Generic[T]):
             if left <= 0:
                 return
             self._cond.wait(left)
+
+
+_live: weakref.WeakSet[Relay[Any]] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """What submit() returned goes out before the interpreter stops (bounded per relay)."""
+    for relay in list(_live):
+        if relay._pid == os.getpid():
+            relay.flush(relay._exit_flush_s)

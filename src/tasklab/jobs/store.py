@@ -170,6 +170,9 @@ _CLAIM = (
         started_at=sa.bindparam("p_now"),
         via=sa.bindparam("p_via"),
         next_attempt_at=None,
+        # The message this attempt runs from (a bundle's, for a bundled job): the one that
+        # cancel(terminate=True) revokes.
+        message_id=sa.func.coalesce(sa.bindparam("p_message", type_=sa.String), jobs.c.message_id),
     )
     # What the executor needs to run the attempt, not the whole row (result, traceback).
     .returning(
@@ -186,10 +189,19 @@ _CLAIM = (
 )
 
 
-def claim(job_id: str, *, lease_owner: str, lease_s: float, via: str, now: float) -> Prepared:
+def claim(
+    job_id: str,
+    *,
+    lease_owner: str,
+    lease_s: float,
+    via: str,
+    now: float,
+    message_id: str | None = None,
+) -> Prepared:
     """Take a job for one attempt. Only one caller can win; the row comes back if it did."""
     return _CLAIM, {
         "p_id": job_id,
+        "p_message": message_id,
         "p_owner": lease_owner,
         "p_until": now + lease_s,
         "p_now": now,

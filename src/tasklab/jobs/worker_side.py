@@ -55,9 +55,18 @@ def runtime(app: Celery) -> WorkerRuntime:
         return _runtime
 
 
-def run_delivery(app: Celery, spec: JobSpec, job_id: str) -> Any:
-    return runtime(app).executor.run(spec, job_id).status
+def run_delivery(app: Celery, spec: JobSpec, job_id: str, message_id: str | None) -> Any:
+    return runtime(app).executor.run(spec, job_id, message_id=message_id).status
 
 
-def run_bundle(app: Celery, spec: JobSpec, job_ids: list[str], queue: str, priority: int) -> None:
-    runtime(app).executor.run_bundle(spec, job_ids, queue=queue, priority=priority)
+def run_bundle(
+    app: Celery,
+    spec: JobSpec,
+    job_ids: list[str],
+    queue: str,
+    priority: int,
+    message_id: str | None,
+) -> None:
+    runtime(app).executor.run_bundle(
+        spec, job_ids, queue=queue, priority=priority, message_id=message_id
+    )
