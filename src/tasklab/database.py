@@ -348,5 +348,7 @@ def _gate_for(engine: Engine) -> WriteGate | None:
 def writing(engine: Engine) -> Iterator[Connection]:
     """``engine.begin()`` for a transaction that writes: committed if the block returns,
     rolled back if it raises, and queued behind other writers on SQLite (``WriteGate``)."""
-    with write_gate(engine), engine.begin() as conn:
+    # The connection is checked out before the gate and returned after it: the pool's
+    # bookkeeping (and its reset on return) need not hold up the other writers.
+    with engine.connect() as conn, write_gate(engine), conn.begin():
         yield conn

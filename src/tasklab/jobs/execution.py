@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
 from tasklab.database import one_statement, write_gate, writing
@@ -24,6 +24,7 @@ from tasklab.jobs import store
 from tasklab.jobs.bundle import Bundle, BundleWatch, HandBack
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.registry import JobSpec
+from tasklab.jobs.sqlite_writes import HotWrites
 from tasklab.observe import metrics
 
 log = logging.getLogger("tasklab.jobs")
@@ -171,8 +172,8 @@ class Outcome:
     completion: store.Prepared | None = None  # a success not written yet (run_bundle)
 
 
-def _record_completion(conn: Connection, completion: store.Prepared) -> None:
-    if conn.execute(*completion).rowcount != 1:
+def _check_completion(updated: object, completion: store.Prepared) -> None:
+    if updated != 1:
         params = completion[1]
         log.warning(
             "job %s attempt %s finished after losing its claim; result dropped",
@@ -198,6 +199,7 @@ class Executor:
     ) -> None:
         self.engine = engine
         self.single = one_statement(engine)  # claims, completions, failures: one statement
+        self._hot = HotWrites(engine) if engine.dialect.name == "sqlite" else None
         self.lease_owner = lease_owner
         self.via = via
         self.default_lease_s = default_lease_s
@@ -240,13 +242,28 @@ class Executor:
             if self._watch is not None:
                 self._watch.done(bundle)
             if carry is not None:
-                with writing(self.single) as conn:
-                    _record_completion(conn, carry)
+                _check_completion(self._write(carry)[0], carry)
         return outcomes
 
     def run(self, spec: JobSpec, job_id: str, *, message_id: str | None = None) -> Outcome:
         claimed = self._claim(spec, job_id, message_id=message_id)
         return Outcome("skipped") if claimed is None else self._execute(spec, *claimed)
+
+    def _write(self, *prepared: store.Prepared, relaxed: bool = False) -> list[Any]:
+        """Run statements in one write transaction; per statement, its rows (RETURNING, as
+        mappings) or its rowcount. ``relaxed``: a claim alone (see store.relax_commit)."""
+        if self._hot is not None:
+            return self._hot.run(*prepared)
+        out: list[Any] = []
+        with writing(self.single if len(prepared) == 1 else self.engine) as conn:
+            if relaxed:
+                store.relax_commit(conn)
+            for statement, params in prepared:
+                result = conn.execute(statement, params)
+                out.append(
+                    [dict(r._mapping) for r in result] if result.returns_rows else result.rowcount
+                )
+        return out
 
     def _claim(
         self,
@@ -259,25 +276,24 @@ class Executor:
         """Claim one attempt (and record ``carry``, a finished job's completion, in the same
         transaction); None if the job is not ours to run (finished, leased, cancelled)."""
         lease_s = spec.lease_s or self.default_lease_s
-        with writing(self.single if carry is None else self.engine) as conn:
-            if carry is None:
-                store.relax_commit(conn)
-            else:
-                _record_completion(conn, carry)
-            row = conn.execute(
-                *store.claim(
-                    job_id,
-                    lease_owner=self.lease_owner,
-                    lease_s=lease_s,
-                    via=self.via,
-                    now=time.time(),
-                    message_id=message_id,
-                )
-            ).first()
-        if row is None:
+        claim = store.claim(
+            job_id,
+            lease_owner=self.lease_owner,
+            lease_s=lease_s,
+            via=self.via,
+            now=time.time(),
+            message_id=message_id,
+        )
+        if carry is None:
+            rows = self._write(claim, relaxed=True)[0]
+        else:
+            done, rows = self._write(carry, claim)
+            _check_completion(done, carry)
+        assert isinstance(rows, list)
+        if not rows:
             metrics.DUPLICATE_DELIVERIES.labels(spec.name).inc()
             return None
-        m = row._mapping
+        m = rows[0]
         ctx = JobContext(
             id=job_id,
             task=spec.name,
@@ -343,10 +359,7 @@ class Executor:
             except StaleAttempt:
                 updated = 0
         else:
-            with writing(self.single) as conn:
-                updated = conn.execute(
-                    *store.complete(ctx.id, ctx.attempt, result=value, now=now)
-                ).rowcount
+            updated = self._write(store.complete(ctx.id, ctx.attempt, result=value, now=now))[0]
         if updated != 1:
             log.warning(
                 "job %s attempt %s finished after losing its claim; result dropped",

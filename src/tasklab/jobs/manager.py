@@ -34,6 +34,7 @@ from tasklab.jobs.publisher import Outgoing, Publisher
 from tasklab.jobs.records import FINAL, Job, JobStatus
 from tasklab.jobs.registry import JobSpec, get_spec
 from tasklab.jobs.relay import Relay
+from tasklab.jobs.sqlite_writes import HotWrites
 from tasklab.observe import metrics
 from tasklab.settings import Settings
 
@@ -60,6 +61,7 @@ class JobManager:
             queue_max=settings.local_queue_max,
         )
         self._single = one_statement(self.engine)  # the insert of submit()
+        self._hot = HotWrites(self.engine) if self.engine.dialect.name == "sqlite" else None
         self._dispatches: Coalescer[tuple[JobSpec, dict[str, Any], float], str] = Coalescer(
             self._dispatch_batch
         )
@@ -242,6 +244,9 @@ class JobManager:
         return await self.adispatch(job)
 
     def _insert(self, job: PreparedJob) -> None:
+        if self._hot is not None:
+            self._hot.run(job.insert)
+            return
         with writing(self._single) as conn:
             conn.execute(*job.insert)
 

@@ -191,3 +191,11 @@ def _handle_error(context: ExceptionContext) -> None:
     conn = context.connection
     if conn is not None and conn.info.get(_START_KEY):
         conn.info[_START_KEY].pop()
+
+
+def record_statement(engine: Engine, statement: str, duration_s: float) -> None:
+    """Time a statement run outside SQLAlchemy's execution (on the DBAPI connection) on an
+    instrumented engine, as the event hooks would."""
+    recorder = _RECORDERS.get(engine)
+    if recorder is not None:
+        recorder.record(statement, duration_s)
