@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     # Scheduling priority of worker processes (Unix nice, 0..19). Where workers share cores
     # with the API or the code that submits, the latency-bound side should win the CPU;
     # on machines of their own it changes nothing.
-    worker_nice: int = Field(5, ge=0, le=19)
+    worker_nice: int = Field(10, ge=0, le=19)
     task_soft_time_limit_s: int = Field(300, ge=1)
     task_time_limit_s: int = Field(330, ge=1)
     visibility_timeout_s: int = Field(7200, ge=60)
