@@ -48,12 +48,13 @@ class RawStatement:
             if (proc := binds[name].type.bind_processor(dialect)) is not None
         }
         self._sql: str | None = None  # known once the lengths of IN lists are
-        self.columns: list[tuple[str, Any]] = []
-        if isinstance(statement, UpdateBase) and statement._returning:
-            self.columns = [
-                (str(col.key), col.type.result_processor(dialect, None))
-                for col in statement.exported_columns
-            ]
+        # RETURNING's columns (none without RETURNING), with their result processors (JSON)
+        returned: Sequence[Any] = (
+            list(statement.exported_columns) if isinstance(statement, UpdateBase) else []
+        )
+        self.columns: list[tuple[str, Any]] = [
+            (str(col.key), col.type.result_processor(dialect, None)) for col in returned
+        ]
 
     def bind(self, values: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
         params = self._compiled.construct_params(dict(values))
