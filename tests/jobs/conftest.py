@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from tasklab.embedded import EmbeddedRedis, free_port
@@ -96,3 +100,21 @@ def effect_counts(jm: JobManager) -> dict[str, int]:
             sa.select(effects.c.job_id, sa.func.count()).group_by(effects.c.job_id)
         ).all()
     return {job_id: int(n) for job_id, n in rows}
+
+
+def queue_lists(client: redis.Redis, queue: str) -> list[str]:
+    """kombu keeps one list per priority step of a queue (queue, queue:N)."""
+    keys = [queue, *(k.decode() for k in client.keys(f"{queue}:*"))]
+    return [key for key in keys if client.type(key) == b"list"]
+
+
+def queued_messages(client: redis.Redis, queue: str) -> list[tuple[str, str, list[Any]]]:
+    """(task, message id, positional args) of each message waiting on ``queue``."""
+    found = []
+    for key in queue_lists(client, queue):
+        for raw in client.lrange(key, 0, -1):
+            message = json.loads(raw)
+            assert message["properties"]["body_encoding"] == "base64"
+            args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+            found.append((message["headers"]["task"], message["headers"]["id"], args))
+    return found

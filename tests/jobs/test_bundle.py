@@ -3,8 +3,6 @@ other by one worker, the rest handed back past the budget. Against a real Redis 
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ from tasklab.jobs.publisher import BUNDLE_TASK, Outgoing, Publisher
 from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
-from tests.jobs.conftest import effect_counts
+from tests.jobs.conftest import effect_counts, queue_lists, queued_messages
 
 NOOP = probe_jobs.noop.name
 EFFECT = probe_jobs.effect.name
@@ -42,30 +40,12 @@ def soft_limited() -> None:
 # --- broker messages ------------------------------------------------------------------------
 
 
-def _lists(client: redis.Redis, queue: str) -> list[str]:
-    """kombu keeps one list per priority step of a queue (queue, queue:N)."""
-    keys = [queue, *(k.decode() for k in client.keys(f"{queue}:*"))]
-    return [key for key in keys if client.type(key) == b"list"]
-
-
 def _queued(client: redis.Redis, queue: str) -> int:
-    return sum(int(client.llen(key)) for key in _lists(client, queue))
-
-
-def _messages(client: redis.Redis, queue: str) -> list[tuple[str, str, list[Any]]]:
-    """(task, message id, positional args) of each message waiting on ``queue``."""
-    found = []
-    for key in _lists(client, queue):
-        for raw in client.lrange(key, 0, -1):
-            message = json.loads(raw)
-            assert message["properties"]["body_encoding"] == "base64"
-            args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-            found.append((message["headers"]["task"], message["headers"]["id"], args))
-    return found
+    return sum(int(client.llen(key)) for key in queue_lists(client, queue))
 
 
 def _bundles(client: redis.Redis, queue: str) -> list[list[Any]]:
-    return [args for task, _, args in _messages(client, queue) if task == BUNDLE_TASK]
+    return [args for task, _, args in queued_messages(client, queue) if task == BUNDLE_TASK]
 
 
 @pytest.fixture
@@ -97,7 +77,7 @@ def test_bundled_jobs_of_one_task_queue_and_priority_travel_in_one_message(
     ids = publishers().publish_many([Outgoing(NOOP, j, "low", 3, bundle=True) for j in jobs])
 
     assert _queued(client, "low") == 1
-    [(task, message_id, args)] = _messages(client, "low")
+    [(task, message_id, args)] = queued_messages(client, "low")
     assert task == BUNDLE_TASK
     assert args == [NOOP, jobs, "low", 3]
     assert ids == [message_id] * 5  # each job is carried by the bundle's message
@@ -110,7 +90,7 @@ def test_bundles_are_split_by_bundle_max(publishers, client: redis.Redis) -> Non
 
     found = {
         tuple(args[1]) if task == BUNDLE_TASK else tuple(args): (task, mid)
-        for task, mid, args in _messages(client, "low")
+        for task, mid, args in queued_messages(client, "low")
     }
     assert set(found) == {("job-0", "job-1"), ("job-2", "job-3"), ("job-4",)}
     assert found[("job-4",)] == (NOOP, "m-job-4")  # a chunk of one is a plain message
@@ -154,7 +134,7 @@ def test_jobs_with_a_countdown_or_not_bundleable_are_never_bundled(
     ]
     ids = publishers().publish_many([*plain, *delayed])
 
-    found = _messages(client, "low")
+    found = queued_messages(client, "low")
     assert len(found) == 6 and len(set(ids)) == 6
     assert {task for task, _, _ in found} == {NOOP}
     assert sorted(args[0] for _, _, args in found) == sorted(o.job_id for o in [*plain, *delayed])
@@ -166,12 +146,12 @@ def test_bundle_max_of_one_turns_bundling_off(publishers, client: redis.Redis) -
         [Outgoing(NOOP, f"job-{i}", "low", 0, bundle=True) for i in range(3)]
     )
     assert len(set(ids)) == 3
-    assert [task for task, _, _ in _messages(client, "low")] == [NOOP] * 3
+    assert [task for task, _, _ in queued_messages(client, "low")] == [NOOP] * 3
 
 
 def test_publish_bundle_sends_one_message_with_the_job_ids(publishers, client: redis.Redis) -> None:
     message_id = publishers().publish_bundle(EFFECT, ["a", "b", "c"], "low", 2)
-    assert _messages(client, "low") == [
+    assert queued_messages(client, "low") == [
         (BUNDLE_TASK, message_id, [EFFECT, ["a", "b", "c"], "low", 2])
     ]
 
@@ -219,7 +199,7 @@ def test_submitted_jobs_share_messages_and_each_runs_exactly_once(
     ids = [jm.submit(probe_jobs.effect).id for _ in range(30)]
     assert jm.flush(timeout_s=10)
 
-    on_queue = _messages(client, "default")
+    on_queue = queued_messages(client, "default")
     carried = [
         job_id
         for task, _, args in on_queue
@@ -245,7 +225,7 @@ def test_submitted_jobs_with_a_time_limit_each_get_a_message(
     jm = JobManager(bundle_settings)
     ids = [jm.submit(limited).id for _ in range(10)]
     assert jm.flush(timeout_s=10)
-    on_queue = _messages(client, "default")
+    on_queue = queued_messages(client, "default")
     assert sorted(args for _, _, args in on_queue) == sorted([i] for i in ids)
     assert {task for task, _, _ in on_queue} == {limited.name}
     jm.close()

@@ -16,7 +16,7 @@ from tasklab.jobs.recovery import Reaper
 from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
-from tests.jobs.conftest import effect_counts
+from tests.jobs.conftest import effect_counts, queued_messages
 
 
 @pytest.fixture
@@ -306,4 +306,57 @@ def test_finished_jobs_past_retention_are_purged(fault_settings: Settings) -> No
     remaining = {j.id for j in jm.list(page_size=100)[0]}
     assert remaining == {fresh.id, waiting.id}
     reaper.close()
+    jm.close()
+
+
+def test_jobs_a_sigkilled_submitter_had_not_published_yet_still_run(
+    fault_settings: Settings, worker_factory
+) -> None:
+    """submit() returns before its relay publishes: a submitting process killed in that
+    window leaves QUEUED rows without a message, which the reaper publishes."""
+    import os
+    import subprocess
+    import sys
+
+    import redis
+
+    from tasklab.jobs.publisher import BUNDLE_TASK
+
+    script = (
+        "import os, signal, sys\n"
+        "from tasklab.jobs import JobManager\n"
+        "from tasklab.lab import probe_jobs\n"
+        "from tasklab.settings import Settings\n"
+        "jm = JobManager(Settings.model_validate_json(sys.argv[1]))\n"
+        "ids = [jm.submit(probe_jobs.effect).id for _ in range(20)]\n"
+        "print(' '.join(ids), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)  # the relay is still lingering\n"
+    )
+    # A long linger keeps the relay's second batch in memory when the process dies.
+    settings = fault_settings.model_copy(update={"relay_linger_ms": 1000})
+    env = {**os.environ, "TASKLAB_IMPORTS": "[]"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, settings.model_dump_json()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == -9, done.stderr
+    ids = done.stdout.split()
+    assert len(ids) == 20
+    client = redis.Redis.from_url(fault_settings.redis_url or "")
+    carried = [
+        job_id
+        for task, _, args in queued_messages(client, "default")
+        for job_id in (args[1] if task == BUNDLE_TASK else args)
+    ]
+    client.close()
+    assert len(carried) < len(ids)  # some never reached the broker
+    jm = JobManager(fault_settings)
+    assert {jm.get(i).status for i in ids} == {JobStatus.QUEUED}
+    worker_factory(fault_settings).start()  # its reaper re-publishes what never left
+    wait_until(lambda: all(jm.get(i).done for i in ids), 60, "stranded jobs to run")
+    assert ledger(jm, ids)["succeeded"] == 20
+    assert effect_counts(jm) == dict.fromkeys(ids, 1)
     jm.close()
