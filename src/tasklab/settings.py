@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     # ids of one task, queue and priority in one broker message (1: a message per job). A
     # worker runs a bundle's jobs one after the other, each claimed, leased and recorded on
     # its own, and hands what is left back to the broker after bundle_budget_s.
-    bundle_max: int = Field(32, ge=1, le=1000)
+    bundle_max: int = Field(16, ge=1, le=1000)
     # submit() publishes behind the caller (tasklab.jobs.relay); while submits keep coming it
     # gathers them for up to this long, so they go in bundles (0: publish what is there).
     relay_linger_ms: float = Field(5.0, ge=0, le=1000)
