@@ -201,6 +201,18 @@ def test_with_linger_a_stream_of_puts_goes_out_in_fewer_batches(relays) -> None:
     assert len(lingering.batches) < len(plain.batches)
 
 
+def test_a_sparse_stream_is_not_held_back_by_the_linger(relays) -> None:
+    """Puts 30 ms apart with a 40 ms linger: lingering would pair them and delay each by
+    40 ms; they are further apart than half the linger, so each goes at once."""
+    n, gap_s = 20, 0.03
+    recorder = Recorder()
+    relay = relays(recorder, linger_s=0.04)
+    _stream(relay, n, gap_s)
+    assert relay.flush(timeout_s=10)
+    assert recorder.items == list(range(n))
+    assert len(recorder.batches) >= n * 3 // 4, recorder.batches  # a late wake-up may pair two
+
+
 def test_with_linger_a_single_put_after_idle_goes_out_promptly(relays) -> None:
     recorder = Recorder()
     relay = relays(recorder, linger_s=3.0)

@@ -2,7 +2,7 @@
 
 ``submit()`` returns once the job is committed to SQL; this relay's thread then hands it to
 the broker (or to the local fallback), together with every job submitted meanwhile (and,
-while jobs keep coming, for up to ``relay_linger_ms``): one broker round trip, and bundles of
+while jobs keep coming fast, for up to ``relay_linger_ms``): one broker round trip, and bundles of
 jobs in one message, however the callers submit. If the
 process dies before the relay publishes a job, the job is QUEUED in SQL without a message and
 the reaper publishes it (tasklab.jobs.recovery).
@@ -36,9 +36,11 @@ class Relay(Generic[T]):
         """``dispatch(items)`` publishes a batch and returns one outcome per item: anything,
         or the exception that item met (logged; the job waits in SQL for the reaper).
 
-        ``linger_s``: when jobs come in a stream (the last batch went out less than
-        STREAM_GAP_S ago), wait up to this long for more before publishing, so that they
-        travel in bundles; a job submitted alone goes at once."""
+        ``linger_s``: when jobs come in a dense stream (the last batch went out less than
+        STREAM_GAP_S ago, and the last two puts were less than ``linger_s / 2`` apart: more
+        are due within the linger), wait up to this long for more before publishing, so
+        that they travel in bundles; a job submitted alone, or in a sparse stream, goes at
+        once."""
         self._dispatch = dispatch
         self._linger_s = linger_s
         self._max_batch = max_batch
@@ -50,6 +52,8 @@ class Relay(Generic[T]):
 
     def _reset(self) -> None:
         self._last_dispatch_at = -1e9
+        self._last_put_at = -1e9
+        self._put_gap = 1e9
         self._cond = threading.Condition()
         self._pending: list[T] = []
         self._in_flight = 0
@@ -68,6 +72,8 @@ class Relay(Generic[T]):
             if self._closed:
                 raise RuntimeError("the relay is closed")
             self._pending.append(item)
+            now = time.monotonic()
+            self._put_gap, self._last_put_at = now - self._last_put_at, now
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tasklab-relay", daemon=True)
                 self._thread.start()
@@ -95,7 +101,8 @@ class Relay(Generic[T]):
                 self._cond.wait_for(lambda: self._pending or self._closed)
                 if not self._pending:
                     return
-                if time.monotonic() - self._last_dispatch_at < STREAM_GAP_S:
+                streaming = time.monotonic() - self._last_dispatch_at < STREAM_GAP_S
+                if streaming and self._put_gap < self._linger_s / 2:
                     self._linger()
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
