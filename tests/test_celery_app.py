@@ -111,3 +111,15 @@ def test_worker_processes_run_at_the_configured_nice_value(
     niced = [worker.process.pid, *worker.child_pids()]
     assert len(niced) >= 2  # the main process and its pool
     assert {psutil.Process(pid).nice() for pid in niced} == {min(19, base + 7)}
+
+
+def test_running_tasks_are_cancelled_on_connection_loss_only_with_rabbitmq(
+    tmp_path: Path,
+) -> None:
+    """On Redis the cancel gains nothing and can wedge the pool (docs/celery-config.md)."""
+    redis_app = make_celery(Settings(home_dir=tmp_path, redis_url="redis://127.0.0.1:1/0"))
+    amqp_app = make_celery(
+        Settings(home_dir=tmp_path, broker_url="amqp://guest:guest@127.0.0.1:5672//")
+    )
+    assert redis_app.conf.worker_cancel_long_running_tasks_on_connection_loss is False
+    assert amqp_app.conf.worker_cancel_long_running_tasks_on_connection_loss is True

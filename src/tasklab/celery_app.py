@@ -68,9 +68,12 @@ def _config(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
         # is retried instead of lost. Tasks must be idempotent (tasklab jobs are, by fencing).
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # On connection loss, late-ack messages are redelivered anyway; cancel the running copy
-        # rather than let it run twice.
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # On connection loss, late-ack messages are redelivered: at once by RabbitMQ (cancel
+        # the running copy rather than let it run twice), after the visibility timeout by
+        # Redis, where cancelling gains nothing and its retry-state write to the (same, down)
+        # Redis can fail half way and leave the pool's slots taken: a worker that reconnects
+        # but never runs a task again (docs/celery-config.md).
+        "worker_cancel_long_running_tasks_on_connection_loss": not settings.broker_is_redis,
         # Prefetch a few messages per process: enough to hide broker round trips on short
         # tasks, few enough that long tasks do not sit reserved behind a busy process.
         "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
