@@ -128,6 +128,16 @@ def _build_spec(f: Callable[..., Any], o: dict[str, Any]) -> JobSpec:
     )
 
 
+# Every job message: no Celery result (the outcome is in SQL), acked after the run, and back
+# in the queue if the pool process running it dies.
+_DELIVERY_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "ignore_result": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+}
+
+
 def _register_celery_task(spec: JobSpec) -> None:
     from tasklab.jobs.worker_side import run_delivery
 
@@ -137,18 +147,16 @@ def _register_celery_task(spec: JobSpec) -> None:
     deliver.__name__ = spec.name.rsplit(".", 1)[-1]
     shared_task(
         name=spec.name,
-        bind=True,
-        ignore_result=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
         soft_time_limit=spec.soft_time_limit_s,
         time_limit=spec.time_limit_s,
+        **_DELIVERY_OPTIONS,
     )(deliver)
 
 
 def _register_bundle_task() -> None:
-    """The Celery task that runs a bundle of jobs (see tasklab.jobs.publisher). No Celery
-    time limit: only jobs without one are bundled, and each job keeps its own lease."""
+    """The Celery task that runs a bundle of jobs (see tasklab.jobs.publisher). Only jobs
+    declared without a time limit are bundled, so it has none of its own (the app's defaults
+    apply to the whole bundle); each job keeps its own lease."""
     from tasklab.jobs.publisher import BUNDLE_TASK
 
     def deliver_bundle(self: Any, task: str, job_ids: list[str], queue: str, priority: int) -> None:
@@ -156,15 +164,7 @@ def _register_bundle_task() -> None:
 
         run_bundle(self.app, get_spec(task), job_ids, queue, priority, self.request.id)
 
-    shared_task(
-        name=BUNDLE_TASK,
-        bind=True,
-        ignore_result=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        soft_time_limit=None,
-        time_limit=None,
-    )(deliver_bundle)
+    shared_task(name=BUNDLE_TASK, **_DELIVERY_OPTIONS)(deliver_bundle)
 
 
 def get_spec(task: str | JobSpec) -> JobSpec:
