@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from tasklab.errors import DatabaseBusy
 from tasklab.observe.sql import instrument
 from tasklab.settings import Settings
 
@@ -35,7 +36,9 @@ def _sqlite_pragmas(settings: Settings, database: str | None) -> Any:
         # writers wait for the lock instead of failing with "database is locked".
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={settings.sqlite_busy_timeout_ms}")
-        cur.execute("PRAGMA synchronous=NORMAL")
+        # NORMAL: a commit survives the process crashing, not the machine losing power
+        # (the last commits before it may be lost); FULL syncs the WAL at every commit.
+        cur.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         if database:
             # Checkpoints run in a thread of their own (WalCheckpointer), not inside the
@@ -159,9 +162,11 @@ def _sqlite_engine(settings: Settings, url: str, **kwargs: Any) -> Engine:
         **kwargs,
     )
     event.listen(engine, "connect", _sqlite_pragmas(settings, _file_of(url)))
+    _gate_wait_s[engine] = settings.sqlite_busy_timeout_ms / 1000
     return engine
 
 
+_gate_wait_s: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
 _autocommit_twins: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 
 
@@ -268,10 +273,16 @@ class WriteGate:
     wait hundreds of milliseconds while the lock is free. A blocked ``flock`` wakes as soon as
     the holder lets go. Reentrant per thread; each thread (and each forked process) has its
     own descriptor, because ``flock`` locks belong to the open file, not to the thread.
+
+    A wait is bounded by ``wait_s`` (the busy timeout): a writer that holds the lock for
+    longer (a long ``job.transaction()`` block, a process stopped mid-write) makes the others
+    fail with ``DatabaseBusy`` instead of stalling them for ever. ``flock`` has no timeout:
+    a contended wait polls, from 20 µs up to 1 ms apart.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, wait_s: float = 10.0) -> None:
         self.path = path
+        self.wait_s = wait_s
         self._local = threading.local()
 
     @contextlib.contextmanager
@@ -284,13 +295,36 @@ class WriteGate:
             finally:
                 handle.depth -= 1
             return
-        fcntl.flock(handle.fd, fcntl.LOCK_EX)
+        self._acquire(handle.fd)
         handle.depth = 1
         try:
             yield
         finally:
             handle.depth = 0
             fcntl.flock(handle.fd, fcntl.LOCK_UN)
+
+    def _acquire(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        deadline = time.monotonic() + self.wait_s
+        pause = 20e-6
+        while True:
+            time.sleep(pause)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise DatabaseBusy(
+                        f"waited {self.wait_s:g} s for the SQLite write lock of "
+                        f"{self.path.removesuffix(GATE_SUFFIX)}: another writer holds it "
+                        "(a long job.transaction() block, or a stopped process); keep "
+                        "transactions short, or raise sqlite_busy_timeout_ms"
+                    ) from None
+                pause = min(pause * 2, 1e-3)
 
     def _handle(self) -> _GateHandle:
         handle: _GateHandle | None = getattr(self._local, "handle", None)
@@ -341,6 +375,8 @@ def _gate_for(engine: Engine) -> WriteGate | None:
         gate = _gates.get(path)
         if gate is None:
             gate = _gates[path] = WriteGate(path)
+        if (wait_s := _gate_wait_s.get(engine)) is not None:
+            gate.wait_s = wait_s
     return gate
 
 

@@ -43,6 +43,18 @@ class UnknownTask(JobError):
         super().__init__(f"no job task named {name!r} is declared (did you import its module?)")
 
 
+class UnknownQueue(JobError):
+    """A job was sent to a queue no tasklab worker or reaper watches: it would wait for ever."""
+
+    def __init__(self, queue: str, known: tuple[str, ...]) -> None:
+        self.queue = queue
+        super().__init__(f"unknown queue {queue!r}; tasklab's queues are {', '.join(known)}")
+
+
+class DatabaseBusy(TasklabError):
+    """A write waited longer than its bound for SQLite's write lock."""
+
+
 class JobDeclarationError(JobError):
     """A ``@job(...)`` declaration used an option tasklab does not know."""
 

@@ -71,7 +71,11 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, ge=1, le=1000)
     db_max_overflow: int = Field(20, ge=0, le=1000)
     db_pool_timeout_s: float = Field(10.0, gt=0)
+    # Also the most a writer waits for another's write transaction (tasklab.database.WriteGate).
     sqlite_busy_timeout_ms: int = Field(10_000, ge=0)
+    # NORMAL: a committed job survives a crash of any process, not a power loss of the machine
+    # (the last commits may be lost); FULL: it survives that too, one fsync per commit.
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     slow_query_ms: float = Field(100.0, ge=0)
 
     # Celery worker

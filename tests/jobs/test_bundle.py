@@ -348,7 +348,7 @@ def test_past_the_budget_the_jobs_not_started_are_handed_back(jm: JobManager) ->
     assert jm.get(ids[0]).status is JobStatus.SUCCEEDED
     for job_id in ids[1:]:  # left to whoever gets the new bundle
         left = jm.get(job_id)
-        assert left.status is JobStatus.QUEUED and left.attempt == 0
+        assert left.status is JobStatus.PENDING and left.attempt == 0
     assert effect_counts(jm) == {ids[0]: 1}
 
 

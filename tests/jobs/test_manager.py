@@ -13,9 +13,11 @@ from tests.jobs.conftest import effect_counts
 def test_a_submitted_job_is_durable_before_submit_returns(live: JobManager) -> None:
     manager = live
     submitted = manager.submit(probe_jobs.noop, queue="low", priority=7, owner="user:1")
+    assert submitted.status is JobStatus.PENDING  # no message carries it yet
+    assert manager.flush(timeout_s=10)
 
     stored = manager.get(submitted.id)
-    assert stored.status is JobStatus.QUEUED
+    assert stored.status is JobStatus.QUEUED  # the relay recorded what it published
     assert (stored.queue, stored.priority, stored.owner, stored.via) == (
         "low",
         7,

@@ -62,7 +62,7 @@ def test_statements_of_one_run_commit_together_or_not_at_all(jm: JobManager) -> 
     writes.run(first.insert)
     with pytest.raises(IntegrityError):  # the claim ran, then the insert failed: both undone
         writes.run(_claim(first.id), first.insert)
-    assert jm.get(first.id).status is JobStatus.QUEUED
+    assert jm.get(first.id).status is JobStatus.PENDING
     assert writes.run(second.insert, _claim(second.id))[0] == 1
     assert jm.get(second.id).status is JobStatus.STARTED
 

@@ -20,9 +20,10 @@ from sqlalchemy.orm import Session
 
 from tasklab.database import one_statement, write_gate, writing
 from tasklab.errors import JobError, StaleAttempt
-from tasklab.jobs import store
+from tasklab.jobs import hooks, store
 from tasklab.jobs.bundle import Bundle, BundleWatch, HandBack
 from tasklab.jobs.lease import LeaseKeeper
+from tasklab.jobs.records import JobStatus
 from tasklab.jobs.registry import JobSpec
 from tasklab.jobs.sqlite_writes import HotWrites
 from tasklab.observe import metrics
@@ -56,28 +57,40 @@ class JobContext:
     max_attempts: int
     engine: Engine
     lease_s: float
+    priority: int = 5
+    leases: LeaseKeeper | None = field(default=None, repr=False)
     _last_progress_at: float = field(default=0.0, repr=False)
-    _pending: tuple[Session, _Held] | None = field(default=None, repr=False)
+    _session: Session | None = field(default=None, repr=False)
+    _committed: bool = field(default=False, repr=False)
+    _used_transaction: bool = field(default=False, repr=False)
 
     def progress(self, current: int, total: int | None = None, message: str | None = None) -> None:
         """Record progress (at most every 0.5 s, and always at the end); raise JobCancelled
-        if a cancel was requested. Also renews the lease."""
+        if a cancel was requested. Also renews the lease. Inside ``transaction()`` it is
+        part of that transaction; after the transaction committed (the job is done) it
+        records nothing."""
+        if self._committed:
+            return
+        if self.leases is not None and self.leases.lost(self.id, self.attempt):
+            raise StaleAttempt(f"job {self.id} attempt {self.attempt} lost its lease")
         now = time.time()
         last = total is not None and current >= total
         if not last and now - self._last_progress_at < PROGRESS_MIN_INTERVAL_S:
             return
         self._last_progress_at = now
-        with writing(self.engine) as conn:
-            row = conn.execute(
-                *store.progress(
-                    self.id,
-                    self.attempt,
-                    current=current,
-                    total=total,
-                    message=message,
-                    renew_until=now + self.lease_s,
-                )
-            ).first()
+        prepared = store.progress(
+            self.id,
+            self.attempt,
+            current=current,
+            total=total,
+            message=message,
+            lease_s=self.lease_s,
+        )
+        if self._session is not None:  # a second connection would wait for this one's lock
+            row = self._session.connection().execute(*prepared).first()
+        else:
+            with writing(self.engine) as conn:
+                row = conn.execute(*prepared).first()
         if row is None:
             raise StaleAttempt(f"job {self.id} attempt {self.attempt} is no longer current")
         if row[0]:
@@ -89,12 +102,17 @@ class JobContext:
         attempt number: if another attempt took over (or the job already finished), nothing
         commits, so the effects happen exactly once (the attempt ends as stale).
 
-        The commit happens when the job function returns, with the completion and the
-        result in the same transaction; if the function raises afterwards, the effects are
-        rolled back.
+        The commit happens when the block ends, with a fenced mark on the job: from then on
+        the job is done (its effects are in) and is never run again. It is SUCCEEDED with
+        what the function returns; an exception raised after the block is logged, not
+        retried; a worker lost before that leaves it SUCCEEDED without a result. On SQLite
+        the block
+        holds the database's one write lock from its first statement to its commit: keep
+        slow work (network calls, computation) outside it.
         """
-        if self._pending is not None:
+        if self._used_transaction:
             raise JobError("job.transaction() may be used once per attempt")
+        self._used_transaction = True
         gate = _Held(write_gate(self.engine))
         session = Session(self.engine)
         # The write gate is taken when the session starts its transaction (its first
@@ -103,36 +121,23 @@ class JobContext:
         event.listen(session, "after_begin", lambda *_a: gate.take())
         event.listen(session, "after_commit", lambda _s: gate.release())
         session.begin()
+        self._session = session
         try:
             yield session
-        except BaseException:
-            _end(session, gate, commit=False)
-            raise
-        self._pending = (session, gate)
-
-    def _commit_pending(self, result: Any) -> None:
-        """Record the completion, fenced, with the job's result, and commit it together with
-        the job's effects; or roll everything back and raise StaleAttempt."""
-        pending, self._pending = self._pending, None
-        assert pending is not None
-        session, gate = pending
-        try:
-            done = session.execute(
-                *store.complete(self.id, self.attempt, result=result, now=time.time())
-            )
+            if self.leases is not None and self.leases.lost(self.id, self.attempt):
+                raise StaleAttempt(f"job {self.id} attempt {self.attempt} lost its lease")
+            done = session.execute(store.mark_committed(self.id, self.attempt, time.time()))
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise StaleAttempt(
                     f"job {self.id} attempt {self.attempt} lost its claim; effects rolled back"
                 )
         except BaseException:
+            self._session = None
             _end(session, gate, commit=False)
             raise
+        self._session = None
         _end(session, gate, commit=True)
-
-    def _discard_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            _end(*pending, commit=False)
+        self._committed = True
 
 
 class _Held:
@@ -302,6 +307,8 @@ class Executor:
             max_attempts=m["max_attempts"],
             engine=self.engine,
             lease_s=lease_s,
+            priority=m["priority"],
+            leases=self.leases,
         )
         wait_from = m["next_attempt_at"] or m["queued_at"] or m["created_at"]
         metrics.JOB_QUEUE_WAIT.labels(spec.name, ctx.queue).observe(
@@ -323,43 +330,43 @@ class Executor:
         started = time.perf_counter()
         try:
             result = spec.func(ctx, *args, **kwargs) if spec.bind else spec.func(*args, **kwargs)
-        except JobCancelled:
-            ctx._discard_pending()
-            return self._finish_cancelled(spec, ctx)
-        except StaleAttempt as e:
-            ctx._discard_pending()
-            log.warning("job %s: %s", ctx.id, e)
-            return Outcome("stale")
         except Exception as e:
-            ctx._discard_pending()
-            return self._fail(spec, ctx, e)
-        except BaseException:  # time limit, worker shutdown: the lease/reaper takes over
-            ctx._discard_pending()
-            raise
+            return self._raised(spec, ctx, e)
         finally:
             metrics.JOB_DURATION.labels(spec.name, ctx.queue).observe(time.perf_counter() - started)
             self.leases.release(ctx.id)
             _current.reset(token)
+        # (a BaseException - time limit, worker shutdown - leaves the job to its lease)
         return self._succeed(spec, ctx, result, defer=defer)
 
-    def _succeed(self, spec: JobSpec, ctx: JobContext, result: Any, *, defer: bool) -> Outcome:
-        """Record the completion; with ``defer`` (and no pending transaction) hand it back in
-        the outcome, for the caller to write with its next claim."""
-        value = _jsonable(result)
-        now = time.time()
-        if defer and ctx._pending is None:
-            metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "succeeded").inc()
-            return Outcome(
-                "succeeded", completion=store.complete(ctx.id, ctx.attempt, result=value, now=now)
+    def _raised(self, spec: JobSpec, ctx: JobContext, exc: Exception) -> Outcome:
+        if ctx._committed:  # the transaction is in: the job is done
+            log.error(
+                "job %s raised after its transaction committed; it is SUCCEEDED: %s: %s",
+                ctx.id,
+                type(exc).__name__,
+                exc,
             )
-        if ctx._pending is not None:
-            try:
-                ctx._commit_pending(value)
-                updated = 1
-            except StaleAttempt:
-                updated = 0
-        else:
-            updated = self._write(store.complete(ctx.id, ctx.attempt, result=value, now=now))[0]
+            return self._succeed(spec, ctx, None, defer=False)
+        if isinstance(exc, JobCancelled):
+            return self._finish_cancelled(spec, ctx)
+        if isinstance(exc, StaleAttempt):
+            log.warning("job %s: %s", ctx.id, exc)
+            return Outcome("stale")
+        return self._fail(spec, ctx, exc)
+
+    def _succeed(self, spec: JobSpec, ctx: JobContext, result: Any, *, defer: bool) -> Outcome:
+        """Record the completion; with ``defer`` hand it back in the outcome, for the caller
+        to write with its next claim."""
+        value = _jsonable(result)
+        if self.leases.lost(ctx.id, ctx.attempt) and not ctx._committed:
+            log.warning("job %s attempt %s lost its lease; result dropped", ctx.id, ctx.attempt)
+            return Outcome("stale")
+        write = store.complete(ctx.id, ctx.attempt, result=value, now=time.time())
+        metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "succeeded").inc()
+        if defer:
+            return Outcome("succeeded", completion=write)
+        updated = self._write(write)[0]
         if updated != 1:
             log.warning(
                 "job %s attempt %s finished after losing its claim; result dropped",
@@ -367,7 +374,6 @@ class Executor:
                 ctx.attempt,
             )
             return Outcome("stale")
-        metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "succeeded").inc()
         return Outcome("succeeded")
 
     def _fail(self, spec: JobSpec, ctx: JobContext, exc: Exception) -> Outcome:
@@ -375,8 +381,9 @@ class Executor:
         delay = spec.retry.delay_s(ctx.attempt) if retry else None
         now = time.time()
         error = f"{type(exc).__name__}: {exc}"
-        with writing(self.single) as conn:
-            updated = conn.execute(
+        # A give-up hook writes in this transaction: not the one-statement engine then.
+        with writing(self.engine if spec.on_give_up else self.single) as conn:
+            row = conn.execute(
                 store.fail(
                     ctx.id,
                     ctx.attempt,
@@ -385,9 +392,14 @@ class Executor:
                     retry_at=None if delay is None else now + delay,
                     now=now,
                 )
-            ).rowcount
-        if updated != 1:
+            ).first()
+            hooks.after_change(conn, row)
+        if row is None:
             return Outcome("stale")
+        ended = row.status
+        if ended == JobStatus.CANCELLED.value:  # a cancel was asked for while it ran
+            metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "cancelled").inc()
+            return Outcome("cancelled")
         if delay is None:
             log.error(
                 "job %s (%s) is DEAD after %d attempt(s): %s", ctx.id, spec.name, ctx.attempt, error
@@ -404,12 +416,13 @@ class Executor:
             error,
         )
         metrics.JOB_RETRIES.labels(spec.name, ctx.queue).inc()
-        self.reschedule(spec, ctx.id, ctx.queue, ctx.attempt, delay)
+        self.reschedule(spec, ctx.id, ctx.queue, ctx.priority, delay)
         return Outcome("retrying", retry_in_s=delay)
 
     def _finish_cancelled(self, spec: JobSpec, ctx: JobContext) -> Outcome:
         with writing(self.engine) as conn:
-            conn.execute(store.mark_cancelled_running(ctx.id, ctx.attempt, time.time()))
+            row = conn.execute(store.mark_cancelled_running(ctx.id, ctx.attempt, time.time()))
+            hooks.after_change(conn, row.first())
         metrics.JOBS_FINISHED.labels(spec.name, ctx.queue, "cancelled").inc()
         return Outcome("cancelled")
 

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,18 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tasklab.celery_app import MAX_PRIORITY
+from tasklab.celery_app import MAX_PRIORITY, QUEUES
 from tasklab.coalesce import Coalescer
 from tasklab.database import make_async_engine, make_engine, one_statement, writing
-from tasklab.errors import BrokerUnavailable, JobError, JobNotFound, JobStateError, JobTimeout
-from tasklab.jobs import store
+from tasklab.errors import (
+    BrokerUnavailable,
+    JobError,
+    JobNotFound,
+    JobStateError,
+    JobTimeout,
+    UnknownQueue,
+)
+from tasklab.jobs import hooks, store
 from tasklab.jobs.execution import Executor
 from tasklab.jobs.fallback import LocalExecutor
 from tasklab.jobs.lease import LeaseKeeper
@@ -80,6 +88,24 @@ class JobManager:
             leases=self._leases,
             reschedule=self.publisher.reschedule,
         )
+        self._owns_async_engine = async_engine is None
+        _live.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child gets its own connections and threads: sockets and SQLite handles
+        shared with the parent would interleave their bytes, and threads do not survive a
+        fork (the relay and the lease keeper restart themselves)."""
+        for engine in {self.engine, self._single}:
+            engine.dispose(close=False)
+        if self._hot is not None:
+            self._hot.engine.dispose(close=False)
+        if self._owns_async_engine:
+            self._async_engine = None
+        self.local = LocalExecutor(
+            workers=self.local.workers, queue_max=self.settings.local_queue_max
+        )
+        if self.publisher._app is not None:
+            self.publisher._app._after_fork()
 
     @property
     def async_engine(self) -> AsyncEngine:
@@ -106,20 +132,23 @@ class JobManager:
             raise JobError(f"priority must be an int 0..{MAX_PRIORITY}, got {prio!r}")
         if countdown_s < 0:
             raise JobError("countdown_s must be >= 0")
+        queue = queue or spec.queue
+        if queue not in QUEUES:  # no worker consumes it and no reaper watches it
+            raise UnknownQueue(queue, QUEUES)
         now = time.time()
         values = {
             "job_id": store.new_job_id(),
             "task": spec.name,
             "args": list(args),
             "kwargs": kwargs,
-            "queue": queue or spec.queue,
+            "queue": queue,
             "priority": prio,
             "owner": owner or "",
             "idempotency_key": idempotency_key,
             "max_attempts": spec.retry.max_attempts,
             "now": now,
             "next_attempt_at": now + countdown_s if countdown_s else None,
-            "status": JobStatus.QUEUED,
+            "status": JobStatus.PENDING,
             "message_id": uuid.uuid4().hex,
         }
         return spec, values
@@ -138,7 +167,7 @@ class JobManager:
         """First half of a submit inside your own transaction: execute ``prepared.insert``
         with your connection (so your rows and the job commit together), commit, then call
         ``dispatch``/``adispatch``. If the process dies between commit and dispatch, the
-        reaper publishes the job (it is QUEUED without a message)."""
+        reaper publishes the job (it stays PENDING until a message carries it)."""
         spec, values = self._prepare(
             task,
             args,
@@ -201,7 +230,7 @@ class JobManager:
             return found
         # Durable now; published by the relay thread with the jobs submitted meanwhile.
         self._relay.put((job.spec, job.values, job.countdown_s))
-        return _submitted_job(job.values, "broker")
+        return _submitted_job(job.values, "broker", published=False)
 
     async def asubmit(
         self,
@@ -250,31 +279,20 @@ class JobManager:
         with writing(self._single) as conn:
             conn.execute(*job.insert)
 
-    def _dispatch(
-        self,
-        spec: JobSpec,
-        values: dict[str, Any],
-        countdown_s: float,
-        *,
-        mark_queued: bool = False,
-    ) -> str:
-        """Publish; on failure mark PENDING and try the local executor. Returns via.
-
-        New jobs are inserted as QUEUED already (one write less per submit); a job coming
-        back from DEAD is PENDING and is marked QUEUED here once published."""
-        outcome = self._dispatch_many([(spec, values, countdown_s)], mark_queued=mark_queued)[0]
+    def _dispatch(self, spec: JobSpec, values: dict[str, Any], countdown_s: float) -> str:
+        """Publish; on failure mark PENDING and try the local executor. Returns via."""
+        outcome = self._dispatch_many([(spec, values, countdown_s)])[0]
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
     def _dispatch_many(
-        self,
-        batch: builtins.list[tuple[JobSpec, dict[str, Any], float]],
-        *,
-        mark_queued: bool = False,
+        self, batch: builtins.list[tuple[JobSpec, dict[str, Any], float]]
     ) -> builtins.list[str | BaseException]:
-        """``_dispatch`` for several jobs, published in one round trip (see publish_many).
-        One outcome per job: its via, or the error of its fallback (a database error)."""
+        """``_dispatch`` for several jobs, published in one round trip (see publish_many),
+        then recorded as QUEUED in one write: a PENDING job is one no message carries yet,
+        which the reaper publishes if this process dies first. One outcome per job: its
+        via, or the error of its fallback (a database error)."""
         outgoing = [
             Outgoing(
                 spec.name,
@@ -297,10 +315,12 @@ class JobManager:
                 except Exception as err:
                     outcomes.append(err)
             return outcomes
-        if mark_queued:
-            with writing(self.engine) as conn:
-                for (_, values, _), message_id in zip(batch, message_ids, strict=True):
-                    conn.execute(store.mark_published(values["job_id"], message_id, time.time()))
+        del message_ids  # a delivery's claim records the message it runs from
+        try:
+            with writing(self._single) as conn:
+                conn.execute(store.mark_sent([v["job_id"] for _, v, _ in batch], time.time()))
+        except Exception as e:  # published: the claim does not need the mark, the reaper
+            log.warning("relay: %d job(s) published but not marked QUEUED: %s", len(batch), e)
         return ["broker"] * len(batch)
 
     def _dispatch_submitted(
@@ -406,17 +426,21 @@ class JobManager:
 
     # --- control ----------------------------------------------------------------------------
     def cancel(self, job_id: str, *, terminate: bool = False) -> Job:
-        """Cancel a waiting job at once; ask a running one to stop (at its next progress()),
-        or with ``terminate`` kill its worker process and mark it CANCELLED now."""
+        """Cancel a waiting job at once; ask a running one to stop (at its next progress(),
+        or CANCELLED if it then fails or its worker is lost), or with ``terminate`` mark it
+        CANCELLED now: the worker's pool process that runs it ends within a second, while
+        it still runs that job (never a bundle's next job)."""
         job = self.get(job_id)
         if job.status in FINAL:
             raise JobStateError(f"job {job_id} is already {job.status.value}")
         now = time.time()
         with writing(self.engine) as conn:
-            if conn.execute(store.cancel_waiting(job_id, now)).rowcount == 0:
-                conn.execute(store.request_cancel_running(job_id, now=now, terminate=terminate))
-        if terminate and job.message_id and job.status is JobStatus.STARTED:
-            self.publisher.app.control.revoke(job.message_id, terminate=True, signal="SIGKILL")
+            row = conn.execute(store.cancel_waiting(job_id, now)).first()
+            if row is None:
+                row = conn.execute(
+                    store.request_cancel_running(job_id, now=now, terminate=terminate)
+                ).first()
+            hooks.after_change(conn, row)
         return self.get(job_id)
 
     def retry(self, job_id: str) -> Job:
@@ -430,7 +454,7 @@ class JobManager:
                 f"only DEAD or CANCELLED jobs can be retried; {job_id} is {job.status.value}"
             )
         values = {"job_id": job_id, "queue": job.queue, "priority": job.priority}
-        self._dispatch(spec, values, 0, mark_queued=True)
+        self._dispatch(spec, values, 0)
         return self.get(job_id)
 
     def wait(self, job_id: str, timeout_s: float = 60.0) -> Job:
@@ -477,6 +501,17 @@ class JobManager:
             await self._async_engine.dispose()
 
 
+_live: weakref.WeakSet[JobManager] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for jm in list(_live):
+        jm._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 @dataclass(frozen=True)
 class PreparedJob:
     """A job ready to be inserted by the caller's transaction (see JobManager.prepare)."""
@@ -495,10 +530,10 @@ class PreparedJob:
         return store.insert_job(**self.values)
 
 
-def _submitted_job(values: dict[str, Any], via: str) -> Job:
+def _submitted_job(values: dict[str, Any], via: str, *, published: bool = True) -> Job:
     """The job as submit() left it, without reading it back (a local run may already have
-    moved it on; get() shows the latest)."""
-    queued = via == "broker"
+    moved it on; get() shows the latest): PENDING until a message carries it."""
+    queued = via == "broker" and published
     return Job(
         id=values["job_id"],
         task=values["task"],

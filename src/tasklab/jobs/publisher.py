@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import redis
 from celery import Celery
+from kombu import Connection  # type: ignore[attr-defined]
 
 from tasklab.celery_app import broker_priority, make_celery
 from tasklab.errors import BrokerUnavailable
@@ -50,7 +52,7 @@ class Publisher:
     def __init__(self, settings: Settings, *, app: Celery | None = None) -> None:
         self.settings = settings
         self._app = app
-        self.breaker = CircuitBreaker(settings.breaker_reset_s)
+        self.breaker = CircuitBreaker(settings.breaker_reset_s, probe=self.probe)
 
     @property
     def app(self) -> Celery:
@@ -109,8 +111,28 @@ class Publisher:
             metrics.BROKER_PUBLISH_FAILURES.labels(type(e).__name__).inc()
             self.breaker.record_failure(type(e).__name__)
             raise BrokerUnavailable(f"broker did not accept the message: {e}") from e
+        except BaseException:  # interrupted (shutdown, time limit): no verdict on the broker
+            self.breaker.release_probe()
+            raise
         self.breaker.record_success()
         return ids
+
+    def probe(self) -> None:
+        """Raise unless the broker answers within ``publish_timeout_s`` (the breaker's probe,
+        run in a thread of its own while the circuit is open)."""
+        timeout_s = self.settings.publish_timeout_s
+        url = self.settings.effective_broker_url
+        if self.settings.broker_is_redis:
+            client = redis.Redis.from_url(
+                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            )
+            try:
+                client.ping()
+            finally:
+                client.close()
+            return
+        with Connection(url, connect_timeout=timeout_s) as conn:  # type: ignore[no-untyped-call]
+            conn.ensure_connection(max_retries=0, timeout=timeout_s)
 
     def _plan(
         self, messages: Sequence[Outgoing], ids: list[str]
@@ -145,14 +167,13 @@ class Publisher:
         return self.publish_many(members)[0]
 
     def reschedule(
-        self, spec: JobSpec, job_id: str, queue: str, attempt: int, delay_s: float
+        self, spec: JobSpec, job_id: str, queue: str, priority: int, delay_s: float
     ) -> None:
-        """Publish a failed job's next attempt with a countdown. If the broker is down the
-        job stays RETRYING and the reaper publishes it once due and the broker answers."""
+        """Publish a failed job's next attempt with a countdown, at the job's own priority.
+        If the broker is down the job stays RETRYING and the reaper publishes it once due
+        and the broker answers."""
         with contextlib.suppress(BrokerUnavailable):
-            self.publish(
-                spec.name, job_id, queue=queue, priority=spec.priority, countdown_s=delay_s
-            )
+            self.publish(spec.name, job_id, queue=queue, priority=priority, countdown_s=delay_s)
 
     def close(self) -> None:
         if self._app is not None:

@@ -41,6 +41,9 @@ jobs = sa.Table(
     sa.Column("queued_at", sa.Float),
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
+    # Set by a job's own transaction (job.transaction()) with its effects: the attempt's
+    # effects are in, whatever happens to its worker before the completion is recorded.
+    sa.Column("committed_at", sa.Float),
 )
 
 effects = sa.Table(

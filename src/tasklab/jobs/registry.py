@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import shared_task
 
-from tasklab.celery_app import DEFAULT_PRIORITY, DEFAULT_QUEUE, MAX_PRIORITY
+from tasklab.celery_app import DEFAULT_PRIORITY, DEFAULT_QUEUE, MAX_PRIORITY, QUEUES
 from tasklab.errors import JobDeclarationError, UnknownTask
 
 _REGISTRY: dict[str, JobSpec] = {}
@@ -51,6 +51,9 @@ class JobSpec:
     time_limit_s: float | None = None
     lease_s: float | None = None
     bind: bool = False
+    # fn(conn, ended): runs in the transaction that makes the job DEAD or CANCELLED
+    # (tasklab.jobs.hooks).
+    on_give_up: Callable[[Any, Any], None] | None = None
 
     @property
     def bundles(self) -> bool:
@@ -76,6 +79,7 @@ _OPTIONS = {
     "time_limit_s",
     "lease_s",
     "bind",
+    "on_give_up",
 }
 
 
@@ -84,7 +88,8 @@ def job(func: Callable[..., Any] | None = None, **options: Any) -> Any:
 
     Options: name, queue, priority (0 least .. 9 most urgent), max_attempts, backoff_s,
     backoff_max_s, jitter, retry_on, dont_retry_on, soft_time_limit_s, time_limit_s, lease_s,
-    bind (pass the JobContext as the first argument).
+    bind (pass the JobContext as the first argument), on_give_up (``fn(conn, ended)``, run in
+    the transaction that makes the job DEAD or CANCELLED: tasklab.jobs.hooks).
     """
     unknown = set(options) - _OPTIONS
     if unknown:
@@ -112,19 +117,26 @@ def _build_spec(f: Callable[..., Any], o: dict[str, Any]) -> JobSpec:
         if k in o:
             value = o[k]
             retry_kw[k] = tuple(value) if isinstance(value, list | tuple) else (value,)
+    queue = o.get("queue", DEFAULT_QUEUE)
+    if queue not in QUEUES:
+        raise JobDeclarationError(
+            f"unknown queue {queue!r}: no tasklab worker or reaper watches it; "
+            f"tasklab's queues are {', '.join(QUEUES)}"
+        )
     policy = RetryPolicy(**retry_kw)
     if policy.max_attempts < 1:
         raise JobDeclarationError("max_attempts must be >= 1")
     return JobSpec(
         name=o.get("name") or f"{f.__module__}.{f.__qualname__}",
         func=f,
-        queue=o.get("queue", DEFAULT_QUEUE),
+        queue=queue,
         priority=priority,
         retry=policy,
         soft_time_limit_s=o.get("soft_time_limit_s"),
         time_limit_s=o.get("time_limit_s"),
         lease_s=o.get("lease_s"),
         bind=bool(o.get("bind", False)),
+        on_give_up=o.get("on_give_up"),
     )
 
 

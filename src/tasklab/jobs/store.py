@@ -9,8 +9,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import Executable
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Update
+from sqlalchemy.sql.functions import FunctionElement
 
 from tasklab.jobs.records import CLAIMABLE, FINAL, JobStatus, jobs
 
@@ -37,6 +40,29 @@ def relax_commit(conn: Connection) -> None:
         conn.execute(_ASYNC_COMMIT)
 
 
+class db_now(FunctionElement[float]):
+    """The database server's clock, in Unix seconds. Leases are set and compared with it, so
+    that hosts whose clocks disagree still agree on when a lease runs out."""
+
+    type = sa.Float()
+    inherit_cache = True
+
+
+@compiles(db_now, "postgresql")
+def _db_now_pg(_element: db_now, _compiler: SQLCompiler, **_kw: Any) -> str:
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+@compiles(db_now)
+def _db_now_sqlite(_element: db_now, _compiler: SQLCompiler, **_kw: Any) -> str:
+    # SQLite runs on the writer's host: its clock is that host's (julianday keeps the ms).
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+def lease_until(lease_s: Any) -> Any:
+    return db_now() + lease_s
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -57,6 +83,9 @@ def _fenced_p() -> Update:
 
 
 _INSERT = jobs.insert()
+# What a state change returns so that a job's give-up hook (JobSpec.on_give_up) can run in
+# the same transaction when it ends DEAD or CANCELLED.
+ENDED = (jobs.c.id, jobs.c.task, jobs.c.status, jobs.c.args, jobs.c.kwargs, jobs.c.error)
 
 
 def insert_job(
@@ -75,7 +104,6 @@ def insert_job(
     next_attempt_at: float | None = None,
     message_id: str | None = None,
 ) -> Prepared:
-    queued = status is JobStatus.QUEUED
     return _INSERT, {
         "id": job_id,
         "task": task,
@@ -89,10 +117,10 @@ def insert_job(
         "attempt": 0,
         "max_attempts": max_attempts,
         "created_at": now,
-        "queued_at": now if queued else None,
+        "queued_at": None,
         "next_attempt_at": next_attempt_at,
         "message_id": message_id,
-        "publish_count": 1 if queued else 0,
+        "publish_count": 0,
         "via": "broker",
         "cancel_requested": False,
     }
@@ -146,6 +174,31 @@ def mark_published(job_id: str, message_id: str, now: float) -> Update:
     )
 
 
+def mark_sent(job_ids: list[str], now: float) -> Update:
+    """PENDING -> QUEUED for jobs the broker just accepted (the relay's record of what it
+    published): from here the reaper knows a message carries them. A job a worker claimed
+    meanwhile is left alone."""
+    return (
+        jobs.update()
+        .where(jobs.c.id.in_(job_ids), jobs.c.status == JobStatus.PENDING.value)
+        .values(
+            status=JobStatus.QUEUED.value,
+            queued_at=now,
+            via="broker",
+            publish_count=jobs.c.publish_count + 1,
+        )
+    )
+
+
+def mark_requeued(job_ids: list[str], message_id: str, now: float) -> Update:
+    """Jobs handed back to the broker in a new bundle: their carrier is that message now."""
+    return (
+        jobs.update()
+        .where(jobs.c.id.in_(job_ids), jobs.c.status.in_([s.value for s in CLAIMABLE]))
+        .values(queued_at=now, message_id=message_id, publish_count=jobs.c.publish_count + 1)
+    )
+
+
 def mark_pending(job_id: str, via: str) -> Update:
     """The broker refused the message: the job waits in SQL (and maybe runs locally)."""
     return (
@@ -166,7 +219,7 @@ _CLAIM = (
         status=JobStatus.STARTED.value,
         attempt=jobs.c.attempt + 1,
         lease_owner=sa.bindparam("p_owner"),
-        lease_expires_at=sa.bindparam("p_until"),
+        lease_expires_at=lease_until(sa.bindparam("p_lease", type_=sa.Float)),
         started_at=sa.bindparam("p_now"),
         via=sa.bindparam("p_via"),
         next_attempt_at=None,
@@ -177,6 +230,7 @@ _CLAIM = (
     # What the executor needs to run the attempt, not the whole row (result, traceback).
     .returning(
         jobs.c.queue,
+        jobs.c.priority,
         jobs.c.attempt,
         jobs.c.max_attempts,
         jobs.c.args,
@@ -203,7 +257,7 @@ def claim(
         "p_id": job_id,
         "p_message": message_id,
         "p_owner": lease_owner,
-        "p_until": now + lease_s,
+        "p_lease": float(lease_s),
         "p_now": now,
         "p_via": via,
     }
@@ -223,10 +277,18 @@ def complete(job_id: str, attempt: int, *, result: Any, now: float) -> Prepared:
     return _COMPLETE, {"p_id": job_id, "p_attempt": attempt, "p_result": result, "p_now": now}
 
 
+def mark_committed(job_id: str, attempt: int, now: float) -> Update:
+    """In a job's own transaction: its effects commit with this fenced mark. A worker lost
+    after it (before the completion) leaves the job done, not to be run again."""
+    return _fenced(job_id, attempt).values(committed_at=now)
+
+
 def fail(
     job_id: str, attempt: int, *, error: str, tb: str, retry_at: float | None, now: float
 ) -> Update:
-    """An attempt raised: RETRYING with the next attempt's time, or DEAD."""
+    """An attempt raised: RETRYING with the next attempt's time, or DEAD; CANCELLED if a
+    cancel was asked for meanwhile (a cancelled job never runs again). Returns the status."""
+    cancelled = jobs.c.cancel_requested == sa.true()
     values: dict[str, Any] = {
         "error": error[:MAX_ERROR_CHARS],
         "traceback": tb[-MAX_TRACEBACK_CHARS:],
@@ -234,15 +296,32 @@ def fail(
         "lease_expires_at": None,
     }
     if retry_at is None:
-        values.update(status=JobStatus.DEAD.value, finished_at=now)
+        values.update(
+            status=sa.case((cancelled, JobStatus.CANCELLED.value), else_=JobStatus.DEAD.value),
+            finished_at=now,
+        )
     else:
-        values.update(status=JobStatus.RETRYING.value, next_attempt_at=retry_at)
-    return _fenced(job_id, attempt).values(**values)
+        now_p = sa.literal(now, sa.Float)
+        values.update(
+            status=sa.case((cancelled, JobStatus.CANCELLED.value), else_=JobStatus.RETRYING.value),
+            finished_at=sa.case((cancelled, now_p), else_=sa.null()),
+            next_attempt_at=sa.case((cancelled, sa.null()), else_=sa.literal(retry_at, sa.Float)),
+            # the retry's countdown message is published now: the reaper's clock starts here
+            queued_at=sa.case((cancelled, jobs.c.queued_at), else_=now_p),
+        )
+    return _fenced(job_id, attempt).values(**values).returning(*ENDED)
 
 
 def mark_cancelled_running(job_id: str, attempt: int, now: float) -> Update:
-    return _fenced(job_id, attempt).values(
-        status=JobStatus.CANCELLED.value, finished_at=now, lease_owner=None, lease_expires_at=None
+    return (
+        _fenced(job_id, attempt)
+        .values(
+            status=JobStatus.CANCELLED.value,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        .returning(*ENDED)
     )
 
 
@@ -252,6 +331,7 @@ def cancel_waiting(job_id: str, now: float) -> Update:
         jobs.update()
         .where(jobs.c.id == job_id, jobs.c.status.in_([s.value for s in CLAIMABLE]))
         .values(status=JobStatus.CANCELLED.value, finished_at=now, cancel_requested=True)
+        .returning(*ENDED)
     )
 
 
@@ -259,14 +339,16 @@ def request_cancel_running(job_id: str, *, now: float, terminate: bool) -> Updat
     """Ask a running job to stop (it checks at progress()); with terminate, mark it now."""
     stmt = jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.STARTED.value)
     if terminate:
-        return stmt.values(
+        stmt = stmt.values(
             cancel_requested=True,
             status=JobStatus.CANCELLED.value,
             finished_at=now,
             lease_owner=None,
             lease_expires_at=None,
         )
-    return stmt.values(cancel_requested=True)
+    else:
+        stmt = stmt.values(cancel_requested=True)
+    return stmt.returning(*ENDED)
 
 
 _PROGRESS = (
@@ -275,7 +357,7 @@ _PROGRESS = (
         progress_current=sa.bindparam("p_current"),
         progress_total=sa.bindparam("p_total"),
         progress_message=sa.bindparam("p_message"),
-        lease_expires_at=sa.bindparam("p_until"),
+        lease_expires_at=lease_until(sa.bindparam("p_lease", type_=sa.Float)),
     )
     .returning(jobs.c.cancel_requested)
 )
@@ -288,7 +370,7 @@ def progress(
     current: int,
     total: int | None,
     message: str | None,
-    renew_until: float,
+    lease_s: float,
 ) -> Prepared:
     return _PROGRESS, {
         "p_id": job_id,
@@ -296,15 +378,22 @@ def progress(
         "p_current": current,
         "p_total": total,
         "p_message": None if message is None else message[:500],
-        "p_until": renew_until,
+        "p_lease": float(lease_s),
     }
 
 
-_RENEW = _fenced_p().values(lease_expires_at=sa.bindparam("p_until"))
+_RENEW = _fenced_p().values(lease_expires_at=lease_until(sa.bindparam("p_lease", type_=sa.Float)))
 
 
-def renew_lease(job_id: str, attempt: int, until: float) -> Prepared:
-    return _RENEW, {"p_id": job_id, "p_attempt": attempt, "p_until": until}
+def renew_lease(job_id: str, attempt: int, lease_s: float) -> Prepared:
+    return _RENEW, {"p_id": job_id, "p_attempt": attempt, "p_lease": float(lease_s)}
+
+
+def cancelled_among(job_ids: list[str]) -> sa.Select[Any]:
+    """Which of these jobs were cancelled (with terminate: marked CANCELLED while running)."""
+    return sa.select(jobs.c.id).where(
+        jobs.c.id.in_(job_ids), jobs.c.status == JobStatus.CANCELLED.value
+    )
 
 
 def retry_dead(job_id: str, extra_attempts: int) -> Update:
@@ -331,7 +420,7 @@ def retry_dead(job_id: str, extra_attempts: int) -> Update:
 # --- reaper queries ----------------------------------------------------------------------------
 
 
-def expired_leases(now: float, limit: int) -> sa.Select[Any]:
+def expired_leases(limit: int) -> sa.Select[Any]:
     return (
         sa.select(
             jobs.c.id,
@@ -341,65 +430,161 @@ def expired_leases(now: float, limit: int) -> sa.Select[Any]:
             jobs.c.attempt,
             jobs.c.max_attempts,
         )
-        .where(jobs.c.status == JobStatus.STARTED.value, jobs.c.lease_expires_at < now)
+        .where(jobs.c.status == JobStatus.STARTED.value, jobs.c.lease_expires_at < db_now())
         .limit(limit)
     )
 
 
 def release_expired(job_id: str, attempt: int, now: float, *, dead: bool) -> Update:
-    """Take back a job whose lease ran out (its worker died): QUEUE it again, or DEAD it."""
-    stmt = jobs.update().where(
-        jobs.c.id == job_id,
-        jobs.c.attempt == attempt,
-        jobs.c.status == JobStatus.STARTED.value,
-        jobs.c.lease_expires_at < now,
-    )
+    """Take back a job whose lease ran out (its worker died): PENDING for the reaper to
+    publish, DEAD on its last attempt, CANCELLED if a cancel was asked for. Returns the
+    status it ended in."""
+    cancelled = jobs.c.cancel_requested == sa.true()
     if dead:
-        return stmt.values(
-            status=JobStatus.DEAD.value,
-            finished_at=now,
+        status: Any = JobStatus.DEAD.value
+        finished: Any = now
+        error = "lease expired on the last attempt (worker lost)"
+    else:
+        status, finished = JobStatus.PENDING.value, None
+        error = "lease expired (worker lost); re-queued"
+    committed = jobs.c.committed_at.is_not(None)  # its transaction is in: it is done
+    lost_after = "its worker was lost after its transaction committed; result not recorded"
+    return (
+        jobs.update()
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.attempt == attempt,
+            jobs.c.status == JobStatus.STARTED.value,
+            jobs.c.lease_expires_at < db_now(),
+        )
+        .values(
+            status=sa.case(
+                (committed, JobStatus.SUCCEEDED.value),
+                (cancelled, JobStatus.CANCELLED.value),
+                else_=status,
+            ),
+            finished_at=sa.case(
+                (committed, sa.literal(now, sa.Float)),
+                (cancelled, sa.literal(now, sa.Float)),
+                else_=sa.literal(finished, sa.Float),
+            ),
             lease_owner=None,
             lease_expires_at=None,
-            error="lease expired on the last attempt (worker lost)",
+            error=sa.case(
+                (committed, lost_after),
+                (cancelled, "cancelled; its worker was lost"),
+                else_=error,
+            ),
         )
-    return stmt.values(
-        status=JobStatus.PENDING.value,
-        lease_owner=None,
-        lease_expires_at=None,
-        error="lease expired (worker lost); re-queued",
+        .returning(*ENDED)
     )
+
+
+def finish_cancel_requested(now: float) -> Update:
+    """Jobs left waiting with a cancel asked for (by versions that kept the flag on a retry
+    or a lost lease): no claim can take them, so they end CANCELLED."""
+    return (
+        jobs.update()
+        .where(
+            jobs.c.status.in_([s.value for s in CLAIMABLE]),
+            jobs.c.cancel_requested == sa.true(),
+        )
+        .values(status=JobStatus.CANCELLED.value, finished_at=now)
+        .returning(*ENDED)
+    )
+
+
+STRANDED_COLUMNS = (
+    jobs.c.id,
+    jobs.c.task,
+    jobs.c.queue,
+    jobs.c.priority,
+    jobs.c.status,
+    jobs.c.next_attempt_at,
+)
 
 
 def stranded(
-    *, pending_before: float, queued_before: float, limit: int, queues: list[str] | None = None
+    *,
+    pending_before: float,
+    due_before: float,
+    left_broker: dict[tuple[str, int], float],
+    limit: int,
 ) -> sa.Select[Any]:
-    """Jobs that should be in the broker but may not be: PENDING past the grace period, or
-    QUEUED/RETRYING (due) older than ``queued_before``."""
-    due_retry = sa.and_(
-        jobs.c.status == JobStatus.RETRYING.value, jobs.c.next_attempt_at < queued_before
-    )
-    old_queued = sa.and_(
-        jobs.c.status == JobStatus.QUEUED.value,
-        jobs.c.queued_at < queued_before,
-        # a countdown message waits (reserved) in a worker until it is due
-        sa.or_(jobs.c.next_attempt_at.is_(None), jobs.c.next_attempt_at < queued_before),
-    )
+    """Jobs that should be in the broker but may not be:
+
+    - PENDING since before ``pending_before``: never published (the relay's process died,
+      the broker refused it) or taken back from a lost worker;
+    - QUEUED/RETRYING whose message has left the broker's queue: ``left_broker`` maps
+      (queue, priority) to a time before which every message published there had been
+      delivered at least ``requeue_after_s`` ago; a job published before that and still not
+      started lost its carrier (reserved by a worker that died, or in a bundle it held). A
+      countdown job counts once it is due since ``due_before``.
+    """
     pending = sa.and_(jobs.c.status == JobStatus.PENDING.value, jobs.c.created_at < pending_before)
-    conds: list[Any] = [sa.or_(pending, old_queued, due_retry)]
-    if queues is not None:
-        conds.append(sa.or_(pending, jobs.c.queue.in_(queues)))
-    return (
-        sa.select(
-            jobs.c.id,
-            jobs.c.task,
-            jobs.c.queue,
-            jobs.c.priority,
-            jobs.c.status,
-            jobs.c.next_attempt_at,
+    conds: list[Any] = [pending]
+    if left_broker:
+        delivered = sa.or_(
+            *(
+                sa.and_(jobs.c.queue == q, jobs.c.priority == p, jobs.c.queued_at < before)
+                for (q, p), before in sorted(left_broker.items())
+            )
         )
-        .where(*conds)
-        .order_by(jobs.c.created_at)
-        .limit(limit)
+        conds.append(
+            sa.and_(
+                jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RETRYING.value]),
+                delivered,
+                sa.or_(jobs.c.next_attempt_at.is_(None), jobs.c.next_attempt_at < due_before),
+            )
+        )
+    return (
+        sa.select(*STRANDED_COLUMNS).where(sa.or_(*conds)).order_by(jobs.c.created_at).limit(limit)
+    )
+
+
+def take_for_republish(job_ids: list[str], *, before: float, now: float) -> Update:
+    """Take the stranded jobs this reaper found, unless another reaper (or the relay, or a
+    worker) moved them since: only the rows still PENDING, or still carried by a message
+    older than ``before``, come back. Reapers of several workers share the work this way,
+    without publishing a job twice."""
+    return (
+        jobs.update()
+        .where(
+            jobs.c.id.in_(job_ids),
+            sa.or_(
+                jobs.c.status == JobStatus.PENDING.value,
+                sa.and_(
+                    jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RETRYING.value]),
+                    jobs.c.queued_at < before,
+                ),
+            ),
+        )
+        .values(
+            status=JobStatus.QUEUED.value,
+            queued_at=now,
+            via="broker",
+            publish_count=jobs.c.publish_count + 1,
+        )
+        .returning(jobs.c.id)
+    )
+
+
+def untake(job_ids: list[str], *, taken_at: float) -> Update:
+    """The broker refused what a reaper took: the jobs wait in SQL (PENDING) again."""
+    return (
+        jobs.update()
+        .where(
+            jobs.c.id.in_(job_ids),
+            jobs.c.status == JobStatus.QUEUED.value,
+            jobs.c.queued_at == taken_at,
+        )
+        .values(status=JobStatus.PENDING.value, publish_count=jobs.c.publish_count - 1)
+    )
+
+
+def queued_at_of(job_ids: list[str]) -> sa.Select[Any]:
+    return sa.select(jobs.c.id, sa.func.coalesce(jobs.c.queued_at, jobs.c.created_at)).where(
+        jobs.c.id.in_(job_ids)
     )
 
 

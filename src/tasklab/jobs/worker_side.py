@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from typing import Any
 
+from billiard.process import current_process
 from celery import Celery
 from sqlalchemy import Engine
 
-from tasklab.database import make_engine
+from tasklab.database import make_engine, writing
+from tasklab.jobs import store
 from tasklab.jobs.execution import Executor
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.publisher import Publisher
@@ -28,7 +31,12 @@ class WorkerRuntime:
         self.settings = settings
         self.pid = os.getpid()
         self.engine: Engine = make_engine(settings)
-        self.leases = LeaseKeeper(self.engine)
+        # A pool process may end itself for a job cancelled with terminate (see lease.py);
+        # a solo or threads pool runs every job in the worker itself, which must live on.
+        in_pool_child = current_process().name != "MainProcess"
+        self.leases = LeaseKeeper(
+            self.engine, terminate_self=settings.worker_pool == "prefork" and in_pool_child
+        )
         self.publisher = Publisher(settings)
         self.executor = Executor(
             self.engine,
@@ -37,9 +45,17 @@ class WorkerRuntime:
             default_lease_s=settings.lease_s,
             leases=self.leases,
             reschedule=self.publisher.reschedule,
-            hand_back=self.publisher.publish_bundle,
+            hand_back=self.hand_back,
             bundle_budget_s=settings.bundle_budget_s,
         )
+
+    def hand_back(self, task: str, job_ids: list[str], queue: str, priority: int) -> str:
+        """Publish a bundle's jobs not started yet as a new bundle, and record that message
+        as their carrier (the reaper then counts their wait from now)."""
+        message_id = self.publisher.publish_bundle(task, job_ids, queue, priority)
+        with writing(self.engine) as conn:
+            conn.execute(store.mark_requeued(job_ids, message_id, time.time()))
+        return message_id
 
 
 def settings_of(app: Celery) -> Settings:
