@@ -250,3 +250,40 @@ def test_a_forked_child_checkpoints_with_a_thread_of_its_own(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("checkpointed"), done.stdout + done.stderr
     assert "tasklab-wal-checkpoint" in done.stdout
+
+
+def test_a_writer_waits_for_the_gate_no_longer_than_the_busy_timeout(tmp_path: Path) -> None:
+    from tasklab.errors import DatabaseBusy
+
+    settings = Settings(home_dir=tmp_path / ".tasklab", sqlite_busy_timeout_ms=300)
+    engine = make_engine(settings)
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_writer() -> None:  # a long job.transaction() block, say
+        with write_gate(engine):
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=slow_writer, daemon=True)
+    thread.start()
+    assert holding.wait(10)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DatabaseBusy, match="write lock"), write_gate(engine):
+            pass
+        waited = time.monotonic() - started
+    finally:
+        release.set()
+        thread.join(10)
+    assert 0.25 < waited < 2.0
+    with write_gate(engine):  # free again once the holder let go
+        pass
+    engine.dispose()
+
+
+@pytest.mark.parametrize("mode, expected", [("NORMAL", 1), ("FULL", 2)])
+def test_sqlite_commits_are_synced_as_configured(tmp_path: Path, mode: str, expected: int) -> None:
+    engine = make_engine(Settings(home_dir=tmp_path / ".tasklab", sqlite_synchronous=mode))
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected
+    engine.dispose()

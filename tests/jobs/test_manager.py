@@ -157,3 +157,27 @@ def test_a_prepared_job_commits_with_the_callers_transaction(live: JobManager) -
     live.dispatch(committed)
     assert live.wait(committed.id, timeout_s=30).status is JobStatus.SUCCEEDED
     assert effect_counts(live)[committed.id] == 1
+
+
+def test_a_forked_child_gets_connections_and_a_local_executor_of_its_own(
+    job_settings,
+) -> None:
+    import os
+
+    jm = JobManager(job_settings)
+    jm.counts()  # the parent holds a pooled connection now
+    parent_local, parent_pool = id(jm.local), id(jm.engine.pool)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running the parent's atexit
+        ok = id(jm.local) != parent_local and jm.engine.pool.checkedin() == 0
+        ok = ok and jm.counts() == {}  # and it can use the database
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+    assert id(jm.local) == parent_local and id(jm.engine.pool) == parent_pool
+    assert jm.counts() == {}  # the parent's connection still works
+    jm.close()

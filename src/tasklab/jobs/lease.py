@@ -47,6 +47,8 @@ class LeaseKeeper:
             if self._pid != os.getpid():  # a forked child: the parent's jobs are not ours
                 self._held.clear()
                 self._lost.clear()
+            if not self._held:  # the claim just set this lease: the first renewal is due later
+                self._renewed_at = time.monotonic()
             self._held[job_id] = (attempt, lease_s)
         self._ensure_thread()
         self._wake.set()  # the loop may be sleeping for a longer lease than this one

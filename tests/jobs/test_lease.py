@@ -1,0 +1,120 @@
+"""Leases: renewed in time however long the keeper slept, set by the database's clock, and a
+renewal that finds the row taken back turns the attempt into a zombie that records nothing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tasklab.database import writing
+from tasklab.errors import StaleAttempt
+from tasklab.jobs import JobManager, JobStatus, execution, store
+from tasklab.jobs.execution import Executor, JobContext
+from tasklab.jobs.lease import LeaseKeeper
+from tasklab.lab import probe_jobs
+from tasklab.migrations import migrate
+from tasklab.settings import Settings
+
+
+@pytest.fixture
+def jm(tmp_path: Path, database_url: str | None) -> Iterator[JobManager]:
+    settings = Settings(home_dir=tmp_path / ".tasklab", database_url=database_url)
+    migrate(settings)
+    manager = JobManager(settings, local_fallback=False)
+    yield manager
+    manager.close()
+
+
+def claimed(jm: JobManager, lease_s: float) -> str:
+    prepared = jm.prepare(probe_jobs.noop)
+    with writing(jm.engine) as conn:
+        conn.execute(*prepared.insert)
+        claim = store.claim(prepared.id, lease_owner="t", lease_s=lease_s, via="broker", now=0.0)
+        assert conn.execute(*claim).first() is not None
+    return prepared.id
+
+
+def expires_in_s(jm: JobManager, job_id: str) -> float:
+    with jm.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(store.jobs.c.lease_expires_at - store.db_now()).where(
+                store.jobs.c.id == job_id
+            )
+        ).scalar_one()
+    return float(row)
+
+
+def test_a_short_lease_is_renewed_in_time_after_an_idle_spell(jm: JobManager) -> None:
+    keeper = LeaseKeeper(jm.engine)
+    idle = claimed(jm, 30.0)
+    keeper.hold(idle, 1, 30.0)  # the keeper's thread now sleeps a third of 30 s
+    keeper.release(idle)
+    time.sleep(0.2)
+    short = claimed(jm, 1.5)
+
+    keeper.hold(short, 1, 1.5)
+    time.sleep(2.5)
+
+    assert expires_in_s(jm, short) > 0, "the 1.5 s lease ran out while its job ran"
+    keeper.release(short)
+
+
+def test_leases_are_set_by_the_database_clock_not_the_hosts(
+    jm: JobManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepared = jm.prepare(probe_jobs.noop)
+    with writing(jm.engine) as conn:
+        conn.execute(*prepared.insert)
+    skewed = time.time() + 3600  # this host's clock is an hour ahead
+    monkeypatch.setattr(execution.time, "time", lambda: skewed)
+    executor = Executor(
+        jm.engine,
+        lease_owner="skewed",
+        via="broker",
+        default_lease_s=10,
+        leases=LeaseKeeper(jm.engine),
+        reschedule=lambda *a: None,
+    )
+
+    claim = executor._claim(probe_jobs.noop, prepared.id)
+
+    assert claim is not None
+    assert 5 < expires_in_s(jm, prepared.id) <= 10.5
+
+
+def test_a_renewal_that_finds_the_row_taken_back_stops_the_attempt(
+    jm: JobManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    keeper = LeaseKeeper(jm.engine)
+    job_id = claimed(jm, -1.0)  # already expired: the reaper takes it back
+    keeper.hold(job_id, 1, 5.0)
+    with writing(jm.engine) as conn:
+        assert conn.execute(store.release_expired(job_id, 1, time.time(), dead=False)).first()
+    ctx = JobContext(
+        id=job_id,
+        task=probe_jobs.noop.name,
+        queue="default",
+        attempt=1,
+        max_attempts=3,
+        engine=jm.engine,
+        lease_s=5,
+        leases=keeper,
+    )
+
+    with caplog.at_level(logging.WARNING, logger="tasklab.jobs.lease"):
+        assert keeper.renew_now() == 0
+
+    assert keeper.lost(job_id, 1)
+    assert "lost its lease" in caplog.text
+    with pytest.raises(StaleAttempt):
+        ctx.progress(1, 2)
+    with pytest.raises(StaleAttempt), ctx.transaction() as session:
+        session.execute(store.jobs.update().where(store.jobs.c.id == job_id).values(owner="z"))
+    assert jm.get(job_id).owner == ""  # the zombie's write was rolled back
+    assert jm.get(job_id).status is JobStatus.PENDING
+    keeper.release(job_id)
