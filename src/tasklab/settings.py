@@ -102,7 +102,9 @@ class Settings(BaseSettings):
     # Job layer
     lease_s: float = Field(30.0, ge=1)
     reaper_interval_s: float = Field(5.0, gt=0)
-    requeue_after_s: float = Field(60.0, ge=1)
+    # A job whose message left the queue this long ago without starting is published again
+    # (its carrier died with a worker; tasklab.jobs.carriers).
+    requeue_after_s: float = Field(15.0, ge=1)
     job_retention_days: float = Field(7.0, gt=0)
     publish_timeout_s: float = Field(1.0, gt=0, le=30)
     breaker_reset_s: float = Field(5.0, gt=0)
