@@ -273,11 +273,15 @@ class JobManager:
         return await self.adispatch(job)
 
     def _insert(self, job: PreparedJob) -> None:
+        self._write_one(job.insert)
+
+    def _write_one(self, prepared: store.Prepared) -> None:
+        """One statement in its own transaction (on SQLite, on the DBAPI connection)."""
         if self._hot is not None:
-            self._hot.run(job.insert)
+            self._hot.run(prepared)
             return
         with writing(self._single) as conn:
-            conn.execute(*job.insert)
+            conn.execute(*prepared)
 
     def _dispatch(self, spec: JobSpec, values: dict[str, Any], countdown_s: float) -> str:
         """Publish; on failure mark PENDING and try the local executor. Returns via."""
@@ -317,8 +321,7 @@ class JobManager:
             return outcomes
         del message_ids  # a delivery's claim records the message it runs from
         try:
-            with writing(self._single) as conn:
-                conn.execute(store.mark_sent([v["job_id"] for _, v, _ in batch], time.time()))
+            self._write_one(store.mark_sent([v["job_id"] for _, v, _ in batch], time.time()))
         except Exception as e:  # published: the claim does not need the mark, the reaper
             log.warning("relay: %d job(s) published but not marked QUEUED: %s", len(batch), e)
         return ["broker"] * len(batch)

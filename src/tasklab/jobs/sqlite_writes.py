@@ -47,7 +47,7 @@ class RawStatement:
             for name in self._order
             if (proc := binds[name].type.bind_processor(dialect)) is not None
         }
-        self._sql: str | None = None  # known once the lengths of IN lists are
+        self._sql: dict[tuple[int, ...], str] = {}  # by the lengths of its IN lists
         # RETURNING's columns (none without RETURNING), with their result processors (JSON)
         returned: Sequence[Any] = (
             list(statement.exported_columns) if isinstance(statement, UpdateBase) else []
@@ -59,18 +59,23 @@ class RawStatement:
     def bind(self, values: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
         params = self._compiled.construct_params(dict(values))
         positional: list[Any] = []
-        sql = self._sql or self._compiled.string
+        lengths: list[int] = []
         for name in self._order:
             value = params[name]
             if name in self._expanding:
                 positional.extend(value)
-                if self._sql is None:
-                    marks = ", ".join("?" * len(value))
-                    sql = sql.replace(f"__[POSTCOMPILE_{name}]", marks)
+                lengths.append(len(value))
                 continue
             proc = self._processors.get(name)
             positional.append(proc(value) if proc is not None else value)
-        self._sql = sql
+        key = tuple(lengths)
+        sql = self._sql.get(key)
+        if sql is None:
+            sql = self._compiled.string
+            for name, n in zip((k for k in self._order if k in self._expanding), key, strict=True):
+                sql = sql.replace(f"__[POSTCOMPILE_{name}]", ", ".join("?" * n))
+            if len(self._sql) < 64:  # IN lists of many lengths: keep the common ones
+                self._sql[key] = sql
         return sql, tuple(positional)
 
     def rows(self, cursor: sqlite3.Cursor) -> list[dict[str, Any]]:

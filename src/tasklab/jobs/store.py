@@ -174,20 +174,26 @@ def mark_published(job_id: str, message_id: str, now: float) -> Update:
     )
 
 
-def mark_sent(job_ids: list[str], now: float) -> Update:
+_MARK_SENT = (
+    jobs.update()
+    .where(
+        jobs.c.id.in_(sa.bindparam("p_ids", expanding=True)),
+        jobs.c.status == JobStatus.PENDING.value,
+    )
+    .values(
+        status=JobStatus.QUEUED.value,
+        queued_at=sa.bindparam("p_now", type_=sa.Float),
+        via="broker",
+        publish_count=jobs.c.publish_count + 1,
+    )
+)
+
+
+def mark_sent(job_ids: list[str], now: float) -> Prepared:
     """PENDING -> QUEUED for jobs the broker just accepted (the relay's record of what it
     published): from here the reaper knows a message carries them. A job a worker claimed
     meanwhile is left alone."""
-    return (
-        jobs.update()
-        .where(jobs.c.id.in_(job_ids), jobs.c.status == JobStatus.PENDING.value)
-        .values(
-            status=JobStatus.QUEUED.value,
-            queued_at=now,
-            via="broker",
-            publish_count=jobs.c.publish_count + 1,
-        )
-    )
+    return _MARK_SENT, {"p_ids": list(job_ids), "p_now": now}
 
 
 def mark_requeued(job_ids: list[str], message_id: str, now: float) -> Update:
