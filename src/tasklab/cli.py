@@ -224,7 +224,8 @@ def demo(
     tasks: Annotated[int, typer.Option(min=1, max=1_000_000)] = 1000,
 ) -> None:
     """The lab's tour on embedded defaults: stress, bench overhead, a kill and an outage
-    drill, a load test on the reference service; one SLO table and .tasklab/report/index.html."""
+    drill, a short soak, a load test on the reference service; one SLO table and
+    .tasklab/report/index.html."""
     from tasklab.lab.demo import run_demo
 
     outcome = run_demo(settings_of(ctx), tasks=tasks, console=console)
@@ -371,10 +372,17 @@ def reaper(ctx: typer.Context) -> None:
     from tasklab.jobs.publisher import Publisher
     from tasklab.jobs.recovery import Reaper
 
-    settings = settings_of(ctx)
-    r = Reaper(settings, make_engine(settings), Publisher(settings))
+    import importlib
     import time
 
+    from tasklab.celery_app import TASK_MODULES
+
+    settings = settings_of(ctx)
+    # Its give-up hooks (and bundling) need the jobs' declarations, as a worker has them.
+    for module in (*TASK_MODULES, *settings.imports):
+        importlib.import_module(module)
+    r = Reaper(settings, make_engine(settings), Publisher(settings))
+    r.finish_old_cancels()
     while True:
         counts = r.tick()
         if any(counts.values()):

@@ -209,3 +209,63 @@ def test_the_commands_migrate_seed_and_check_exiting_1_on_a_violation(
     failed = runner.invoke(cli, ["check-invariants", "--pending-threshold-s", "5"], obj=settings)
     assert failed.exit_code == 1
     assert "violation: product 1" in failed.output
+
+
+def test_check_invariants_names_orders_their_settlement_job_left_unsettled(
+    shop_settings_any_db: Settings,
+) -> None:
+    """Whatever the threshold: a pending order whose job is over or gone (nothing will settle
+    it), and an order rejected with settlement_failed whose job succeeded."""
+    from tasklab.database import writing
+    from tasklab.jobs import JobManager
+    from tasklab.jobs.records import jobs as jobs_table
+    from tasklab.service.domain.jobs import process_order
+
+    settings = shop_settings_any_db
+    user = read_tokens(settings.home_dir / "tokens.jsonl")[0].user_id
+    jm = JobManager(settings, local_fallback=False)
+    now = time.time()
+    states = {  # order id: (order status, reason, its job's status; None: no such job)
+        1: ("pending", None, "QUEUED"),  # on its way: fine
+        2: ("pending", None, "DEAD"),
+        3: ("pending", None, "CANCELLED"),
+        4: ("pending", None, "SUCCEEDED"),
+        5: ("pending", None, None),
+        6: ("rejected", "settlement_failed", "SUCCEEDED"),
+        7: ("rejected", "settlement_failed", "DEAD"),  # what a give-up leaves: fine
+        8: ("rejected", "settlement_failed", "PENDING"),  # retried, not run yet: fine
+    }
+    try:
+        with writing(jm.engine) as conn:
+            for order_id, (status, reason, job_status) in states.items():
+                job = jm.prepare(process_order, order_id)
+                if job_status is not None:
+                    conn.execute(*job.insert)
+                    conn.execute(
+                        sa.update(jobs_table)
+                        .where(jobs_table.c.id == job.id)
+                        .values(status=job_status)
+                    )
+                conn.execute(
+                    sa.insert(Order).values(
+                        id=order_id,
+                        user_id=user,
+                        status=status,
+                        reason=reason,
+                        use_points=0,
+                        total_cents=0,
+                        job_id=job.id,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+    finally:
+        jm.close()
+
+    violations = check_invariants(settings, pending_threshold_s=3600)
+
+    assert [v.split(":")[0] for v in violations] == [f"order {i}" for i in (2, 3, 4, 5, 6)]
+    assert violations[0].startswith("order 2: pending, but its job ")
+    assert violations[0].endswith(" is DEAD: nothing will settle it")
+    assert violations[3].endswith(" does not exist")
+    assert "rejected settlement_failed, but its job " in violations[4]

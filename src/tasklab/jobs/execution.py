@@ -123,14 +123,18 @@ class JobContext:
         session.begin()
         self._session = session
         try:
-            yield session
-            if self.leases is not None and self.leases.lost(self.id, self.attempt):
-                raise StaleAttempt(f"job {self.id} attempt {self.attempt} lost its lease")
+            # The fenced mark comes first: the job's row is locked before any of the
+            # application's rows, in the order a cancel or the reaper locks them (job row,
+            # then a give-up hook's rows), so that they cannot deadlock on PostgreSQL; and a
+            # stale attempt stops here, before its effects.
             done = session.execute(store.mark_committed(self.id, self.attempt, time.time()))
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise StaleAttempt(
                     f"job {self.id} attempt {self.attempt} lost its claim; effects rolled back"
                 )
+            yield session
+            if self.leases is not None and self.leases.lost(self.id, self.attempt):
+                raise StaleAttempt(f"job {self.id} attempt {self.attempt} lost its lease")
         except BaseException:
             self._session = None
             _end(session, gate, commit=False)

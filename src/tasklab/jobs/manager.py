@@ -443,6 +443,10 @@ class JobManager:
                 row = conn.execute(
                     store.request_cancel_running(job_id, now=now, terminate=terminate)
                 ).first()
+            if row is None and terminate:  # its transaction committed: a request at most
+                row = conn.execute(
+                    store.request_cancel_running(job_id, now=now, terminate=False)
+                ).first()
             hooks.after_change(conn, row)
         return self.get(job_id)
 

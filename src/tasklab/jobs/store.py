@@ -344,8 +344,8 @@ def cancel_waiting(job_id: str, now: float) -> Update:
 def request_cancel_running(job_id: str, *, now: float, terminate: bool) -> Update:
     """Ask a running job to stop (it checks at progress()); with terminate, mark it now."""
     stmt = jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.STARTED.value)
-    if terminate:
-        stmt = stmt.values(
+    if terminate:  # not a job whose transaction committed: it is done, only not recorded yet
+        stmt = stmt.where(jobs.c.committed_at.is_(None)).values(
             cancel_requested=True,
             status=JobStatus.CANCELLED.value,
             finished_at=now,

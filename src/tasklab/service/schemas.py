@@ -125,7 +125,11 @@ class OrderLine(BaseModel):
 class Order(BaseModel):
     id: int
     status: Literal["pending", "paid", "rejected"]
-    reason: Literal["out_of_stock", "insufficient_points"] | None
+    reason: Literal["out_of_stock", "insufficient_points", "settlement_failed"] | None = Field(
+        description="Why a rejected order was rejected: out of stock, not enough points, or "
+        "its settlement job gave up (dead or cancelled; nothing was taken, and retrying that "
+        "job may still settle it). Null unless rejected."
+    )
     items: list[OrderLine]
     use_points: int
     total: float

@@ -5,7 +5,11 @@
 - for every user, balance == sum of their ledger, and never negative;
 - every points change of an order is one ledger row: a paid order that used points has exactly
   one row of ``-use_points``, an unpaid order has none;
-- every order is pending, paid or rejected, and none stays pending longer than a threshold.
+- every order is pending, paid or rejected, and none stays pending longer than a threshold;
+- no order is pending once its settlement job is over (SUCCEEDED, DEAD or CANCELLED) or gone:
+  nothing would settle it (a job that gives up rejects it, ``settlement_failed``, in the same
+  transaction), and no order rejected with ``settlement_failed`` has a job that SUCCEEDED (a
+  retried job that ran settles it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from tasklab.database import make_engine
+from tasklab.jobs.records import FINAL, JobStatus
+from tasklab.jobs.records import jobs as jobs_table
 from tasklab.service.domain.models import (
     LedgerEntry,
     Order,
@@ -25,6 +31,7 @@ from tasklab.service.domain.models import (
     OrderStatus,
     PointAccount,
     Product,
+    RejectReason,
     User,
 )
 from tasklab.settings import Settings
@@ -50,6 +57,7 @@ def check_invariants(
                 *_order_points(conn),
                 *_statuses(conn),
                 *_stuck(conn, now, pending_threshold_s),
+                *_settlement_jobs(conn),
             ]
     finally:
         engine.dispose()
@@ -157,3 +165,34 @@ def _stuck(conn: Connection, now: float, threshold_s: float) -> list[str]:
         .order_by(Order.id)
     )
     return _listed(f"order {r.id}: pending for {now - r.created_at:.0f} s" for r in rows)
+
+
+def _settlement_jobs(conn: Connection) -> list[str]:
+    """Orders whose state contradicts their settlement job's (``Order.job_id``)."""
+    job = jobs_table.c
+    pending = Order.status == OrderStatus.PENDING.value
+    gave_up = sa.and_(
+        Order.status == OrderStatus.REJECTED.value,
+        Order.reason == RejectReason.SETTLEMENT_FAILED.value,
+    )
+    stranded = sa.and_(pending, sa.or_(job.id.is_(None), job.status.in_([s.value for s in FINAL])))
+    rows = conn.execute(
+        sa.select(Order.id, Order.status, Order.job_id, job.status.label("job_status"))
+        .outerjoin(jobs_table, job.id == Order.job_id)
+        .where(
+            Order.job_id.is_not(None),
+            sa.or_(stranded, sa.and_(gave_up, job.status == JobStatus.SUCCEEDED.value)),
+        )
+        .order_by(Order.id)
+    )
+    return _listed(_settlement_line(r) for r in rows)
+
+
+def _settlement_line(r: Any) -> str:
+    if r.status != OrderStatus.PENDING.value:
+        return f"order {r.id}: rejected settlement_failed, but its job {r.job_id} SUCCEEDED"
+    if r.job_status is None:
+        return f"order {r.id}: pending, but its job {r.job_id} does not exist"
+    return (
+        f"order {r.id}: pending, but its job {r.job_id} is {r.job_status}: nothing will settle it"
+    )

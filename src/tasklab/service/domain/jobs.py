@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from tasklab.jobs import JobContext, JobSpec, job
-from tasklab.service.domain.settlement import order_lines, settle_order
+from tasklab.service.domain.settlement import gave_up, order_lines, settle_order
 from tasklab.service.domain.sync import run_sync
 
 DATA_SYNC_QUEUE = "data_sync"
 
 
 def _process_order(ctx: JobContext, order_id: int) -> dict[str, Any]:
-    """Deduct stock and points for a pending order, or reject it, exactly once."""
+    """Deduct stock and points for a pending order, or reject it, exactly once. If the job
+    gives up (DEAD or CANCELLED), ``gave_up`` rejects the order (``settlement_failed``) in the
+    same transaction; retrying the job settles it then."""
     with ctx.engine.connect() as conn:
         lines = order_lines(conn, order_id)
     with ctx.transaction() as session:
@@ -31,7 +33,12 @@ def _sync_file(ctx: JobContext, file_id: int) -> dict[str, Any]:
 
 # Declared by call rather than as decorators so that mypy sees JobSpecs (``job`` is untyped).
 process_order: JobSpec = job(
-    name="tasklab.shop.process_order", queue="default", max_attempts=5, backoff_s=0.5, bind=True
+    name="tasklab.shop.process_order",
+    queue="default",
+    max_attempts=5,
+    backoff_s=0.5,
+    bind=True,
+    on_give_up=gave_up,
 )(_process_order)
 sync_batch: JobSpec = job(
     name="tasklab.sync.sync_batch", queue=DATA_SYNC_QUEUE, max_attempts=3, bind=True

@@ -29,6 +29,9 @@ class OrderStatus(enum.StrEnum):
 class RejectReason(enum.StrEnum):
     OUT_OF_STOCK = "out_of_stock"
     INSUFFICIENT_POINTS = "insufficient_points"
+    # Its settlement job ended DEAD or CANCELLED (tasklab.service.domain.settlement.gave_up):
+    # nothing was taken. Retrying that job may still settle the order.
+    SETTLEMENT_FAILED = "settlement_failed"
 
 
 class LedgerKind(enum.StrEnum):

@@ -5,10 +5,18 @@ whether it happened, so concurrent settlements never oversell nor overdraw, on S
 writer at a time) and on PostgreSQL (the row lock re-checks the condition after waiting). Rows
 are touched in one order (products by id, then the account), so two settlements cannot
 deadlock. A rejection is a normal outcome: what was taken is put back in the same transaction.
+
+When the settlement job gives up (DEAD: its attempts ran out, or its worker was lost on the
+last one; CANCELLED), ``gave_up`` (its ``on_give_up`` hook) rejects the order with
+``settlement_failed`` in the transaction that ends the job: the settlement is one transaction,
+and one that never committed took nothing. Retrying the job (``tasklab jobs retry``) may still
+settle it: the claim takes a pending order or one rejected with ``settlement_failed``, never
+a paid one nor one rejected for another reason.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -16,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
+from tasklab.jobs.hooks import Ended
 from tasklab.service.domain.catalog_cache import invalidate_after_commit
 from tasklab.service.domain.models import (
     LedgerEntry,
@@ -32,11 +41,19 @@ from tasklab.service.domain.models import (
 _orders, _items, _products = table(Order), table(OrderItem), table(Product)
 _accounts, _ledger = table(PointAccount), table(LedgerEntry)
 
+log = logging.getLogger("tasklab.shop")
+_PENDING = _orders.c.status == OrderStatus.PENDING.value
+# Rejected because its settlement job gave up: nothing was taken, a retry may settle it.
+_GAVE_UP = sa.and_(
+    _orders.c.status == OrderStatus.REJECTED.value,
+    _orders.c.reason == RejectReason.SETTLEMENT_FAILED.value,
+)
+
 # Built once; executed on the session's connection (Core), which skips the ORM's per-call
 # statement handling: a settlement is ten statements and runs inside the write lock.
 _CLAIM = (
     sa.update(_orders)
-    .where(_orders.c.id == sa.bindparam("p_id"), _orders.c.status == OrderStatus.PENDING.value)
+    .where(_orders.c.id == sa.bindparam("p_id"), sa.or_(_PENDING, _GAVE_UP))
     .values(updated_at=sa.bindparam("p_now"))
     .returning(_orders.c.user_id, _orders.c.use_points)
 )
@@ -74,6 +91,21 @@ _FINISH = (
         updated_at=sa.bindparam("p_now"),
     )
 )
+# The give-up hook: only a pending order (never a paid one, nor one rejected already), and
+# only for its own settlement job (a stray duplicate job giving up leaves it to its own job).
+_REJECT_GAVE_UP = (
+    sa.update(_orders)
+    .where(
+        _orders.c.id == sa.bindparam("p_id"),
+        _PENDING,
+        sa.or_(_orders.c.job_id == sa.bindparam("p_job"), _orders.c.job_id.is_(None)),
+    )
+    .values(
+        status=OrderStatus.REJECTED.value,
+        reason=RejectReason.SETTLEMENT_FAILED.value,
+        updated_at=sa.bindparam("p_now"),
+    )
+)
 
 
 def order_lines(conn: Connection, order_id: int) -> list[tuple[int, int]]:
@@ -88,7 +120,8 @@ def settle_order(session: Session, order_id: int, lines: list[tuple[int, int]]) 
     conn = session.connection()
     now = time.time()
     # Taking the order's row is the first write: it also takes SQLite's write lock, and the
-    # row lock on PostgreSQL. None if it is no longer pending.
+    # row lock on PostgreSQL. None if it is settled (paid, or rejected for a reason other
+    # than a settlement that gave up).
     order = conn.execute(_CLAIM, {"p_id": order_id, "p_now": now}).first()
     if order is None:
         return _already_settled(conn, order_id)
@@ -104,6 +137,28 @@ def settle_order(session: Session, order_id: int, lines: list[tuple[int, int]]) 
         _FINISH, {"p_id": order_id, "p_status": status.value, "p_reason": reason, "p_now": now}
     )
     return {"order_id": order_id, "status": status.value, "reason": reason}
+
+
+def gave_up(conn: Connection, ended: Ended) -> None:
+    """``process_order``'s give-up hook: in the transaction that makes the job DEAD or
+    CANCELLED, reject its order (``settlement_failed``) if it is still pending. The settlement
+    is one transaction: had it committed, the order would be settled (and is left alone);
+    a pending order took no stock and no points, so there is nothing to put back."""
+    order_id = ended.args[0] if ended.args else ended.kwargs.get("order_id")
+    if not isinstance(order_id, int) or isinstance(order_id, bool):
+        log.warning("job %s (%s) gave up without an order id: %r", ended.id, ended.task, order_id)
+        return
+    rejected = conn.execute(
+        _REJECT_GAVE_UP, {"p_id": order_id, "p_job": ended.id, "p_now": time.time()}
+    ).rowcount
+    if rejected:
+        log.warning(
+            "order %s rejected (settlement_failed): its job %s ended %s: %s",
+            order_id,
+            ended.id,
+            ended.status.value,
+            ended.error,
+        )
 
 
 def _already_settled(conn: Connection, order_id: int) -> dict[str, Any]:
