@@ -368,14 +368,13 @@ def jobs_cancel(
 @app.command()
 def reaper(ctx: typer.Context) -> None:
     """Run the job reaper alone (workers already run one; this is for API-only hosts)."""
-    from tasklab.database import make_engine
-    from tasklab.jobs.publisher import Publisher
-    from tasklab.jobs.recovery import Reaper
-
     import importlib
     import time
 
     from tasklab.celery_app import TASK_MODULES
+    from tasklab.database import make_engine
+    from tasklab.jobs.publisher import Publisher
+    from tasklab.jobs.recovery import Reaper
 
     settings = settings_of(ctx)
     # Its give-up hooks (and bundling) need the jobs' declarations, as a worker has them.
