@@ -140,16 +140,40 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         _autocommit_twins[engine] = twin
         instrument(twin, slow_query_ms=settings.slow_query_ms)
     else:
-        engine = create_engine(
-            url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-            pool_timeout=settings.db_pool_timeout_s,
-            pool_pre_ping=True,
-            **kwargs,
-        )
+        engine = _server_engine(settings, url, pool_pre_ping=True, **kwargs)
+        # One-statement writes (a job's insert, claim, completion) in autocommit: one round
+        # trip each instead of BEGIN, statement, COMMIT and a ping; their own pools, so no
+        # connection switches mode at checkout. A connection the server dropped fails one
+        # statement (the pool then reconnects): the job layer recovers that like a lost worker.
+        twin = _server_engine(settings, url, isolation_level="AUTOCOMMIT", **kwargs)
+        _autocommit_twins[engine] = twin
+        relaxed = _server_engine(settings, url, isolation_level="AUTOCOMMIT", **kwargs)
+        event.listen(relaxed, "connect", _no_wal_wait)
+        _relaxed_twins[engine] = relaxed
+        for e in (twin, relaxed):
+            instrument(e, slow_query_ms=settings.slow_query_ms)
     instrument(engine, slow_query_ms=settings.slow_query_ms)
     return engine
+
+
+def _server_engine(
+    settings: Settings, url: str, *, pool_pre_ping: bool = False, **kwargs: Any
+) -> Engine:
+    return create_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_s,
+        pool_pre_ping=pool_pre_ping,
+        pool_recycle=POOL_RECYCLE_S,
+        **kwargs,
+    )
+
+
+def _no_wal_wait(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("SET synchronous_commit TO off")
+    cur.close()
 
 
 def _sqlite_engine(settings: Settings, url: str, **kwargs: Any) -> Engine:
@@ -168,6 +192,7 @@ def _sqlite_engine(settings: Settings, url: str, **kwargs: Any) -> Engine:
 
 _gate_wait_s: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
 _autocommit_twins: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_relaxed_twins: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 
 
 def make_async_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
@@ -258,10 +283,30 @@ def one_statement(engine: Engine) -> Engine:
     COMMIT, where a preempted process would make every other writer sleep out SQLite's busy
     handler (1, 2, 5 ms ...). Other databases: the engine itself.
     """
+    twin = _autocommit_twins.get(engine)
+    if twin is not None:
+        return twin
     if engine.dialect.name == "sqlite":
-        twin = _autocommit_twins.get(engine)
-        return twin if twin is not None else engine.execution_options(isolation_level="AUTOCOMMIT")
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
     return engine
+
+
+def dispose_all(engine: Engine, *, close: bool = True) -> None:
+    """Dispose of ``engine`` and of the twins ``make_engine`` made with it."""
+    for e in {engine, _autocommit_twins.get(engine), _relaxed_twins.get(engine)}:
+        if e is not None:
+            e.dispose(close=close)
+
+
+def relaxed_writes(engine: Engine) -> Engine:
+    """``one_statement(engine)`` for writes whose loss in a database crash is harmless: on
+    PostgreSQL they commit without waiting for their WAL to be flushed (``synchronous_commit
+    off``; the WAL writer flushes within ``wal_writer_delay``, 200 ms by default). A claim, a
+    lease renewal, the relay's QUEUED mark, or a completion without ``job.transaction()``
+    lost that way leaves the job to run again: execution is at least once anyway. Inserts,
+    transactions' effects and dead letters are never written this way."""
+    twin = _relaxed_twins.get(engine)
+    return twin if twin is not None else one_statement(engine)
 
 
 class WriteGate:

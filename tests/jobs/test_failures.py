@@ -366,8 +366,10 @@ def test_jobs_a_sigkilled_submitter_had_not_published_yet_still_run(
     assert len(carried) < len(ids)  # some never reached the broker
     jm = JobManager(fault_settings)
     status = {i: jm.get(i).status for i in ids}
-    assert {i for i, st in status.items() if st is JobStatus.QUEUED} == set(carried)
-    assert {i for i, st in status.items() if st is JobStatus.PENDING} == set(ids) - set(carried)
+    # QUEUED only once a message carries it (the kill may land between the publish and the
+    # mark: then a carried job is still PENDING, and published twice at worst)
+    assert {i for i, st in status.items() if st is JobStatus.QUEUED} <= set(carried)
+    assert {i for i, st in status.items() if st is JobStatus.PENDING} >= set(ids) - set(carried)
     worker_factory(fault_settings).start()  # its reaper re-publishes what never left
     wait_until(lambda: all(jm.get(i).done for i in ids), 60, "stranded jobs to run")
     assert ledger(jm, ids)["succeeded"] == 20

@@ -18,7 +18,7 @@ import orjson
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
-from tasklab.database import one_statement, write_gate, writing
+from tasklab.database import one_statement, relaxed_writes, write_gate, writing
 from tasklab.errors import JobError, StaleAttempt
 from tasklab.jobs import hooks, store
 from tasklab.jobs.bundle import Bundle, BundleWatch, HandBack
@@ -207,7 +207,8 @@ class Executor:
         bundle_budget_s: float = 0.5,
     ) -> None:
         self.engine = engine
-        self.single = one_statement(engine)  # claims, completions, failures: one statement
+        self.single = one_statement(engine)  # failures: one statement
+        self.relaxed = relaxed_writes(engine)  # claims, completions (see _write)
         self._hot = HotWrites(engine) if engine.dialect.name == "sqlite" else None
         self.lease_owner = lease_owner
         self.via = via
@@ -229,7 +230,8 @@ class Executor:
         ``bundle_budget_s`` the ones not started go back to the broker (tasklab.jobs.bundle).
 
         A job that succeeded without ``job.transaction()`` has its completion written with
-        the next job's claim, in one write transaction instead of two. If the worker dies in
+        the next job's claim (on SQLite in one write transaction instead of two). If the
+        worker dies in
         between (no job runs there), that job runs again: its execution is at least once,
         as always; effects committed through ``job.transaction()`` commit at once.
         """
@@ -258,15 +260,16 @@ class Executor:
         claimed = self._claim(spec, job_id, message_id=message_id)
         return Outcome("skipped") if claimed is None else self._execute(spec, *claimed)
 
-    def _write(self, *prepared: store.Prepared, relaxed: bool = False) -> list[Any]:
-        """Run statements in one write transaction; per statement, its rows (RETURNING, as
-        mappings) or its rowcount. ``relaxed``: a claim alone (see store.relax_commit)."""
+    def _write(self, *prepared: store.Prepared) -> list[Any]:
+        """Claims and completions; per statement, its rows (RETURNING, as mappings) or its
+        rowcount. On SQLite in one write transaction on the DBAPI connection
+        (tasklab.jobs.sqlite_writes); on PostgreSQL each in autocommit, without waiting for
+        the WAL flush (``database.relaxed_writes``): one round trip each, and a claim or a
+        completion lost in a database crash only makes the job run again."""
         if self._hot is not None:
             return self._hot.run(*prepared)
         out: list[Any] = []
-        with writing(self.single if len(prepared) == 1 else self.engine) as conn:
-            if relaxed:
-                store.relax_commit(conn)
+        with self.relaxed.connect() as conn:
             for statement, params in prepared:
                 result = conn.execute(statement, params)
                 out.append(
@@ -294,7 +297,7 @@ class Executor:
             message_id=message_id,
         )
         if carry is None:
-            rows = self._write(claim, relaxed=True)[0]
+            rows = self._write(claim)[0]
         else:
             done, rows = self._write(carry, claim)
             _check_completion(done, carry)

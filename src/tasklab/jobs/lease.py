@@ -22,7 +22,7 @@ import time
 
 from sqlalchemy import Engine
 
-from tasklab.database import writing
+from tasklab.database import relaxed_writes, writing
 from tasklab.jobs import store
 
 log = logging.getLogger("tasklab.jobs.lease")
@@ -105,9 +105,8 @@ class LeaseKeeper:
         renewed = 0
         gone: list[tuple[str, int]] = []
         try:
-            with writing(self.engine) as conn:
-                store.relax_commit(conn)
-                for job_id, (attempt, lease_s) in held.items():
+            with writing(relaxed_writes(self.engine)) as conn:  # a renewal lost in a crash:
+                for job_id, (attempt, lease_s) in held.items():  # the lease runs out, no more
                     n = conn.execute(*store.renew_lease(job_id, attempt, lease_s)).rowcount
                     renewed += n
                     if n == 0:

@@ -8,7 +8,6 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import Connection
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -23,21 +22,6 @@ MAX_TRACEBACK_CHARS = 16000
 # with column names) and executed as (statement, params): building SQLAlchemy constructs per
 # call cost more than the SQL itself.
 Prepared = tuple[Executable, dict[str, Any]]
-
-
-_ASYNC_COMMIT = sa.text("SET LOCAL synchronous_commit = off")
-
-
-def relax_commit(conn: Connection) -> None:
-    """On PostgreSQL, let this transaction commit without waiting for its WAL flush.
-
-    Only for writes whose loss is harmless: a claim (or lease renewal) lost in a crash leaves
-    the job claimable again, and the attempt's completion - a normal synchronous commit -
-    flushes the WAL up to and including the claim before it returns. Job inserts and
-    completions never use it: they are the durable facts.
-    """
-    if conn.dialect.name == "postgresql":
-        conn.execute(_ASYNC_COMMIT)
 
 
 class db_now(FunctionElement[float]):
