@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psutil
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -12,6 +13,7 @@ from tasklab.settings import Settings
 from tests.lab.helpers import printed, read_json
 
 
+@pytest.mark.timeout(420)  # the soak's recovery waits out the production defaults
 def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
     lab_settings: Settings, console: Console
 ) -> None:
@@ -22,6 +24,7 @@ def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
         "stress fast",
         "bench overhead",
         "drill kill + outage",
+        "drill soak",
         "load",
     ]
     logs = sorted((lab_settings.home_dir / "lab" / "logs").glob("demo-*.log"))
@@ -37,6 +40,8 @@ def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
         "drill.kill.lost",
         "drill.kill.duplicate_effects",
         "drill.outage.lost",
+        "drill.soak.lost",
+        "drill.soak.over_bound",
         "load.all.requests_per_s",
         "load.shop.invariant_violations",
         "bench.overhead.jobs_overhead_pct",
@@ -55,7 +60,7 @@ def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
     assert demo["command"] == "demo"
     assert {s["figure"] for s in demo["slos"]} >= {"drill.kill.lost", "load.shop.orders_lost"}
     assert demo["figures"]["phase.total_s"] > 0
-    assert [p["error"] for p in demo["params"]["phases"]] == [None] * 4
+    assert [p["error"] for p in demo["params"]["phases"]] == [None] * 5
     alive = {
         p.pid
         for p in psutil.Process().children(recursive=True)
@@ -75,7 +80,7 @@ def test_drill_and_load_are_tasklab_commands() -> None:
     for command in ("drill", "load", "demo"):
         reply = runner.invoke(app, [command, "--help"])
         assert reply.exit_code == 0, reply.output
-    assert "kill, outage, flush, api" in runner.invoke(app, ["drill", "--help"]).output
+    assert "kill, outage, flush, api, soak" in runner.invoke(app, ["drill", "--help"]).output
 
 
 def test_a_phase_whose_connection_drops_once_is_re_run_and_a_second_drop_fails_it(

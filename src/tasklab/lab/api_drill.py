@@ -16,12 +16,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from tasklab.lab.drill import Drill, own_broker, running_jobs, wait_for
+from tasklab.lab.faults import own_broker, running_jobs, wait_for
 from tasklab.lab.harness import LabStack
 from tasklab.lab.progress import phase
 from tasklab.lab.shop import (
@@ -35,6 +35,9 @@ from tasklab.lab.shop import (
     seed_shop,
     wait_orders_settled,
 )
+
+if TYPE_CHECKING:  # drill.py imports this module (lazily); no import back at run time
+    from tasklab.lab.drill import Drill
 
 LOCAL_START_WAIT_S = 5.0  # how long the kill waits for a job to be running locally
 
@@ -151,6 +154,8 @@ class ApiDrill:
             "submitted": client.sent,
             **ledger.figures(),
             "lost": ledger.lost + sync_lost,
+            # A paid order writes one points-ledger row: paid orders without one.
+            "missing_effects": max(0, ledger.paid - (ledger.effects - ledger.duplicate_effects)),
             "orders_pending": left,
             "sync_jobs": len(before["sync_ids"]),
             "unanswered_retried": retried,

@@ -206,7 +206,8 @@ def report(
 def drill(
     ctx: typer.Context,
     scenario: Annotated[
-        list[str] | None, typer.Argument(help="kill, outage, flush, api (one or more).")
+        list[str] | None,
+        typer.Argument(help="kill, outage, flush, api, soak (one or more)."),
     ] = None,
     all_drills: Annotated[bool, typer.Option("--all", help="Every drill, in turn.")] = False,
     jobs: Annotated[int | None, typer.Option(min=1, help="Jobs of the kill drill.")] = None,
@@ -214,24 +215,40 @@ def drill(
     outage: Annotated[
         float | None, typer.Option(min=0.5, help="Seconds the broker is down (outage).")
     ] = None,
-    lease: Annotated[float, typer.Option("--lease-s", min=1, help="Job lease, s.")] = 3.0,
-    requeue_after: Annotated[
-        float, typer.Option("--requeue-after-s", min=1, help="Reaper re-queue age, s.")
+    lease: Annotated[
+        float, typer.Option("--lease-s", min=1, help="Job lease, s (not the soak's).")
     ] = 3.0,
+    requeue_after: Annotated[
+        float,
+        typer.Option("--requeue-after-s", min=1, help="Reaper re-queue age, s (not the soak's)."),
+    ] = 3.0,
+    short: Annotated[
+        bool, typer.Option("--short", help="The short soak: 30 s of offer instead of 240.")
+    ] = False,
+    offer: Annotated[
+        float | None,
+        typer.Option("--offer-s", min=5, help="Seconds the soak offers jobs (open loop)."),
+    ] = None,
     target: TargetOpt = None,
 ) -> None:
     """Break the stack on purpose (SIGKILLed workers, broker outage or flush, a killed API);
-    prove that nothing was lost or done twice, and time the recovery."""
+    prove that nothing was lost or done twice, and time the recovery. `soak` does it all at
+    once under sustained overload, with the production defaults (no recovery knob tuned)."""
     from dataclasses import replace
 
     from tasklab.lab.drill import DRILLS, DrillSizes, RecoveryKnobs, run_drill
+    from tasklab.lab.soak import SoakSizes
 
     base = DrillSizes()
+    soak = SoakSizes.short() if short else SoakSizes()
+    if offer is not None:
+        soak = replace(soak, offer_s=offer)
     sizes = replace(
         base,
         kill_jobs=jobs or base.kill_jobs,
         kills=kills or base.kills,
         outage_s=outage or base.outage_s,
+        soak=soak,
     )
     result = run_drill(
         _settings(ctx),

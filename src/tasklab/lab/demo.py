@@ -7,7 +7,10 @@ for the load test the seeded reference service: API and workers) and stops it al
 2. ``bench overhead`` — the same sleep workload through raw asyncio, raw Celery and tasklab;
 3. ``drill kill`` and ``drill outage`` — a worker SIGKILLed mid-task, the broker stopped for
    a few seconds during submissions: nothing lost, nothing done twice;
-4. ``load`` — Locust against the reference service, then its invariants.
+4. ``drill soak`` (short) — jobs offered above capacity for half a minute with the production
+   defaults, while a worker node, a submitting process and the broker die and jobs are
+   cancelled: the ledger, and every job whose carrier died back within its bound;
+5. ``load`` — Locust against the reference service, then its invariants.
 
 Then one SLO table over every phase, and ``<home>/report/index.html`` (``tasklab report``).
 A phase that fails is reported and the tour goes on. The demo fails (exit 1) when a phase
@@ -32,6 +35,7 @@ from tasklab.lab.progress import log_to_file
 from tasklab.lab.report import run_report
 from tasklab.lab.results import LabResult, format_value, results_table, write_result
 from tasklab.lab.shop import ShopSizes
+from tasklab.lab.soak import SoakSizes
 from tasklab.lab.stress import StressSizes, run_stress
 from tasklab.settings import Settings
 
@@ -45,7 +49,16 @@ HEADLINES = {
         "overhead.jobs_overhead_pct",
         "overhead.jobs_vs_celery_overhead_pct",
     ),
-    "drill": ("kill.interrupted", "kill.retried", "outage.waiting_at_outage", "outage.via_local"),
+    "drill": (
+        "kill.interrupted",
+        "kill.retried",
+        "outage.waiting_at_outage",
+        "outage.via_local",
+        "soak.offered_per_s",
+        "soak.capacity_per_s",
+        "soak.carried",
+        "soak.carrier_latency_s_max",
+    ),
     "load": ("order.latency_ms_p99", "points.latency_ms_p99"),
 }
 
@@ -57,6 +70,7 @@ class DemoSizes:
     stress: StressSizes = field(default_factory=lambda: StressSizes(fast_n=1000))
     bench: BenchSizes = field(default_factory=lambda: BenchSizes(overhead_n=200))
     drill: DrillSizes = field(default_factory=lambda: DrillSizes(kill_jobs=24, kills=2))
+    soak: SoakSizes = field(default_factory=SoakSizes.short)
     load: LoadSizes = field(default_factory=lambda: LoadSizes(users=20, duration_s=20.0))
 
     @classmethod
@@ -66,6 +80,7 @@ class DemoSizes:
             stress=replace(StressSizes.tiny(), fast_n=40),
             bench=replace(BenchSizes.tiny(), overhead_n=20),
             drill=DrillSizes.tiny(),
+            soak=SoakSizes.tiny(),
             load=replace(LoadSizes.tiny(), shop=ShopSizes(users=6, products=4)),
         )
 
@@ -127,6 +142,15 @@ def phases(settings: Settings, sizes: DemoSizes) -> list[Phase]:
                 settings, scenarios=["kill", "outage"], sizes=sizes.drill, console=quiet
             ),
         ),
+        Phase(
+            "drill soak",
+            lambda: run_drill(
+                settings,
+                scenarios=["soak"],
+                sizes=replace(sizes.drill, soak=sizes.soak),
+                console=quiet,
+            ),
+        ),
         Phase("load", lambda: run_load(settings, sizes=sizes.load, console=quiet)),
     ]
 
@@ -147,11 +171,12 @@ def run_demo(
     settings = embedded(settings)
     result = LabResult("demo")  # now: its start time and the machine's load before the tour
     started = result.started_at
+    tour = phases(settings, sizes)
     console.print(
-        f"[bold]tasklab demo[/] — 4 phases on embedded defaults, results in {settings.results_dir}",
+        f"[bold]tasklab demo[/] — {len(tour)} phases on embedded defaults, results in "
+        f"{settings.results_dir}",
         highlight=False,
     )
-    tour = phases(settings, sizes)
     with log_to_file(settings.home_dir / "lab" / "logs" / f"demo-{result.run_id}.log"):
         for n, phase in enumerate(tour, 1):
             _run_phase(phase, f"[{n}/{len(tour)}]", console)

@@ -25,48 +25,71 @@ PR_SET_PDEATHSIG signals a child when the *thread* that started it ends.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import sqlalchemy as sa
 from rich.console import Console
 from rich.progress import Progress
 from sqlalchemy import Engine
 
-from tasklab.embedded import EmbeddedRedis
 from tasklab.lab import summary
 from tasklab.lab.errors import LabError
+from tasklab.lab.faults import (
+    POLL_S,
+    WorkerWatch,
+    exit_reason,
+    kill_node,
+    own_broker,
+    restart_broker,
+    running_jobs,
+    sigkill,
+    wait_for,
+)
 from tasklab.lab.harness import LabStack, WorkerConfig, WorkerNode
 from tasklab.lab.ledger import Ledger, take_ledger
 from tasklab.lab.progress import lab_progress, log_to_file, phase
 from tasklab.lab.results import LabResult, Series, Target, finish, resolve_targets
+from tasklab.lab.soak import SOAK_TARGETS, SoakSizes, run_soak
+from tasklab.lab.soak_report import SOAK
 from tasklab.lab.workload import JobsDriver, Probe, Sample, Ticket, submit_all
 from tasklab.settings import Settings
 
-DRILLS = ("kill", "outage", "flush", "api")
-POLL_S = 0.05
-# Per drill: nothing lost, nothing done twice, the shop consistent, recovered in bounded time
-# (with RecoveryKnobs' defaults: a lease of 3 s, a reaper tick of 0.5 s, a worker boot).
+__all__ = [  # the fault tools live in tasklab.lab.faults; kept importable from here
+    "POLL_S",
+    "WorkerWatch",
+    "exit_reason",
+    "kill_node",
+    "own_broker",
+    "restart_broker",
+    "running_jobs",
+    "sigkill",
+    "wait_for",
+]
+
+DRILLS = ("kill", "outage", "flush", "api", SOAK)
+# Per drill: nothing lost, nothing done twice or not at all, the shop consistent, recovered
+# in bounded time (with RecoveryKnobs' defaults: a lease of 3 s, a reaper tick of 0.5 s, a
+# worker boot). The soak, on production defaults, has its own (tasklab.lab.soak).
 TARGETS_OF_EVERY_DRILL = (
     ("lost", "==", 0.0),
     ("duplicate_effects", "==", 0.0),
+    ("missing_effects", "==", 0.0),
     ("recover_s", "<=", 30.0),
 )
 SHOP_DRILLS = ("api",)
-BROKER_DRILLS = ("outage", "flush", "api")  # they stop the broker: only the lab's own
+BROKER_DRILLS = ("outage", "flush", "api", SOAK)  # they stop the broker: only the lab's own
 # Figures whose failure means data was lost or corrupted (the rest are about speed).
-CORRECTNESS = ("lost", "duplicate_effects", "invariant_violations")
+CORRECTNESS = ("lost", "duplicate_effects", "missing_effects", "stuck", "invariant_violations")
 
 
 def default_targets(scenarios: Sequence[str]) -> list[Target]:
     targets = [
         Target(f"{s}.{name}", op, value)
         for s in scenarios
-        for name, op, value in TARGETS_OF_EVERY_DRILL
+        for name, op, value in (SOAK_TARGETS if s == SOAK else TARGETS_OF_EVERY_DRILL)
     ]
     targets += [
         Target(f"{s}.invariant_violations", "==", 0.0) for s in scenarios if s in SHOP_DRILLS
@@ -111,6 +134,7 @@ class DrillSizes:
     api_local_workers: int = 1
     api_local_queue_max: int = 0
     timeout_s: float = 60.0  # the most any wait for recovery may take
+    soak: SoakSizes = field(default_factory=SoakSizes)  # on production defaults, no knobs
 
     @classmethod
     def tiny(cls) -> DrillSizes:
@@ -128,6 +152,7 @@ class DrillSizes:
             api_clients=2,
             api_sync_batches=1,
             timeout_s=45.0,
+            soak=SoakSizes.tiny(),
         )
 
 
@@ -136,19 +161,6 @@ class Kill:
     at: float  # epoch seconds
     job_ids: list[str]  # jobs the victim was running
     victim: str  # "worker" (main process and pool) or "pool process" (the one running a job)
-
-
-def sigkill(pids: Sequence[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def kill_node(node: WorkerNode) -> None:
-    """SIGKILL a worker node, main process and pool children at once, as a crash would."""
-    sigkill(node.pids())
-    if node.process is not None:
-        node.process.wait()
 
 
 class PacedSubmitter(threading.Thread):
@@ -184,24 +196,6 @@ class PacedSubmitter(threading.Thread):
             self.update(i + 1)
 
 
-def restart_broker(server: EmbeddedRedis, *, down_s: float = 0.0) -> tuple[float, float]:
-    """Stop the broker, wait ``down_s``, start it again empty on its port: (stopped, back)."""
-    stopped_at = time.time()
-    server.stop()
-    time.sleep(down_s)
-    server.start()
-    return stopped_at, time.time()
-
-
-def own_broker(stack: LabStack) -> EmbeddedRedis:
-    if stack.broker_server is None:
-        raise LabError(
-            "this drill stops and restarts the broker: it needs the lab's embedded Redis "
-            "(unset REDIS_URL and BROKER_URL)"
-        )
-    return stack.broker_server
-
-
 def recover_s(samples: Sequence[Sample], *, fault_start: float, fault_end: float) -> float:
     """From the end of the fault until the last job it affected (submitted before the fault
     ended and not finished when it began) finished; 0 if it affected none."""
@@ -222,6 +216,7 @@ LEDGER_COLUMNS = (
     "cancelled",
     "lost",
     "duplicate_effects",
+    "missing_effects",
     "invariant_violations",
     "worker_exits",
 )
@@ -236,6 +231,7 @@ def ledger_figures(ledger: Ledger, *, submitted: int) -> dict[str, float]:
         "cancelled": ledger.cancelled,
         "lost": ledger.lost,
         "duplicate_effects": ledger.duplicate_effects,
+        "missing_effects": ledger.missing_effects,
         "effects": ledger.effects,
         "retried": ledger.retried,
         "balanced": float(ledger.balanced),
@@ -249,82 +245,6 @@ def via_counts(engine: Engine, owner: str) -> dict[str, int]:
     stmt = sa.select(jobs.c.via, sa.func.count()).where(jobs.c.owner == owner).group_by(jobs.c.via)
     with engine.connect() as conn:
         return {str(via): int(n) for via, n in conn.execute(stmt)}
-
-
-def running_jobs(engine: Engine, owner: str | None = None) -> dict[str, int]:
-    """STARTED jobs (of ``owner``) -> the pid in their lease owner (``host:pid``)."""
-    from tasklab.jobs.records import JobStatus, jobs
-
-    stmt = sa.select(jobs.c.id, jobs.c.lease_owner).where(jobs.c.status == JobStatus.STARTED.value)
-    if owner is not None:
-        stmt = stmt.where(jobs.c.owner == owner)
-    with engine.connect() as conn:
-        rows = conn.execute(stmt).all()
-    out = {}
-    for job_id, lease_owner in rows:
-        pid = str(lease_owner or "").rsplit(":", 1)[-1]
-        out[str(job_id)] = int(pid) if pid.isdigit() else 0
-    return out
-
-
-def wait_for(predicate: Callable[[], bool], *, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL_S)
-    return True
-
-
-class WorkerWatch(threading.Thread):
-    """Restarts a worker node that exits on its own, as ``tasklab up``'s supervisor (or
-    systemd) would, and records why it exited: a drill must not end because a worker did,
-    and must say that one did. It lives as long as the stack: a child process is signalled
-    when the *thread* that started it ends (PR_SET_PDEATHSIG)."""
-
-    def __init__(self, stack: LabStack, config: WorkerConfig, *, interval_s: float = 0.2) -> None:
-        super().__init__(name="lab-worker-watch", daemon=True)
-        self.stack = stack
-        self.config = config
-        self.interval_s = interval_s
-        self.lock = threading.Lock()  # held while nodes are killed, replaced or inspected
-        self.exits: list[str] = []
-        self._halt = threading.Event()
-
-    def __enter__(self) -> WorkerWatch:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._halt.set()
-        self.join(timeout=5)
-
-    def run(self) -> None:
-        while not self._halt.wait(self.interval_s):
-            with self.lock:
-                for node in [n for n in self.stack.nodes if n.exited]:
-                    self.exits.append(exit_reason(node))
-                    self.stack.nodes.remove(node)
-                    self.stack.spawn(self.config)
-
-    def kill(self, node: WorkerNode) -> None:
-        """SIGKILL ``node`` on purpose (not an exit to report) and start its replacement."""
-        with self.lock:
-            kill_node(node)
-            self.stack.nodes.remove(node)
-            self.stack.spawn(self.config)  # boots while the reaper waits out the lease
-
-    def nodes(self) -> list[WorkerNode]:
-        with self.lock:
-            return list(self.stack.nodes)
-
-
-def exit_reason(node: WorkerNode) -> str:
-    """The line of a worker's log that says why it stopped, else its exit code."""
-    lines = node.log_tail(20_000).splitlines()
-    fatal = [ln for ln in lines if "CRITICAL" in ln or "Unrecoverable" in ln]
-    code = node.process.returncode if node.process is not None else None
-    return (fatal[-1].strip() if fatal else f"exited with code {code}")[:300]
 
 
 class Drill:
@@ -555,7 +475,14 @@ def run_drill(
     with lab_progress(console) as progress, log_to_file(log_path):
         drill = Drill(settings, sizes, knobs, worker, result, progress)
         for scenario in DRILLS:
-            if scenario in scenarios:
+            if scenario == SOAK and SOAK in scenarios:
+                # Production defaults: the settings as given, no RecoveryKnobs, the
+                # settings' own worker prefetch (recorded in params.soak).
+                run_soak(settings, sizes.soak, result, progress)
+            elif scenario in scenarios:
                 getattr(drill, scenario)()
-    # The envelope records the settings the drill ran with (its recovery knobs applied).
-    return finish(result, knobs.apply(settings), targets=slos, console=console)
+    # The envelope records the settings the drills ran with: their recovery knobs applied
+    # (the soak's own are in params.soak.production), or, for the soak alone, as given.
+    knobbed = [s for s in scenarios if s != SOAK]
+    used = knobs.apply(settings) if knobbed else settings
+    return finish(result, used, targets=slos, console=console)

@@ -1,14 +1,16 @@
 """The ledger of a batch of durable jobs: where every accepted job ended up, from SQL alone.
 
 Every drill and stress scenario ends with it. The invariants it proves:
-``submitted == succeeded + dead + cancelled``, ``lost == 0`` and ``duplicate_effects == 0``
-(effects counted in ``tasklab_effects``, written only through ``job.transaction()``).
+``submitted == succeeded + dead + cancelled``, ``lost == 0``, ``duplicate_effects == 0`` and
+``missing_effects == 0`` (effects counted in ``tasklab_effects``, written only through
+``job.transaction()``: a job of an effect-writing task — ``EFFECT_TASKS`` — that SUCCEEDED
+must have exactly one row; none means its completion committed without its effect).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,6 +21,8 @@ from tasklab.database import writing
 from tasklab.jobs.records import CLAIMABLE, FINAL, JobStatus, effects, jobs
 
 _CHUNK = 500  # ids per IN (...) query
+# Tasks whose every successful run writes exactly one row to tasklab_effects.
+EFFECT_TASKS = frozenset({"tasklab.probe_job.effect"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Ledger:
     retried: int  # jobs that took more than one attempt
     effects: int  # rows in tasklab_effects for the batch
     duplicate_effects: int  # effect rows beyond the first, per job
+    missing_effects: int = 0  # SUCCEEDED jobs of an effect-writing task without an effect row
 
     @property
     def balanced(self) -> bool:
@@ -40,7 +45,17 @@ class Ledger:
 
     @property
     def ok(self) -> bool:
-        return self.balanced and self.lost == 0 and self.duplicate_effects == 0
+        return (
+            self.balanced
+            and self.lost == 0
+            and self.duplicate_effects == 0
+            and self.missing_effects == 0
+        )
+
+    def __add__(self, other: Ledger) -> Ledger:
+        """Two batches' ledgers as one (e.g. the jobs of two submitting processes)."""
+        mine, theirs = asdict(self), asdict(other)
+        return Ledger(**{k: mine[k] + theirs[k] for k in mine})
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "balanced": self.balanced}
@@ -50,15 +65,21 @@ class Ledger:
 
 
 def take_ledger(
-    engine: Engine, *, owner: str, submitted_ids: Sequence[str] | None = None, settled: bool = True
+    engine: Engine,
+    *,
+    owner: str,
+    submitted_ids: Sequence[str] | None = None,
+    settled: bool = True,
+    effect_tasks: Collection[str] = EFFECT_TASKS,
 ) -> Ledger:
     """The ledger of the jobs of ``owner``. ``submitted_ids`` are the ids the caller was given
     (default: every job of the owner); with ``settled`` the caller has waited long enough, so
-    an unfinished job counts as lost."""
+    an unfinished job counts as lost. ``effect_tasks``: the tasks whose successful runs each
+    wrote one effect row (their SUCCEEDED jobs without one are ``missing_effects``)."""
     rows = _rows(engine, owner)
     ids = list(submitted_ids) if submitted_ids is not None else list(rows)
-    found = [rows[i] for i in ids if i in rows]
-    status = [r[0] for r in found]
+    found = {i: rows[i] for i in ids if i in rows}
+    status = [r[0] for r in found.values()]
     in_flight = sum(1 for s in status if JobStatus(s) not in FINAL)
     missing = len(ids) - len(found)
     per_job = _effects_per_job(engine, ids)
@@ -70,16 +91,24 @@ def take_ledger(
         cancelled=status.count(JobStatus.CANCELLED.value),
         in_flight=in_flight,
         lost=missing + (in_flight if settled else 0),
-        retried=sum(1 for r in found if r[1] > 1),
+        retried=sum(1 for r in found.values() if r[1] > 1),
         effects=sum(per_job.values()),
         duplicate_effects=sum(max(0, n - 1) for n in per_job.values()),
+        missing_effects=sum(
+            1
+            for job_id, (st, _, task) in found.items()
+            if st == JobStatus.SUCCEEDED.value and task in effect_tasks and not per_job.get(job_id)
+        ),
     )
 
 
-def _rows(engine: Engine, owner: str) -> dict[str, tuple[str, int]]:
-    stmt = sa.select(jobs.c.id, jobs.c.status, jobs.c.attempt).where(jobs.c.owner == owner)
+def _rows(engine: Engine, owner: str) -> dict[str, tuple[str, int, str]]:
+    """id -> (status, attempt, task) of every job of ``owner``."""
+    stmt = sa.select(jobs.c.id, jobs.c.status, jobs.c.attempt, jobs.c.task).where(
+        jobs.c.owner == owner
+    )
     with engine.connect() as conn:
-        return {r.id: (r.status, int(r.attempt)) for r in conn.execute(stmt)}
+        return {r.id: (r.status, int(r.attempt), r.task) for r in conn.execute(stmt)}
 
 
 def _effects_per_job(engine: Engine, ids: Sequence[str]) -> dict[str, int]:
