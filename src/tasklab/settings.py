@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     # Celery task events feed monitoring (Flower, tasklab exporter); they cost three extra
     # broker messages per task.
     task_events: bool = True
+    # Queues of your own beyond tasklab's (high, default, low, data_sync, scheduled): jobs may
+    # be submitted to them and the reaper watches them; your workers must consume them. A
+    # pattern ("tmp-*") admits submits only (the reaper watches names it can list).
+    extra_queues: list[str] = Field(default_factory=list)
     # Extra modules whose @job / Celery tasks the worker imports (your application's tasks).
     imports: list[str] = Field(default_factory=list)
 

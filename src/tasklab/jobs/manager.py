@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import fnmatch
 import logging
 import os
 import socket
@@ -137,8 +138,9 @@ class JobManager:
         if countdown_s < 0:
             raise JobError("countdown_s must be >= 0")
         queue = queue or spec.queue
-        if queue not in QUEUES:  # no worker consumes it and no reaper watches it
-            raise UnknownQueue(queue, QUEUES)
+        known = (*QUEUES, *self.settings.extra_queues)
+        if not any(fnmatch.fnmatchcase(queue, k) for k in known):  # nobody would consume it
+            raise UnknownQueue(queue, known)
         now = time.time()
         values = {
             "job_id": store.new_job_id(),

@@ -58,7 +58,11 @@ class Reaper:
                 socket_timeout=settings.publish_timeout_s,
                 socket_connect_timeout=settings.publish_timeout_s,
             )
-            self.carriers = RedisCarriers(self._redis, engine)
+            self.carriers = RedisCarriers(
+                self._redis,
+                engine,
+                queues=(*QUEUES, *(q for q in settings.extra_queues if "*" not in q)),
+            )
         else:
             self.carriers = AmqpCarriers(self._amqp_depths)
 

@@ -217,7 +217,7 @@ class Bench:
 
     def execute(self) -> None:
         """Worker throughput: fill a queue nobody consumes, then point the workers at it."""
-        idle = f"lab-execute-{self.stack.run_id}"
+        idle = self.stack.idle_queue
         control = self.stack.celery.control
         for driver in self.drivers("execute", queue=idle):
             n = self.sizes.execute_n

@@ -285,7 +285,15 @@ class LabStack:
             ) from e
         self._lock_file = handle
 
+    @property
+    def idle_queue(self) -> str:
+        """A queue of this run's own that no worker consumes until told to (bench execute)."""
+        return f"lab-execute-{self.run_id}"
+
     def _run_settings(self, settings: Settings) -> Settings:
+        settings = settings.model_copy(
+            update={"extra_queues": [*settings.extra_queues, f"lab-*-{self.run_id}*"]}
+        )
         if settings.database_url is not None:
             return settings
         # Embedded SQLite: a scratch database of the lab's own, fresh for each run.
