@@ -4,7 +4,9 @@ The jobs run one after the other, each claimed, leased and recorded on its own. 
 long job does not hold the ones behind it while other workers are idle, a watcher thread hands
 the jobs not started yet back to the broker, as a new bundle, once the bundle has run for its
 budget; the worker then stops after the job it is running. If the broker does not take them,
-they stay and run here.
+they stay and run here. Nor are they handed back while their queue has messages waiting: then
+every worker of the queue has work, and handing back would only send jobs that have waited
+their turn to the back of the line again, pass after pass under a backlog.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tasklab.observe import metrics
 
 log = logging.getLogger("tasklab.jobs.bundle")
 HandBack = Callable[[str, list[str], str, int], object]  # (task, job ids, queue, priority)
+QueueBusy = Callable[[str], bool]  # (queue) -> it has messages waiting
 
 
 class Bundle:
@@ -41,6 +44,12 @@ class Bundle:
             self._next += 1
             return self.job_ids[self._next - 1]
 
+    @property
+    def left(self) -> int:
+        """How many jobs are not taken yet."""
+        with self._lock:
+            return len(self.job_ids) - self._next
+
     def hand_back(self, publish: HandBack) -> int:
         """Publish the jobs not taken yet as a new bundle; they are no longer taken here.
         Returns how many went back (0 if none was left or the broker refused them)."""
@@ -61,9 +70,12 @@ class Bundle:
 class BundleWatch:
     """One thread per process: hands back the rest of each bundle that outran its budget."""
 
-    def __init__(self, publish: HandBack, budget_s: float) -> None:
+    def __init__(
+        self, publish: HandBack, budget_s: float, queue_busy: QueueBusy | None = None
+    ) -> None:
         self.publish = publish
         self.budget_s = budget_s
+        self.queue_busy = queue_busy
         self._due: dict[Bundle, float] = {}
         self._cond = threading.Condition()
         self._start_lock = threading.Lock()
@@ -97,4 +109,17 @@ class BundleWatch:
                     cond.wait(min(self._due.values(), default=now + 60) - now)
                     continue
             for bundle in late:
+                if bundle.left and self._busy(bundle.queue):
+                    with cond:  # look again after another budget: the backlog may be gone
+                        self._due[bundle] = time.monotonic() + self.budget_s
+                    continue
                 bundle.hand_back(self.publish)
+
+    def _busy(self, queue: str) -> bool:
+        if self.queue_busy is None:
+            return False
+        try:
+            return self.queue_busy(queue)
+        except Exception as e:  # cannot tell: hand back (a refused publish keeps them here)
+            log.debug("bundle: cannot read the depth of %s: %s", queue, e)
+            return False

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from tasklab.database import one_statement, relaxed_writes, write_gate, writing
 from tasklab.errors import JobError, StaleAttempt
 from tasklab.jobs import hooks, store
-from tasklab.jobs.bundle import Bundle, BundleWatch, HandBack
+from tasklab.jobs.bundle import Bundle, BundleWatch, HandBack, QueueBusy
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.records import JobStatus
 from tasklab.jobs.registry import JobSpec
@@ -205,6 +205,7 @@ class Executor:
         reschedule: Callable[[JobSpec, str, str, int, float], None],
         hand_back: HandBack | None = None,
         bundle_budget_s: float = 0.5,
+        queue_busy: QueueBusy | None = None,
     ) -> None:
         self.engine = engine
         self.single = one_statement(engine)  # failures: one statement
@@ -215,7 +216,9 @@ class Executor:
         self.default_lease_s = default_lease_s
         self.leases = leases
         self.reschedule = reschedule
-        self._watch = None if hand_back is None else BundleWatch(hand_back, bundle_budget_s)
+        self._watch = (
+            None if hand_back is None else BundleWatch(hand_back, bundle_budget_s, queue_busy)
+        )
 
     def run_bundle(
         self,

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+import redis
 from billiard.process import current_process
 from celery import Celery
 from sqlalchemy import Engine
@@ -18,6 +19,7 @@ from tasklab.jobs.execution import Executor
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.publisher import Publisher
 from tasklab.jobs.registry import JobSpec
+from tasklab.observe.queues import amqp_queue_depths, redis_queue_depths
 from tasklab.settings import Settings, load_settings
 
 _runtime: WorkerRuntime | None = None
@@ -47,7 +49,24 @@ class WorkerRuntime:
             reschedule=self.publisher.reschedule,
             hand_back=self.hand_back,
             bundle_budget_s=settings.bundle_budget_s,
+            queue_busy=self.queue_busy,
         )
+        self._broker_client: redis.Redis | None = None
+
+    def queue_busy(self, queue: str) -> bool:
+        """Whether ``queue`` has messages waiting (then a bundle keeps its jobs: see
+        tasklab.jobs.bundle). One LLEN per priority list, or a passive declare."""
+        if self.settings.broker_is_redis:
+            if self._broker_client is None:
+                timeout_s = self.settings.publish_timeout_s
+                self._broker_client = redis.Redis.from_url(
+                    self.settings.effective_broker_url,
+                    socket_timeout=timeout_s,
+                    socket_connect_timeout=timeout_s,
+                )
+            return redis_queue_depths(self._broker_client, [queue])[queue].total > 0
+        with self.publisher.app.connection_for_read() as conn:
+            return amqp_queue_depths(conn, [queue])[queue].total > 0
 
     def hand_back(self, task: str, job_ids: list[str], queue: str, priority: int) -> str:
         """Publish a bundle's jobs not started yet as a new bundle, and record that message
