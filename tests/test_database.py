@@ -128,6 +128,33 @@ def test_the_write_gate_makes_writers_of_other_processes_wait_for_the_holder(
         holder.join(30)
 
 
+def test_contended_writers_each_get_the_gate_alone(tmp_path: Path) -> None:
+    """Waits block in a helper thread per writer: the lock must still be one writer's at a
+    time, and every writer must get it."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'gate.db'}")
+    inside: list[int] = []
+    overlaps: list[int] = []
+    done: list[int] = []
+
+    def writer(n: int) -> None:
+        for _ in range(200):
+            with write_gate(engine):
+                inside.append(n)
+                if len(inside) > 1:
+                    overlaps.append(n)
+                time.sleep(0)
+                inside.remove(n)
+        done.append(n)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(done) == list(range(6))
+    assert overlaps == []
+
+
 def test_the_write_gate_is_reentrant_within_a_thread(tmp_path: Path) -> None:
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'gate.db'}")
     with write_gate(engine), write_gate(engine):

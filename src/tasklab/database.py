@@ -321,8 +321,10 @@ class WriteGate:
 
     A wait is bounded by ``wait_s`` (the busy timeout): a writer that holds the lock for
     longer (a long ``job.transaction()`` block, a process stopped mid-write) makes the others
-    fail with ``DatabaseBusy`` instead of stalling them for ever. ``flock`` has no timeout:
-    a contended wait polls, from 20 µs up to 1 ms apart.
+    fail with ``DatabaseBusy`` instead of stalling them for ever. ``flock`` has no timeout,
+    so a contended wait blocks in a helper thread (``_Waiter``) while the writer waits for it
+    with one: the kernel still wakes it the moment the lock is free (polling instead cost a
+    third of a worker's CPU under load, and let the lock sit free between polls).
     """
 
     def __init__(self, path: str, wait_s: float = 10.0) -> None:
@@ -340,7 +342,7 @@ class WriteGate:
             finally:
                 handle.depth -= 1
             return
-        self._acquire(handle.fd)
+        self._acquire(handle)
         handle.depth = 1
         try:
             yield
@@ -348,28 +350,14 @@ class WriteGate:
             handle.depth = 0
             fcntl.flock(handle.fd, fcntl.LOCK_UN)
 
-    def _acquire(self, fd: int) -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        deadline = time.monotonic() + self.wait_s
-        pause = 20e-6
-        while True:
-            time.sleep(pause)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise DatabaseBusy(
-                        f"waited {self.wait_s:g} s for the SQLite write lock of "
-                        f"{self.path.removesuffix(GATE_SUFFIX)}: another writer holds it "
-                        "(a long job.transaction() block, or a stopped process); keep "
-                        "transactions short, or raise sqlite_busy_timeout_ms"
-                    ) from None
-                pause = min(pause * 2, 1e-3)
+    def _acquire(self, handle: _GateHandle) -> None:
+        if not handle.acquire(self.wait_s):
+            raise DatabaseBusy(
+                f"waited {self.wait_s:g} s for the SQLite write lock of "
+                f"{self.path.removesuffix(GATE_SUFFIX)}: another writer holds it "
+                "(a long job.transaction() block, or a stopped process); keep "
+                "transactions short, or raise sqlite_busy_timeout_ms"
+            )
 
     def _handle(self) -> _GateHandle:
         handle: _GateHandle | None = getattr(self._local, "handle", None)
@@ -382,18 +370,96 @@ class WriteGate:
         return handle
 
 
+def _open_gate(path: str) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
 class _GateHandle:
     """A thread's descriptor of the gate file; closed when the thread (its local) goes."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self.pid = os.getpid()
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = _open_gate(path)
         self.depth = 0
+        self._waiter: _Waiter | None = None
+
+    def acquire(self, wait_s: float) -> bool:
+        """Take the lock within ``wait_s``; False if another writer held it all along."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        while True:
+            if self._waiter is None:
+                self._waiter = _Waiter(self.fd)
+            got = self._waiter.wait(wait_s)
+            if got is not None:
+                break
+            self._waiter = None  # it had ended (idle too long): start another
+        if not got:  # the waiter keeps the old descriptor until it gets the lock, then closes it
+            self._waiter = None
+            self.fd = _open_gate(self.path)
+        return got
 
     def __del__(self) -> None:
         if self.pid == os.getpid():
+            if self._waiter is not None:
+                self._waiter.stop()
             with contextlib.suppress(OSError):
                 os.close(self.fd)
+
+
+class _Waiter:
+    """A thread that blocks in ``flock`` for a handle's descriptor on request. The lock
+    belongs to the descriptor, so once it has it the requesting thread holds it."""
+
+    IDLE_S = 60.0  # an idle waiter ends (a new one starts on the next contended write)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._cond = threading.Condition()
+        self._state = "idle"  # -> wanted -> held -> idle; or abandoned, stopped, gone
+        threading.Thread(target=self._run, name="tasklab-write-gate", daemon=True).start()
+
+    def wait(self, timeout_s: float) -> bool | None:
+        """True: the lock is held; False: not within ``timeout_s``; None: the waiter ended."""
+        with self._cond:
+            if self._state == "gone":
+                return None
+            self._state = "wanted"
+            self._cond.notify_all()
+            if self._cond.wait_for(lambda: self._state == "held", timeout_s):
+                self._state = "idle"
+                return True
+            self._state = "abandoned"  # it will unlock and close the descriptor itself
+            return False
+
+    def stop(self) -> None:
+        with self._cond:
+            if self._state == "idle":
+                self._state = "stopped"
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(
+                    lambda: self._state in ("wanted", "stopped"), self.IDLE_S
+                ):
+                    self._state = "gone"
+                    return
+                if self._state == "stopped":
+                    return
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            with self._cond:
+                if self._state == "abandoned":
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+                    os.close(self.fd)
+                    return
+                self._state = "held"
+                self._cond.notify_all()
 
 
 _gates: dict[str, WriteGate] = {}  # by lock file: one per database file and process

@@ -41,17 +41,26 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._renewed_at = 0.0
+        self._sleep_until = 0.0  # when the loop wakes next by itself (monotonic)
 
     def hold(self, job_id: str, attempt: int, lease_s: float) -> None:
         with self._lock:
             if self._pid != os.getpid():  # a forked child: the parent's jobs are not ours
                 self._held.clear()
                 self._lost.clear()
+            now = time.monotonic()
             if not self._held:  # the claim just set this lease: the first renewal is due later
-                self._renewed_at = time.monotonic()
+                self._renewed_at = now
             self._held[job_id] = (attempt, lease_s)
+            due = self._renewed_at + lease_s / 3
+            if self.terminate_self:
+                due = min(due, now + TERMINATE_POLL_S)
+            # Wake the loop only if it sleeps past this lease's first duty (it may be idle,
+            # or waiting for a longer lease); a wake per job would cost a thread switch each.
+            wake = due < self._sleep_until
         self._ensure_thread()
-        self._wake.set()  # the loop may be sleeping for a longer lease than this one
+        if wake:
+            self._wake.set()
 
     def release(self, job_id: str) -> None:
         with self._lock:
@@ -76,12 +85,17 @@ class LeaseKeeper:
         self._thread.start()
 
     def _next_wait(self) -> float:
-        held = self.held()
-        if not held:
-            return IDLE_WAIT_S
-        due = self._renewed_at + min(lease for _, lease in held.values()) / 3
-        wait = max(0.0, due - time.monotonic())
-        return min(wait, TERMINATE_POLL_S) if self.terminate_self else wait
+        with self._lock:  # hold() reads _sleep_until under it: no wake can fall in between
+            now = time.monotonic()
+            if not self._held:
+                wait = IDLE_WAIT_S
+            else:
+                due = self._renewed_at + min(lease for _, lease in self._held.values()) / 3
+                wait = max(0.0, due - now)
+                if self.terminate_self:
+                    wait = min(wait, TERMINATE_POLL_S)
+            self._sleep_until = now + wait
+            return wait
 
     def _loop(self) -> None:
         while True:
