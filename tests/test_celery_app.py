@@ -21,7 +21,10 @@ def test_the_production_defaults_are_set() -> None:
     assert conf.task_serializer == "json" and conf.accept_content == ["json"]
     assert conf.result_accept_content == ["json"]
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
-    assert conf.worker_send_task_events and conf.task_send_sent_event
+    # per-task events off (Flower asks for them); beat's task-sent on: the exporter sees beat
+    assert not conf.worker_send_task_events and conf.task_send_sent_event
+    assert make_celery(s.model_copy(update={"task_events": True})).conf.worker_send_task_events
+    assert not make_celery(s, for_publishing=True).conf.task_send_sent_event
     assert conf.result_expires == s.result_expires_s
     assert conf.worker_max_tasks_per_child and conf.worker_max_memory_per_child
     assert conf.task_soft_time_limit < conf.task_time_limit

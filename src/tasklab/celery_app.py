@@ -88,9 +88,11 @@ def _config(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit_s,
         # Keep results in the backend only as long as someone could want them; bounds memory.
         "result_expires": settings.result_expires_s,
-        # Events feed monitoring (tasklab exporter, Flower).
+        # Per-task events feed Flower (off by default, as in Celery: three broker messages
+        # per task, and jobs have their own metrics). "task-sent" stays on for this app: beat
+        # publishes through it, and the exporter sees beat by it.
         "worker_send_task_events": settings.task_events,
-        "task_send_sent_event": settings.task_events,
+        "task_send_sent_event": True,
         "task_track_started": True,
         # Queues and routing.
         "task_queues": _queues(settings),

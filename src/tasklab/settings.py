@@ -93,9 +93,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(7200, ge=60)
     result_expires_s: int = Field(3600, ge=60)
     amqp_queue_type: Literal["classic", "quorum"] = "classic"
-    # Celery task events feed monitoring (Flower, tasklab exporter); they cost three extra
-    # broker messages per task.
-    task_events: bool = True
+    # Celery's per-task events, for Flower's task views; they cost three extra broker
+    # messages per task (worker heartbeats and beat's task-sent are sent either way).
+    task_events: bool = False
     # Queues of your own beyond tasklab's (high, default, low, data_sync, scheduled): jobs may
     # be submitted to them and the reaper watches them; your workers must consume them. A
     # pattern ("tmp-*") admits submits only (the reaper watches names it can list).
