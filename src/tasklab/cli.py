@@ -80,6 +80,11 @@ def worker(
         str(concurrency or settings.effective_concurrency),
         "--pool",
         pool or settings.worker_pool,
+        # Mingle asks the other workers for their revoked ids and waits up to a second for
+        # answers at every start; gossip follows the other workers' events. tasklab cancels
+        # through SQL and watches workers by their heartbeats (kept): neither is needed.
+        "--without-mingle",
+        "--without-gossip",
     ]
     if settings.task_events:
         argv.append("-E")
