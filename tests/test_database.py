@@ -314,3 +314,31 @@ def test_sqlite_commits_are_synced_as_configured(tmp_path: Path, mode: str, expe
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected
     engine.dispose()
+
+
+def test_a_fork_waits_while_a_thread_works_in_sqlite() -> None:
+    """A child forked while another thread is inside SQLite inherits its mutexes locked and
+    hangs at its first connect (a prefork pool process replaced under load did)."""
+    from tasklab.database import fork_guard
+
+    inside, release = threading.Event(), threading.Event()
+
+    def background_sqlite_work() -> None:
+        with fork_guard():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=background_sqlite_work, daemon=True)
+    thread.start()
+    assert inside.wait(10)
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        with fork_guard():  # the child's guard is its own, free
+            os._exit(0)
+    waited = time.monotonic() - started
+    _, status = os.waitpid(pid, 0)
+    thread.join(10)
+    assert waited >= 0.25  # the fork waited for the thread to leave SQLite
+    assert os.waitstatus_to_exitcode(status) == 0

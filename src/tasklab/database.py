@@ -56,6 +56,31 @@ def _file_of(url: str) -> str | None:
     return os.path.abspath(database) if database and database != ":memory:" else None
 
 
+# A thread that calls into SQLite from a process that forks holds this, and a fork waits for
+# it: a child forked while another thread was inside SQLite inherits SQLite's process-wide
+# mutexes locked and hangs at its first connect. Celery's prefork pool forks a new pool
+# process (after max_tasks_per_child, or a crash) from the worker's main process, where the
+# reaper and the WAL checkpointer run.
+_fork_lock = threading.RLock()
+
+
+def fork_guard() -> contextlib.AbstractContextManager[Any]:
+    """Hold around SQLite work done by a background thread (see ``_fork_lock``)."""
+    return _fork_lock
+
+
+def _fork_lock_in_child() -> None:
+    global _fork_lock
+    _fork_lock = threading.RLock()  # the child's only thread is the one that forked
+
+
+os.register_at_fork(
+    before=lambda: _fork_lock.acquire(),
+    after_in_parent=lambda: _fork_lock.release(),
+    after_in_child=_fork_lock_in_child,
+)
+
+
 class WalCheckpointer:
     """Copies a SQLite WAL back into the database file from a daemon thread, one per file
     and process, every ``interval_s``.
@@ -97,12 +122,13 @@ class WalCheckpointer:
     def checkpoint(self) -> tuple[int, int, int]:
         """One PASSIVE checkpoint: (busy, frames in the WAL, frames checkpointed). Raises
         sqlite3.Error if the database file does not exist (it is never created here)."""
-        conn = sqlite3.connect(f"file:{self.database}?mode=rw", uri=True, timeout=0)
-        try:
-            busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            return int(busy), int(frames), int(done)
-        finally:
-            conn.close()
+        with fork_guard():
+            conn = sqlite3.connect(f"file:{self.database}?mode=rw", uri=True, timeout=0)
+            try:
+                busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                return int(busy), int(frames), int(done)
+            finally:
+                conn.close()
 
     def _run(self) -> None:
         pid = os.getpid()

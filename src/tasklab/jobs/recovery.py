@@ -27,7 +27,7 @@ import redis
 from sqlalchemy import Engine
 
 from tasklab.celery_app import MAX_PRIORITY, QUEUES
-from tasklab.database import writing
+from tasklab.database import fork_guard, writing
 from tasklab.errors import BrokerUnavailable, UnknownTask
 from tasklab.jobs import hooks, store
 from tasklab.jobs.carriers import AmqpCarriers, RedisCarriers
@@ -253,10 +253,12 @@ class ReaperThread(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        self.reaper.finish_old_cancels()
+        with fork_guard():  # a worker forks pool processes meanwhile (see database.py)
+            self.reaper.finish_old_cancels()
         while not self._stop_event.wait(self.interval_s):
             try:
-                self.reaper.tick()
+                with fork_guard():
+                    self.reaper.tick()
             except Exception:  # the reaper must outlive a DB or broker hiccup
                 log.exception("reaper tick failed")
 
