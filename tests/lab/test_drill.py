@@ -60,6 +60,8 @@ def test_a_worker_sigkilled_mid_task_loses_no_job_and_repeats_no_effect(
         "pass": True,
     }
     assert slo(data, "kill.duplicate_effects")["pass"] is True
+    # a kill drill that interrupted nothing fails (jobs wait as PENDING before QUEUED)
+    assert slo(data, "kill.interrupted")["op"] == ">=" and slo(data, "kill.interrupted")["pass"]
     assert "kill.recover_s" in printed(console)
     assert alive_children() <= before, "a worker or Redis outlived the drill"
 

@@ -53,6 +53,7 @@ from tasklab.lab.ledger import Ledger, take_ledger
 from tasklab.lab.progress import lab_progress, log_to_file, phase
 from tasklab.lab.results import LabResult, Series, Target, finish, resolve_targets
 from tasklab.lab.soak import SOAK_TARGETS, SoakSizes, run_soak
+from tasklab.lab.soak_faults import WAITING  # PENDING until the relay published them
 from tasklab.lab.soak_report import SOAK
 from tasklab.lab.workload import JobsDriver, Probe, Sample, Ticket, submit_all
 from tasklab.settings import Settings
@@ -79,6 +80,8 @@ TARGETS_OF_EVERY_DRILL = (
     ("missing_effects", "==", 0.0),
     ("recover_s", "<=", 30.0),
 )
+# A kill drill that interrupted no job proved nothing: it must fail, not pass.
+KILL_TARGETS = (("interrupted", ">=", 1.0),)
 SHOP_DRILLS = ("api",)
 BROKER_DRILLS = ("outage", "flush", "api", SOAK)  # they stop the broker: only the lab's own
 # Figures whose failure means data was lost or corrupted (the rest are about speed).
@@ -94,6 +97,7 @@ def default_targets(scenarios: Sequence[str]) -> list[Target]:
     targets += [
         Target(f"{s}.invariant_violations", "==", 0.0) for s in scenarios if s in SHOP_DRILLS
     ]
+    targets += [Target(f"kill.{n}", op, v) for n, op, v in KILL_TARGETS if "kill" in scenarios]
     return targets
 
 
@@ -364,7 +368,8 @@ class Drill:
                 mine = {job: pid for job, pid in running.items() if pid in pids}
                 if mine:
                     return node, mine
-            if not running and stack.jobs.counts().get("QUEUED", 0) == 0:
+            counts = stack.jobs.counts()
+            if not running and not any(counts.get(st, 0) for st in WAITING):
                 return None  # nothing left to interrupt
             time.sleep(POLL_S)
         return None
