@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -7,23 +11,59 @@ import pytest
 from tasklab.errors import JobDeclarationError, JobError, JobNotFound, JobStateError, JobTimeout
 from tasklab.jobs import JobManager, JobStatus, job
 from tasklab.lab import probe_jobs
+from tasklab.settings import Settings
 from tests.jobs.conftest import effect_counts
 
+SUBMIT_THEN_DIE = """
+import os, signal, sys
+from tasklab.jobs import JobManager
+from tasklab.lab import probe_jobs
+from tasklab.settings import Settings
+jm = JobManager(Settings.model_validate_json(sys.argv[1]))
+job = jm.submit(probe_jobs.effect, priority=7, owner="user:1")
+os.write(1, job.id.encode())
+os.kill(os.getpid(), signal.SIGKILL)  # right after submit() returned: no flush, no atexit
+"""
 
-def test_a_submitted_job_is_durable_before_submit_returns(live: JobManager) -> None:
-    manager = live
-    submitted = manager.submit(probe_jobs.noop, queue="low", priority=7, owner="user:1")
-    assert submitted.status is JobStatus.PENDING  # no message carries it yet
-    assert manager.flush(timeout_s=10)
 
-    stored = manager.get(submitted.id)
-    assert stored.status is JobStatus.QUEUED  # the relay recorded what it published
-    assert (stored.queue, stored.priority, stored.owner, stored.via) == (
-        "low",
-        7,
-        "user:1",
-        "broker",
+def test_a_submitted_job_is_durable_before_submit_returns(live_settings: Settings) -> None:
+    """A process SIGKILLed right after submit() returned leaves the job in SQL as submitted,
+    and it runs once (published by the relay if it got there, else by the reaper)."""
+    done = subprocess.run(
+        [sys.executable, "-c", SUBMIT_THEN_DIE, live_settings.model_dump_json()],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TASKLAB_IMPORTS": "[]"},
+        timeout=60,
     )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    job_id = done.stdout.strip()
+    assert len(job_id) == 32, done.stdout
+    manager = JobManager(live_settings)
+    try:
+        stored = manager.get(job_id)
+        assert (stored.task, stored.queue, stored.priority, stored.owner) == (
+            probe_jobs.effect.name,
+            "default",
+            7,
+            "user:1",
+        )
+        ran = manager.wait(job_id, timeout_s=30)
+        assert ran.status is JobStatus.SUCCEEDED and ran.attempt == 1
+        assert effect_counts(manager)[job_id] == 1
+    finally:
+        manager.close()
+
+
+def test_submit_returns_before_the_relay_publishes_and_flush_waits_for_it(
+    live: JobManager,
+) -> None:
+    submitted = live.submit(probe_jobs.noop, queue="low", priority=7, owner="user:1")
+    assert submitted.status is JobStatus.PENDING  # no message carries it yet
+    assert live.flush(timeout_s=10)
+    stored = live.get(submitted.id)
+    assert stored.status is JobStatus.QUEUED  # the relay recorded what it published
+    assert stored.via == "broker" and stored.publish_count == 1
     assert stored.message_id
 
 
