@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from celery import Celery
@@ -25,6 +26,14 @@ TASK_MODULES = [
     "tasklab.service.domain.jobs",
     "tasklab.observe.beat",
 ]
+
+
+AMQP_HEARTBEAT_S = 10
+KEEPALIVE_OPTIONS = {
+    socket.TCP_KEEPIDLE: 10,
+    socket.TCP_KEEPINTVL: 5,
+    socket.TCP_KEEPCNT: 3,
+}
 
 
 def redis_priority(priority: int) -> int:
@@ -114,9 +123,14 @@ def _config(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
         if settings.effective_broker_url.startswith("redis://"):
             # kombu's Redis transport, minus a client object built per publish and per ack.
             conf["broker_transport"] = TRANSPORT
-    elif for_publishing:
-        conf["broker_transport_options"] = _fail_fast(settings)
-        conf["broker_connection_timeout"] = settings.publish_timeout_s
+    else:
+        # AMQP heartbeats both ways: a worker cut off from RabbitMQ notices within two
+        # missed beats (Celery's default is 120 s), and RabbitMQ gives its unacked messages
+        # to other workers as soon.
+        conf["broker_heartbeat"] = AMQP_HEARTBEAT_S
+        if for_publishing:
+            conf["broker_transport_options"] = _fail_fast(settings)
+            conf["broker_connection_timeout"] = settings.publish_timeout_s
     return conf
 
 
@@ -143,6 +157,9 @@ def _redis_transport(settings: Settings, *, for_publishing: bool) -> dict[str, A
         "queue_order_strategy": "priority",
         "socket_connect_timeout": settings.publish_timeout_s,
         "health_check_interval": 10,
+        # The kernel finds a vanished broker: 10 s idle, then 3 unanswered probes 5 s apart.
+        "socket_keepalive": True,
+        "socket_keepalive_options": KEEPALIVE_OPTIONS,
     }
     if for_publishing:
         transport.update(_fail_fast(settings))

@@ -22,6 +22,17 @@ from tasklab.settings import Settings
 
 T = TypeVar("T")
 POOL_RECYCLE_S = 1800
+# A server that vanished (host down, packets dropped) is found by the kernel: a connect gives
+# up after 10 s, an idle connection after 10 + 3 x 5 s of unanswered keepalives, one with
+# unacknowledged writes after 30 s. A proxy that still acknowledges is tasklab.links' job.
+POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 GATE_SUFFIX = "-writer.lock"
 
 
@@ -192,6 +203,7 @@ def _server_engine(
         pool_timeout=settings.db_pool_timeout_s,
         pool_pre_ping=pool_pre_ping,
         pool_recycle=POOL_RECYCLE_S,
+        connect_args={**POSTGRES_CONNECT_ARGS, **kwargs.pop("connect_args", {})},
         **kwargs,
     )
 

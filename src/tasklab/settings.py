@@ -123,6 +123,13 @@ class Settings(BaseSettings):
     # gathers them for up to this long, so they go in bundles (0: publish what is there).
     relay_linger_ms: float = Field(5.0, ge=0, le=1000)
     bundle_budget_s: float = Field(0.5, gt=0)
+    # Each worker process probes its links to the broker and the database this often (0:
+    # never); a link whose probes get no answer within link_timeout_s link_fail_after times
+    # in a row is down: its connections are cut and the worker takes no new work until it
+    # answers again (tasklab.links). Found within fail_after x (interval + timeout): 16 s.
+    link_check_interval_s: float = Field(5.0, ge=0)
+    link_timeout_s: float = Field(3.0, gt=0, le=60)
+    link_fail_after: int = Field(2, ge=1, le=100)
 
     # Cache
     cache_l1_max_entries: int = Field(1000, ge=0)

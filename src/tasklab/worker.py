@@ -15,6 +15,7 @@ from tasklab.observe import beat, multiproc
 from tasklab.settings import Settings, load_settings
 
 _reaper: Any = None
+_links: Any = None
 
 
 def build_worker_app(settings: Settings) -> Celery:
@@ -50,11 +51,55 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
     app = sender.app if sender is not None else None
     settings = settings_of(app) if app is not None else load_settings()
     _reaper = start_reaper(settings, make_engine(settings), Publisher(settings))
+    _watch_links(settings, sender)
+
+
+def _watch_links(settings: Settings, consumer: Any) -> None:
+    """In the main process: a dead database link stops consuming (every job would fail its
+    claim), and consuming resumes when it is back. A dead broker link needs no more than its
+    sockets cut: Celery's consumer then reconnects, taking nothing meanwhile."""
+    global _links
+    from tasklab.links import watch_links
+
+    paused = ConsumerPause(consumer) if consumer is not None else None
+    _links = watch_links(
+        settings,
+        on_down=paused.pause if paused is not None else None,
+        on_up=paused.resume if paused is not None else None,
+    )
+
+
+class ConsumerPause:
+    """Cancel and re-add this worker's queues, by Celery's own remote control (thread-safe:
+    the worker runs it in its event loop)."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.queues: list[str] = []
+
+    def pause(self, link: Any) -> None:
+        if link.name != "database" or self.queues:
+            return
+        self.queues = [q.name for q in self.consumer.task_consumer.queues]
+        for queue in self.queues:
+            self._control().cancel_consumer(queue, destination=[self.consumer.hostname])
+
+    def resume(self, link: Any) -> None:
+        if link.name != "database":
+            return
+        for queue in list(self.queues):  # one left out (the broker failed too) waits for next time
+            self._control().add_consumer(queue, destination=[self.consumer.hostname])
+            self.queues.remove(queue)
+
+    def _control(self) -> Any:
+        return self.consumer.app.control
 
 
 def _stop_reaper(**_: Any) -> None:
     if _reaper is not None:
         _reaper.stop()
+    if _links is not None:
+        _links.stop()
 
 
 def __getattr__(name: str) -> Any:

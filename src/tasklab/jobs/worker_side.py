@@ -19,6 +19,7 @@ from tasklab.jobs.execution import Executor
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.publisher import Publisher
 from tasklab.jobs.registry import JobSpec
+from tasklab.links import watch_links
 from tasklab.observe.queues import amqp_queue_depths, redis_queue_depths
 from tasklab.settings import Settings, load_settings
 
@@ -52,6 +53,9 @@ class WorkerRuntime:
             queue_busy=self.queue_busy,
         )
         self._broker_client: redis.Redis | None = None
+        # A pool process's own database connections (the main process watches its own and
+        # the broker's: tasklab.worker).
+        self.links = watch_links(settings, broker=False) if in_pool_child else None
 
     def queue_busy(self, queue: str) -> bool:
         """Whether ``queue`` has messages waiting (then a bundle keeps its jobs: see

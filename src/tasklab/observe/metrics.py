@@ -100,6 +100,17 @@ FALLBACK_ACTIVE = Gauge(
     "1 while the publish circuit is open and jobs run locally.",
     multiprocess_mode="max",
 )
+# livemin: 0 while any live process of a host finds the link dead; a process that dies with
+# its link down leaves no stale 0 behind.
+LINK_UP = Gauge(
+    "tasklab_link_up",
+    "1 while this host's link to the broker or database answers probes (tasklab.links).",
+    ["link"],
+    multiprocess_mode="livemin",
+)
+LINK_LOST = Counter(
+    "tasklab_link_lost_total", "Times a link to the broker or database was found dead.", ["link"]
+)
 LOCAL_EXECUTIONS = Counter(
     "tasklab_local_executions_total",
     "Jobs run by the in-process fallback executor.",
