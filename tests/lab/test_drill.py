@@ -10,8 +10,9 @@ import psutil
 import pytest
 from rich.console import Console
 
-from tasklab.lab.drill import DrillSizes, RecoveryKnobs, run_drill
+from tasklab.lab.drill import DrillSizes, RecoveryKnobs, recover_s, run_drill
 from tasklab.lab.errors import LabError
+from tasklab.lab.workload import Sample
 from tasklab.settings import Settings
 from tests.lab.helpers import printed, read_json, slo
 
@@ -32,7 +33,19 @@ def assert_ledger_holds(figures: dict[str, float], drill: str) -> None:
     assert figures[f"{drill}.accepted"] == figures[f"{drill}.submitted"]
     assert figures[f"{drill}.succeeded"] == figures[f"{drill}.accepted"]
     assert figures[f"{drill}.effects"] == figures[f"{drill}.succeeded"]
-    assert figures[f"{drill}.recover_s"] >= 0
+
+
+def test_recovery_lasts_from_the_end_of_the_fault_to_the_last_affected_job_finishing() -> None:
+    samples = [
+        Sample("done-before", "succeeded", sent_at=1.0, finished_at=9.0),  # not affected
+        Sample("through", "succeeded", sent_at=5.0, finished_at=31.0),
+        Sample("during", "succeeded", sent_at=15.0, finished_at=24.0),
+        Sample("after", "succeeded", sent_at=21.0, finished_at=40.0),  # sent after: not
+    ]
+    assert recover_s(samples, fault_start=10.0, fault_end=20.0) == 11.0
+    assert recover_s(samples[:1], fault_start=10.0, fault_end=20.0) == 0.0
+    early = [Sample("early", "succeeded", sent_at=15.0, finished_at=18.0)]
+    assert recover_s(early, fault_start=10.0, fault_end=20.0) == 0.0  # done before the end
 
 
 def test_a_worker_sigkilled_mid_task_loses_no_job_and_repeats_no_effect(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -20,14 +22,22 @@ from tasklab.settings import Settings
 
 
 def test_the_system_view_reports_host_and_process_figures(tmp_path: Path) -> None:
+    received_before = psutil.net_io_counters().bytes_recv
     view = system_metrics(Settings(home_dir=tmp_path / "not-created-yet"))
+    received_after = psutil.net_io_counters().bytes_recv
+    now = time.time()
 
     assert view["cpu"]["count"] >= 1
     assert 0 < view["memory"]["available_bytes"] <= view["memory"]["total_bytes"]
     assert view["disk"]["path"] == str(tmp_path.resolve())
     assert view["disk"]["total_bytes"] > 0
-    assert view["network"]["bytes_recv"] >= 0
-    assert view["uptime_s"] > view["process"]["uptime_s"] >= 0
+    # the host's counter, read between two reads of it
+    assert received_before <= view["network"]["bytes_recv"] <= received_after
+    # this process's age and the host's, not some other clock (rounded to 0.1 s)
+    process_age_s = now - psutil.Process().create_time()
+    assert process_age_s - 1 <= view["process"]["uptime_s"] <= process_age_s + 0.1
+    host_age_s = now - psutil.boot_time()
+    assert host_age_s - 1 <= view["uptime_s"] <= host_age_s + 0.1
     assert view["process"]["rss_bytes"] > 0
 
 
