@@ -14,7 +14,9 @@ from tasklab.lab.drill import DrillSizes, RecoveryKnobs, recover_s, run_drill
 from tasklab.lab.errors import LabError
 from tasklab.lab.workload import Sample
 from tasklab.settings import Settings
+from tests.conftest import required_url
 from tests.lab.helpers import printed, read_json, slo
+from tests.support.rabbitmq import own_vhost
 
 SIZES = DrillSizes.tiny()
 
@@ -93,6 +95,40 @@ def test_jobs_submitted_through_a_broker_outage_run_locally_or_later_and_none_is
     assert f["outage.via_local"] + f["outage.via_broker"] == f["outage.accepted"]
 
 
+def test_jobs_submitted_through_a_blackholed_link_to_a_redis_the_lab_does_not_own_run_once(
+    tmp_path: Path, redis_url: str, console: Console
+) -> None:
+    settings = Settings(home_dir=tmp_path / ".tasklab", redis_url=redis_url, worker_concurrency=2)
+    result = run_drill(
+        settings, scenarios=["outage"], sizes=SIZES, console=console, fault="blackhole"
+    )
+    data = read_json(result.path)
+    f = data["figures"]
+
+    assert data["params"]["broker_fault"] == "blackhole"
+    assert_ledger_holds(f, "outage")
+    assert f["outage.refused"] == 0 and slo(data, "outage.refused")["pass"]
+    assert f["outage.outage_s"] >= SIZES.outage_s
+    assert f["outage.submitted_during_outage"] >= 1
+
+
+@pytest.mark.rabbitmq
+def test_an_outage_drill_on_rabbitmq_cuts_its_link_and_loses_no_job(
+    tmp_path: Path, console: Console
+) -> None:
+    with own_vhost(required_url("TEST_RABBITMQ_URL")) as url:
+        settings = Settings(home_dir=tmp_path / ".tasklab", broker_url=url, worker_concurrency=2)
+        result = run_drill(settings, scenarios=["outage"], sizes=SIZES, console=console)
+    data = read_json(result.path)
+    f = data["figures"]
+
+    assert data["params"]["broker_fault"] == "outage"  # a broker URL: by proxy
+    assert data["params"]["broker"].startswith("amqp://")
+    assert_ledger_holds(f, "outage")
+    assert f["outage.refused"] == 0
+    assert f["outage.via_local"] >= 1  # publishes into the reset link failed over
+
+
 def test_jobs_queued_in_a_broker_restarted_empty_are_all_run_once(
     lab_settings: Settings, console: Console
 ) -> None:
@@ -139,4 +175,18 @@ def test_drills_that_stop_the_broker_refuse_a_broker_they_do_not_own(
     settings = Settings(home_dir=tmp_path / ".tasklab", redis_url="redis://127.0.0.1:9/0")
     with pytest.raises(LabError, match="embedded Redis"):
         run_drill(settings, scenarios=["kill", "flush"], sizes=SIZES, console=console)
+    with pytest.raises(LabError, match="outage stops and restarts the broker"):
+        run_drill(settings, scenarios=["outage"], sizes=SIZES, console=console, fault="stop")
     assert not settings.results_dir.exists()
+
+
+def test_a_broker_fault_a_drill_cannot_make_is_refused_before_anything_starts(
+    lab_settings: Settings, console: Console
+) -> None:
+    with pytest.raises(
+        LabError, match="api cannot make a broker blackhole; it makes: stop, outage"
+    ):
+        run_drill(lab_settings, scenarios=["api"], console=console, fault="blackhole")
+    with pytest.raises(LabError, match="unknown broker fault 'flood'"):
+        run_drill(lab_settings, scenarios=["outage"], console=console, fault="flood")
+    assert not lab_settings.results_dir.exists()

@@ -1,5 +1,6 @@
 """The lab's TCP proxy in front of the real Redis, PostgreSQL and RabbitMQ: each mode as the
-clients tasklab uses see it (redis-py, psycopg through SQLAlchemy, kombu), and the heal."""
+clients tasklab uses see it (redis-py, psycopg through SQLAlchemy, kombu), and the heal. Redis
+is the session's embedded one (``redis_url``, flushed per test)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,6 @@ from tests.conftest import required_url
 # Long enough that a call failing within it failed because of the mode, not a slow machine.
 PATIENT_S = 30.0
 SHORT_S = 0.5
-
-
-@pytest.fixture
-def redis_url() -> str:
-    return required_url("TEST_REDIS_URL")
 
 
 @pytest.fixture

@@ -1,14 +1,15 @@
 """The ``api`` drill: the reference API is SIGKILLed while its local fallback runs orders.
 
-1. The shop is seeded; the broker is stopped; ``tasklab api`` starts anyway (degraded): each
-   order is recorded, its settlement job fails to publish and runs in the API's local
-   executor (``via=local``), or waits in SQL when that executor is busy (it is kept small,
-   ``api_local_workers``/``api_local_queue_max``, so that both happen).
+1. The shop is seeded; the broker is stopped (or its link cut, ``Drill.fault``); ``tasklab
+   api`` starts anyway (degraded): each order is recorded, its settlement job fails to
+   publish and runs in the API's local executor (``via=local``), or waits in SQL when that
+   executor is busy (it is kept small, ``api_local_workers``/``api_local_queue_max``, so that
+   both happen).
 2. A few client threads place orders (one ``Idempotency-Key`` each) and start data-sync jobs;
    once ``api_orders`` were accepted and a job runs locally, the API is SIGKILLed.
-3. The broker restarts (empty, same port), a worker starts (its reaper with it), the API
-   starts again; the client sends every request that got no answer (or a 5xx) again, same
-   key.
+3. The broker restarts (empty, same port; or its link heals), a worker starts (its reaper
+   with it), the API starts again; the client sends every request that got no answer (or a
+   5xx) again, same key.
 4. The reaper re-queues the jobs the dead API held (lease expired) and publishes the ones
    waiting in SQL; every accepted order must end ``paid`` or ``rejected``, once.
 """
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from tasklab.lab.faults import own_broker, running_jobs, wait_for
+from tasklab.lab.faults import BrokerCut, running_jobs, wait_for
 from tasklab.lab.harness import LabStack
 from tasklab.lab.progress import phase
 from tasklab.lab.shop import (
@@ -86,10 +87,10 @@ class ApiDrill:
         )
 
     def run(self) -> dict[str, float]:
-        server = own_broker(self.stack)
+        cut = BrokerCut(self.stack, self.drill.fault)
         shop = ShopSizes(users=self.sizes.api_users, products=5)
         accounts = read_tokens(seed_shop(self.stack.settings, shop))
-        server.stop()  # the API's first life: no broker at all
+        cut.cut()  # the API's first life: no broker at all
         try:
             self.api.start()
             client = OrderClient(
@@ -99,7 +100,7 @@ class ApiDrill:
                 threads=self.sizes.api_clients,
             )
             before = self.until_killed(client)
-            server.start()
+            cut.heal()
             self.stack.spawn(self.drill.worker)  # boots (its reaper too) while the API restarts
             self.api.start()
             back_at = time.time()

@@ -229,6 +229,17 @@ def drill(
         float | None,
         typer.Option("--offer-s", min=5, help="Seconds the soak offers jobs (open loop)."),
     ] = None,
+    fault: Annotated[
+        str | None,
+        typer.Option(
+            help="How outage and api take the broker away: stop (the lab's own Redis), or "
+            "through a proxy on any broker: outage, blackhole, slow. Default: stop, or "
+            "outage when a broker URL is set."
+        ),
+    ] = None,
+    delay_ms: Annotated[
+        float, typer.Option("--delay-ms", min=0, help="A slow link's delay per chunk, ms.")
+    ] = 200.0,
     target: TargetOpt = None,
 ) -> None:
     """Break the stack on purpose (SIGKILLed workers, broker outage or flush, a killed API);
@@ -257,6 +268,8 @@ def drill(
         knobs=RecoveryKnobs(lease_s=lease, requeue_after_s=requeue_after),
         targets=target or [],
         console=console,
+        fault=fault,
+        delay_ms=delay_ms,
     )
     raise typer.Exit(0 if result.passed else 1)
 

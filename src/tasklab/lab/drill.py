@@ -4,9 +4,11 @@
   ``tasklab_effects`` through ``job.transaction()``) run on a worker that is SIGKILLed while it
   runs one, ``kills`` times: the whole worker (a replacement starts), then only the pool
   process running the job, alternately.
-- ``outage``: jobs are submitted at a steady rate while the broker is stopped for
-  ``outage_s`` seconds, then restarted, empty, on the same port.
-- ``flush``: a backlog of jobs is queued, then the broker restarts empty.
+- ``outage``: jobs are submitted at a steady rate while the broker is away for ``outage_s``
+  seconds, by ``fault``: ``stop`` (the lab's own Redis, restarted empty on the same port),
+  or, on any broker, the link to it through the stack's proxy (``tasklab.lab.netproxy``) in
+  ``outage`` (connections reset and refused), ``blackhole`` (nothing passes) or ``slow``.
+- ``flush``: a backlog of jobs is queued, then the broker restarts empty (the lab's own).
 - ``api``: the reference API takes orders with the broker down (they settle in its local
   fallback executor) and is SIGKILLed mid-run; broker, API and workers come back, the client
   sends its unanswered requests again with their ``Idempotency-Key``, and the reaper (in the
@@ -38,8 +40,13 @@ from sqlalchemy import Engine
 from tasklab.lab import summary
 from tasklab.lab.errors import LabError
 from tasklab.lab.faults import (
+    BROKER_FAULTS,
+    DEFAULT_SLOW_MS,
+    LINK_FAULTS,
     POLL_S,
+    BrokerCut,
     WorkerWatch,
+    default_fault,
     exit_reason,
     kill_node,
     own_broker,
@@ -80,10 +87,19 @@ TARGETS_OF_EVERY_DRILL = (
     ("missing_effects", "==", 0.0),
     ("recover_s", "<=", 30.0),
 )
-# A kill drill that interrupted no job proved nothing: it must fail, not pass.
+# A kill drill that interrupted no job proved nothing: it must fail, not pass. Nor an outage
+# drill whose submits were refused: the job layer takes every submit while the broker is away.
 KILL_TARGETS = (("interrupted", ">=", 1.0),)
+OUTAGE_TARGETS = (("refused", "==", 0.0),)
 SHOP_DRILLS = ("api",)
-BROKER_DRILLS = ("outage", "flush", "api", SOAK)  # they stop the broker: only the lab's own
+# Drills that take the broker away, and the faults each can make (``stop`` needs the lab's own
+# broker; the others go through the stack's proxy and work on any broker).
+BROKER_DRILLS = {
+    "outage": BROKER_FAULTS,
+    "api": ("stop", "outage"),
+    "flush": ("stop",),  # the broker must come back empty
+    SOAK: ("stop",),  # reads the Redis broker's lists for its ledger
+}
 # Figures whose failure means data was lost or corrupted (the rest are about speed).
 CORRECTNESS = ("lost", "duplicate_effects", "missing_effects", "stuck", "invariant_violations")
 
@@ -98,6 +114,8 @@ def default_targets(scenarios: Sequence[str]) -> list[Target]:
         Target(f"{s}.invariant_violations", "==", 0.0) for s in scenarios if s in SHOP_DRILLS
     ]
     targets += [Target(f"kill.{n}", op, v) for n, op, v in KILL_TARGETS if "kill" in scenarios]
+    if "outage" in scenarios:
+        targets += [Target(f"outage.{n}", op, v) for n, op, v in OUTAGE_TARGETS]
     return targets
 
 
@@ -262,17 +280,24 @@ class Drill:
         worker: WorkerConfig,
         result: LabResult,
         progress: Progress,
+        *,
+        fault: str = "stop",
+        delay_ms: float = DEFAULT_SLOW_MS,
     ) -> None:
         self.settings = knobs.apply(settings)
+        self.fault = fault  # how the outage and api drills take the broker away
+        self.delay_ms = delay_ms
         self.sizes = sizes
         self.worker = replace(worker, prefetch_multiplier=1)
         self.result = result
         self.progress = progress
 
     @contextlib.contextmanager
-    def running(self, *, workers: str = "start") -> Iterator[tuple[LabStack, WorkerWatch]]:
-        """A fresh stack for one drill, its workers watched."""
-        with LabStack(self.settings, worker=self.worker, workers=workers) as stack:
+    def running(
+        self, *, workers: str = "start", links: bool = False
+    ) -> Iterator[tuple[LabStack, WorkerWatch]]:
+        """A fresh stack for one drill, its workers watched; ``links``: behind the proxies."""
+        with LabStack(self.settings, worker=self.worker, workers=workers, links=links) as stack:
             if not self.result.servers:
                 self.result.servers = stack.server_versions()
                 self.result.params["broker"] = stack.broker_label
@@ -377,19 +402,19 @@ class Drill:
     # --- outage -------------------------------------------------------------------------------
     def outage(self) -> None:
         s = self.sizes
-        with self.running() as (stack, watch):
-            server = own_broker(stack)
+        with self.running(links=self.fault in LINK_FAULTS) as (stack, watch):
+            cut = BrokerCut(stack, self.fault, delay_ms=self.delay_ms)
             driver = JobsDriver(stack.jobs, owner=stack.owner("outage"))
             total_s = s.outage_before_s + s.outage_s + s.outage_after_s
             n = max(1, round(total_s * s.outage_rate_per_s))
             probe = Probe("effect", {"hold_s": s.outage_hold_s})
-            with phase(self.progress, "outage: submit while the broker stops", n) as update:
+            with phase(self.progress, f"outage: submit through a broker {self.fault}", n) as update:
                 submitter = PacedSubmitter(
                     driver, probe, n=n, rate_per_s=s.outage_rate_per_s, update=update
                 )
                 submitter.start()
                 time.sleep(s.outage_before_s)
-                stopped_at, back_at = restart_broker(server, down_s=s.outage_s)
+                stopped_at, back_at = cut.during(s.outage_s)
                 submitter.join()
             tickets = submitter.tickets
             samples = self.collect("outage", driver, tickets)
@@ -437,7 +462,7 @@ class Drill:
     def api(self) -> None:
         from tasklab.lab.api_drill import ApiDrill
 
-        with self.running(workers="none") as (stack, watch):
+        with self.running(workers="none", links=self.fault in LINK_FAULTS) as (stack, watch):
             figures = ApiDrill(self, stack).run()
             self.record("api", figures, watch)
 
@@ -451,20 +476,18 @@ def run_drill(
     worker: WorkerConfig | None = None,
     targets: Sequence[str] = (),
     console: Console | None = None,
+    fault: str | None = None,
+    delay_ms: float = DEFAULT_SLOW_MS,
 ) -> LabResult:
-    """Run the drills one after another, each on a fresh stack; write and print the result."""
+    """Run the drills one after another, each on a fresh stack; write and print the result.
+    ``fault``: how the outage and api drills take the broker away (default: ``stop`` the
+    lab's own broker, ``outage`` by proxy when a broker URL is given); ``delay_ms``: a
+    ``slow`` link's delay per chunk."""
     console = console or Console()
     sizes = sizes or DrillSizes()
     knobs = knobs or RecoveryKnobs()
-    unknown = set(scenarios) - set(DRILLS)
-    if unknown or not scenarios:
-        raise LabError(f"unknown drill(s) {sorted(unknown)}; known: {', '.join(DRILLS)}")
-    owning = sorted(set(scenarios) & set(BROKER_DRILLS))
-    if owning and (settings.redis_url or settings.broker_url):
-        raise LabError(
-            f"drill {', '.join(owning)} stops and restarts the broker: it needs the lab's "
-            "embedded Redis (unset REDIS_URL and BROKER_URL)"
-        )
+    fault = fault or default_fault(settings)
+    check_drills(settings, scenarios, fault)
     slos = resolve_targets(default_targets(scenarios), targets)
     worker = worker or WorkerConfig.from_settings(settings)
     result = LabResult(
@@ -476,9 +499,15 @@ def run_drill(
             "worker": asdict(replace(worker, prefetch_multiplier=1)),
         },
     )
+    if set(scenarios) & {"outage", "api"}:
+        result.params["broker_fault"] = fault
+        if fault == "slow":
+            result.params["slow_delay_ms"] = delay_ms
     log_path = settings.home_dir / "lab" / "logs" / f"drill-{result.run_id}.log"
     with lab_progress(console) as progress, log_to_file(log_path):
-        drill = Drill(settings, sizes, knobs, worker, result, progress)
+        drill = Drill(
+            settings, sizes, knobs, worker, result, progress, fault=fault, delay_ms=delay_ms
+        )
         for scenario in DRILLS:
             if scenario == SOAK and SOAK in scenarios:
                 # Production defaults: the settings as given, no RecoveryKnobs, the
@@ -491,3 +520,25 @@ def run_drill(
     knobbed = [s for s in scenarios if s != SOAK]
     used = knobs.apply(settings) if knobbed else settings
     return finish(result, used, targets=slos, console=console)
+
+
+def check_drills(settings: Settings, scenarios: Sequence[str], fault: str) -> None:
+    """Refuse, before anything starts, a drill that is unknown or cannot make ``fault`` here."""
+    unknown = set(scenarios) - set(DRILLS)
+    if unknown or not scenarios:
+        raise LabError(f"unknown drill(s) {sorted(unknown)}; known: {', '.join(DRILLS)}")
+    if fault not in BROKER_FAULTS:
+        raise LabError(f"unknown broker fault {fault!r}; known: {', '.join(BROKER_FAULTS)}")
+    taking = [s for s in scenarios if s in BROKER_DRILLS]
+    wrong = [s for s in taking if s in ("outage", "api") and fault not in BROKER_DRILLS[s]]
+    if wrong:
+        known = ", ".join(BROKER_DRILLS[wrong[0]])
+        raise LabError(f"drill {wrong[0]} cannot make a broker {fault}; it makes: {known}")
+    own = settings.broker_url is None and settings.redis_url is None
+    stopping = [s for s in taking if s not in ("outage", "api") or fault == "stop"]
+    if stopping and not own:
+        raise LabError(
+            f"drill {', '.join(stopping)} stops and restarts the broker: it needs the lab's "
+            "embedded Redis (unset REDIS_URL and BROKER_URL); the outage and api drills "
+            "cut the link to any broker instead with fault outage"
+        )

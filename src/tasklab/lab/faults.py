@@ -1,5 +1,7 @@
-"""The drills' fault tools: SIGKILL worker nodes, stop and restart the lab's own broker, find
-the jobs running where, and restart a worker node that exits on its own (``WorkerWatch``).
+"""The drills' fault tools: SIGKILL worker nodes, take the broker away and bring it back
+(``BrokerCut``: the lab's own Redis stopped and restarted empty, or the link to any broker cut
+by the stack's proxy), find the jobs running where, and restart a worker node that exits on
+its own (``WorkerWatch``).
 
 Shared by ``tasklab.lab.drill``, ``tasklab.lab.api_drill`` and ``tasklab.lab.soak``; it
 imports none of them. Child processes (broker, workers) are started only by threads that
@@ -22,6 +24,8 @@ from sqlalchemy import Engine
 from tasklab.embedded import EmbeddedRedis
 from tasklab.lab.errors import LabError
 from tasklab.lab.harness import LabStack, WorkerConfig, WorkerNode
+from tasklab.lab.netproxy import LinkProxy
+from tasklab.settings import Settings
 
 POLL_S = 0.05
 
@@ -48,11 +52,64 @@ def restart_broker(server: EmbeddedRedis, *, down_s: float = 0.0) -> tuple[float
     return stopped_at, time.time()
 
 
+# How a drill takes the broker away: ``stop`` the lab's own Redis (it comes back empty), or
+# set the stack's broker link (``LabStack(links=True)``) to one of the proxy's modes.
+BROKER_FAULTS = ("stop", "outage", "blackhole", "slow")
+LINK_FAULTS = BROKER_FAULTS[1:]
+DEFAULT_SLOW_MS = 200.0
+
+
+def default_fault(settings: Settings) -> str:
+    """``stop`` when the lab runs its own broker (no URL given), else ``outage`` by proxy."""
+    return "stop" if settings.broker_url is None and settings.redis_url is None else "outage"
+
+
+class BrokerCut:
+    """Takes the broker away (``cut``) and brings it back (``heal``), by ``fault``."""
+
+    def __init__(self, stack: LabStack, fault: str, *, delay_ms: float = DEFAULT_SLOW_MS) -> None:
+        if fault not in BROKER_FAULTS:
+            raise LabError(f"unknown broker fault {fault!r}; known: {', '.join(BROKER_FAULTS)}")
+        self.fault = fault
+        self.delay_ms = delay_ms
+        self.server = own_broker(stack) if fault == "stop" else None
+        self.link = None if fault == "stop" else _broker_link(stack)
+
+    def cut(self) -> float:
+        """Take the broker away; when it happened (epoch seconds)."""
+        at = time.time()
+        if self.server is not None:
+            self.server.stop()
+        elif self.link is not None:
+            self.link.set_mode(self.fault, delay_ms=self.delay_ms)
+        return at
+
+    def heal(self) -> float:
+        """Bring it back (the lab's own Redis: empty, on its port); when it was back."""
+        if self.server is not None:
+            self.server.start()
+        elif self.link is not None:
+            self.link.heal()
+        return time.time()
+
+    def during(self, down_s: float) -> tuple[float, float]:
+        """Cut, wait ``down_s``, heal: (cut at, back at)."""
+        at = self.cut()
+        time.sleep(down_s)
+        return at, self.heal()
+
+
+def _broker_link(stack: LabStack) -> LinkProxy:
+    if stack.links is None:
+        raise LabError("a link fault needs the stack's proxies: LabStack(..., links=True)")
+    return stack.links.broker
+
+
 def own_broker(stack: LabStack) -> EmbeddedRedis:
     if stack.broker_server is None:
         raise LabError(
             "this drill stops and restarts the broker: it needs the lab's embedded Redis "
-            "(unset REDIS_URL and BROKER_URL)"
+            "(unset REDIS_URL and BROKER_URL), or a link fault (outage, blackhole, slow)"
         )
     return stack.broker_server
 

@@ -36,6 +36,7 @@ from celery import Celery
 from tasklab.celery_app import DEFAULT_QUEUE, broker_priority, make_celery, redis_priority
 from tasklab.embedded import EmbeddedRedis
 from tasklab.lab.errors import LabError, WorkersNotReady
+from tasklab.lab.links import StackLinks, start_links
 from tasklab.processes import die_with_parent, kill_tree
 from tasklab.settings import Settings, to_env
 from tasklab.supervisor import child_env, tasklab_argv
@@ -204,11 +205,16 @@ class LabStack:
         app_spec: str | None = None,
         worker: WorkerConfig | None = None,
         workers: str = "start",
+        links: bool = False,
     ) -> None:
         """``workers``: ``start`` the lab's own (per ``worker``), use the ``external`` ones
-        already consuming the broker, or ``none`` (the caller spawns them)."""
+        already consuming the broker, or ``none`` (the caller spawns them). ``links``: every
+        process of the stack reaches the broker and the database through a proxy of the
+        lab's (``self.links``), whose modes cut the link to any server."""
         if workers not in ("start", "external", "none"):
             raise LabError(f"workers must be start, external or none, not {workers!r}")
+        if links and app_spec is not None:
+            raise LabError("links need tasklab's own stack: the --app's broker is its own")
         self.base_settings = settings
         self.app_spec = app_spec
         self.worker_config = worker or WorkerConfig.from_settings(settings)
@@ -217,6 +223,8 @@ class LabStack:
         self.lab_dir = settings.home_dir / "lab"
         self.settings = self._run_settings(settings)
         self.broker_server: EmbeddedRedis | None = None
+        self.want_links = links
+        self.links: StackLinks | None = None
         self.nodes: list[WorkerNode] = []
         self._celery: Celery | None = None
         self._jobs: JobManager | None = None
@@ -245,6 +253,8 @@ class LabStack:
         _prune_logs(self.lab_dir / "logs")
         if self.own:
             self._start_own_servers()
+        if self.want_links:
+            self.links, self.settings = start_links(self.settings)
         if self.workers_mode == "start":
             self.start_nodes(self.worker_config)
         elif self.workers_mode == "external" and not self.ping():
@@ -264,6 +274,9 @@ class LabStack:
         if self._celery is not None:
             self._celery.close()
             self._celery = None
+        if self.links is not None:
+            self.links.stop()
+            self.links = None
         if self.broker_server is not None:
             self.broker_server.stop()
             self.broker_server = None
