@@ -35,12 +35,23 @@ def settings_of(ctx: typer.Context | click.Context) -> Settings:
     return settings
 
 
+# Commands that run a stack of their own (or read the stack's record themselves): the others
+# use the embedded Redis of the stack running with their home folder when no URL is set.
+_OWN_STACK_COMMANDS = {"up", "demo", "stress", "bench", "tune", "drill", "load", "report"}
+_OWN_STACK_COMMANDS |= {"config", "stop", "restart", "logs", "ps"}
+
+
 @app.callback()
 def _main(ctx: typer.Context) -> None:
     try:
         ctx.obj = load_settings()
     except ConfigError as e:
         fail(str(e))
+    if ctx.invoked_subcommand not in _OWN_STACK_COMMANDS:
+        from tasklab.stack_commands import notice
+        from tasklab.stack_record import attach_running_stack
+
+        ctx.obj = attach_running_stack(ctx.obj, notice=notice)
 
 
 @app.command("config")
@@ -136,33 +147,44 @@ def api(
 def up(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option()] = None,
-    port: Annotated[int | None, typer.Option(min=0, max=65535)] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="default: 8000, or a free one")
+    ] = None,
     workers: Annotated[int | None, typer.Option(min=1, max=64, help="uvicorn workers")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Celery processes")] = None,
     no_beat: Annotated[bool, typer.Option("--no-beat")] = False,
     exporter_port: Annotated[
-        int | None, typer.Option(min=0, max=65535, help="0: no exporter")
+        int | None, typer.Option(min=0, max=65535, help="0: no exporter; default 9810 or free")
     ] = None,
     flower: Annotated[
         bool, typer.Option("--flower", help="Also run Flower (if installed)")
     ] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Run in the background, logs in <home>/logs")
+    ] = False,
+    background: Annotated[bool, typer.Option("--background", hidden=True)] = False,
 ) -> None:
     """Run the whole stack: embedded Redis (if no URL is set), worker, beat and the API."""
-    from tasklab.stack import StackOptions, run_stack
+    from tasklab.stack import run_stack, stack_options
 
+    if detach:
+        from tasklab.stack_commands import detach_up
+
+        detach_up(ctx)
     settings = settings_of(ctx)
-    run_stack(
+    opts = stack_options(
         settings,
-        StackOptions(
-            host=host or settings.api_host,
-            port=port or settings.api_port,
-            api_workers=workers or settings.api_workers,
-            concurrency=concurrency or settings.effective_concurrency,
-            beat=not no_beat,
-            exporter_port=settings.exporter_port if exporter_port is None else exporter_port,
-            flower=flower,
-        ),
+        host=host,
+        port=port,
+        workers=workers,
+        concurrency=concurrency,
+        beat=not no_beat,
+        exporter_port=exporter_port,
+        flower=flower,
+        background=background,
     )
+    if run_stack(settings, opts) is not None:
+        raise typer.Exit(1)  # a part kept failing at its start; the supervisor said why
 
 
 @app.command()
@@ -246,6 +268,10 @@ def _register_part_commands() -> None:
 
     app.command("seed")(service.seed)
     app.command("check-invariants")(service.check_invariants)
+    from tasklab import stack_commands as stack
+
+    for name in ("stop", "restart", "logs", "ps"):
+        app.command(name)(getattr(stack, name))
 
 
 _register_part_commands()

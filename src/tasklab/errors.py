@@ -73,3 +73,19 @@ class CacheError(TasklabError):
 
 class DatabaseUnavailable(TasklabError):
     """The SQL database did not answer."""
+
+
+class StackError(TasklabError):
+    """The stack that ``tasklab up`` runs cannot be started, found or operated as asked."""
+
+
+class StackRunning(StackError):
+    """A stack already runs with this home folder (one stack per home folder)."""
+
+
+class PortTaken(StackError):
+    """A port the user chose is already in use."""
+
+
+class NoStackRunning(StackError):
+    """No stack runs with this home folder."""

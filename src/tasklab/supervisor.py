@@ -8,6 +8,7 @@ systemd's StartLimitBurst) will not start by retrying: the supervisor says why o
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ STOP_GRACE_S = 7.0  # SIGTERM, then SIGKILL after this: total stop stays under 1
 START_LIMIT = 3  # failures in a row, each within START_WINDOW_S of its start: give up
 START_WINDOW_S = 10.0
 LOG_ROTATE_BYTES = 20_000_000  # a log file above this at start is moved to <name>.log.1
+_ERROR_WORDS = re.compile(r"error|exception|denied|in use|not found|no such|cannot", re.I)
 _COLORS = {
     "redis": "red",
     "worker": "cyan",
@@ -52,7 +54,7 @@ class Component:
     next_start_at: float = 0.0
     backoff_s: float = 1.0
     state: str = "starting"
-    last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=5))
+    last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     readers: list[threading.Thread] = field(default_factory=list)
 
 
@@ -166,7 +168,7 @@ class Supervisor:
         comp.early_failures = comp.early_failures + 1 if ran_s <= self.start_window_s else 0
         if comp.early_failures >= self.start_limit:
             comp.state = "gave up"
-            last = next((line for line in reversed(comp.last_lines) if line.strip()), "")
+            last = _telling_line(comp.last_lines)
             self.gave_up = (
                 f"{comp.name} exited {comp.early_failures} times within "
                 f"{self.start_window_s:.0f} s of its start (last exit code {code}"
@@ -186,6 +188,11 @@ class Supervisor:
         )
         comp.backoff_s = min(comp.backoff_s * 2, BACKOFF_MAX_S)
         self.on_change()
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once the supervisor stops (asked to, or given up)."""
+        return self._stop
 
     def request_stop(self, _signum: int = 0) -> None:
         self._stop.set()
@@ -244,6 +251,13 @@ class Supervisor:
         proc.wait()
         for reader in comp.readers:
             reader.join(timeout=1)
+
+
+def _telling_line(lines: deque[str]) -> str:
+    """The line that most likely says why a part stopped: its last error, else its last line."""
+    texts = [line.strip() for line in lines if line.strip()]
+    errors = [t for t in texts if _ERROR_WORDS.search(t)]
+    return (errors or texts or [""])[-1]
 
 
 def tasklab_argv(*args: str) -> list[str]:

@@ -1,0 +1,197 @@
+"""Operating real stacks from the CLI: detached, found, listed, restarted, stopped; two stacks
+on one machine; a chosen port that is taken; a part that cannot start; a killed stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tasklab.processes import pid_alive
+
+pytestmark = pytest.mark.slow
+
+
+def tasklab(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with ``home`` as its home folder and no broker URL set."""
+    return subprocess.run(
+        [sys.executable, "-m", "tasklab", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TASKLAB_HOME_DIR": str(home), **env},
+        cwd=home.parent,
+        timeout=150,
+    )
+
+
+def record(home: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((home / "stack.json").read_text())
+    return data
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    try:
+        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def all_gone(procs: list[psutil.Process], timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not [p for p in procs if pid_alive(p.pid)]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def up_detached(home: Path, *args: str) -> dict[str, Any]:
+    out = tasklab(home, "up", "--detach", "--concurrency", "1", "--no-beat", *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "runs in the background" in out.stdout
+    return record(home)
+
+
+def answers(url: str) -> bool:
+    return httpx.get(url, timeout=5).status_code == 200
+
+
+def test_a_detached_stack_is_found_listed_restarted_and_stopped_by_the_cli(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    rec = up_detached(home)
+    procs = tree(rec["pid"])
+    try:
+        assert rec["detached"] and answers(f"{rec['api_url']}/health")
+        # No URL set: the commands find the stack's embedded Redis through its record.
+        status = tasklab(home, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["broker"] == rec["redis_url"]
+        assert '"broker_reachable": true' in status.stdout
+        ps = json.loads(tasklab(home, "ps", "--json").stdout)
+        rows = {row["part"]: row for row in ps["rows"]}
+        assert set(rows) == {"redis", "worker", "api", "exporter"}
+        assert all(row["state"] == "running" and pid_alive(row["pid"]) for row in rows.values())
+        assert rows["api"]["port"] == rec["ports"]["api"]
+        assert (home / "logs" / "worker.log").stat().st_size > 0
+        assert tasklab(home, "logs", "api").returncode == 0
+        nope = tasklab(home, "logs", "nope")
+        assert nope.returncode == 2 and "worker" in nope.stderr
+
+        again = tasklab(home, "up")
+        assert again.returncode == 2
+        assert again.stderr.strip().splitlines() == [again.stderr.strip()]
+        assert f"already runs in {home}" in again.stderr and f"pid {rec['pid']}" in again.stderr
+
+        old_worker = rows["worker"]["pid"]
+        restarted = tasklab(home, "restart", "worker")
+        assert restarted.returncode == 0, restarted.stderr
+        new_worker = record(home)["parts"]["worker"]["pid"]
+        assert new_worker != old_worker and pid_alive(new_worker)
+        assert f"restarted worker (pid {old_worker} -> {new_worker})" in restarted.stdout
+        assert all_gone([p for p in procs if p.pid == old_worker])
+        procs += tree(new_worker)
+
+        stopped = tasklab(home, "stop")
+        assert stopped.returncode == 0, stopped.stderr
+        assert all_gone(procs, timeout_s=5), "a process of the stack outlived `tasklab stop`"
+        assert not (home / "stack.json").exists()
+        assert tasklab(home, "stop").returncode == 2  # nothing left to stop
+        assert tasklab(home, "logs", "-n", "3").returncode == 0  # logs stay after a stop
+    finally:
+        for p in procs:
+            if pid_alive(p.pid):
+                p.kill()
+
+
+def test_two_stacks_share_a_machine_and_a_chosen_port_that_is_taken_fails_at_once(
+    tmp_path: Path,
+) -> None:
+    first_home, second_home = tmp_path / "first", tmp_path / "second"
+    first = up_detached(first_home)
+    procs = tree(first["pid"])
+    try:
+        second = up_detached(second_home)  # same defaults: what is taken gives way
+        procs += tree(second["pid"])
+        for name in ("api", "exporter", "redis"):
+            assert first["ports"][name] != second["ports"][name]
+        for rec in (first, second):
+            assert answers(f"{rec['api_url']}/health")
+            assert answers(f"http://127.0.0.1:{rec['ports']['exporter']}/metrics")
+
+        taken = str(first["ports"]["api"])
+        third_home = tmp_path / "third"
+        chosen = tasklab(third_home, "up", "--port", taken)
+        assert chosen.returncode == 2
+        lines = chosen.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"port {taken}" in lines[0] and "--port" in lines[0]
+        from_env = tasklab(
+            third_home, "up", "--detach", TASKLAB_EXPORTER_PORT=str(first["ports"]["exporter"])
+        )
+        assert from_env.returncode == 2 and "exporter_port" in from_env.stdout
+        assert not (third_home / "stack.json").exists() and not (third_home / "redis").exists()
+    finally:
+        for home in (first_home, second_home):
+            tasklab(home, "stop")
+        assert all_gone(procs)
+
+
+def test_a_killed_stack_takes_its_parts_along_and_its_record_is_ignored_with_a_notice(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    rec = up_detached(home, "--exporter-port", "0")
+    procs = tree(rec["pid"])
+    os.kill(rec["pid"], signal.SIGKILL)
+    assert all_gone(procs), "a part outlived its SIGKILLed supervisor"
+    ps = tasklab(home, "ps")
+    assert ps.returncode == 0 and f"no stack runs in {home}" in ps.stdout
+    notice = ps.stderr.strip().splitlines()
+    assert len(notice) == 1 and f"pid {rec['pid']}" in notice[0] and "gone" in notice[0]
+    assert not (home / "stack.json").exists()
+
+
+def test_a_part_that_cannot_start_stops_the_stack_saying_why_once(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    out = tasklab(
+        home,
+        "up",
+        "--no-beat",
+        "--exporter-port",
+        "0",
+        "--concurrency",
+        "1",
+        TASKLAB_IMPORTS='["no_such_module"]',
+    )
+    assert out.returncode == 1
+    reasons = [line for line in out.stderr.splitlines() if "not restarting it" in line]
+    assert len(reasons) == 1, out.stderr
+    assert "exited 3 times within 10 s" in reasons[0] and "no_such_module" in reasons[0]
+    assert not (home / "stack.json").exists()
+    assert not (home / "redis" / "redis.pid.json").exists()  # Redis was stopped too
+
+
+def test_up_detach_in_a_busy_port_says_so_before_starting_anything(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = tasklab(home, "up", "--detach", "--port", str(port))
+    assert out.returncode == 2
+    assert out.stdout.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 (--port, for the API) is in use; "
+        "choose another, or leave it out to take a free one"
+    ]
+    assert not (home / "redis").exists()
