@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(7200, ge=60)
     result_expires_s: int = Field(3600, ge=60)
     amqp_queue_type: Literal["classic", "quorum"] = "classic"
+    # RabbitMQ's management HTTP API (http://host:15672, no credentials in it: the broker
+    # URL's user logs in), for the exporter's unacked counts per queue. None: the broker's
+    # host on port 15672; "off": passive declares only (ready and consumers, no unacked).
+    amqp_management_url: str | None = None
     # Celery's per-task events, for Flower's task views; they cost three extra broker
     # messages per task (worker heartbeats and beat's task-sent are sent either way).
     task_events: bool = False

@@ -23,6 +23,7 @@ from tasklab.observe.queues import (
     oldest_waiting_ages,
     redis_queue_depths,
     redis_unacked,
+    redis_unacked_by_queue,
 )
 from tasklab.settings import Settings
 
@@ -77,9 +78,11 @@ def test_a_delivered_unacknowledged_message_is_in_flight_not_waiting(
 
         assert redis_queue_depths(client, ["default"])["default"].total == 2
         assert redis_unacked(client) == 1
+        assert redis_unacked_by_queue(client, ["default", "high"]) == {"default": 1, "high": 0}
 
         message.ack()
         assert redis_unacked(client) == 0
+        assert redis_unacked_by_queue(client, ["default"]) == {"default": 0}
 
 
 def test_the_probe_and_gauges_publish_depths_per_queue_and_priority(
@@ -102,7 +105,11 @@ def test_the_probe_and_gauges_publish_depths_per_queue_and_priority(
         == 4
     )
     assert REGISTRY.get_sample_value("tasklab_queue_depth", {"queue": "default"}) == 0
-    assert REGISTRY.get_sample_value("tasklab_queue_unacked") == 0
+    assert REGISTRY.get_sample_value("tasklab_queue_unacked", {"queue": "low"}) == 0
+    assert snapshot.unacked == 0
+    # Redis does not know its consumers: no sample, not 0
+    assert snapshot.depths["low"].consumers is None
+    assert REGISTRY.get_sample_value("tasklab_queue_consumers", {"queue": "low"}) is None
 
 
 # --- oldest waiting job (SQL job records) -----------------------------------------------------

@@ -140,8 +140,19 @@ QUEUE_DEPTH_BY_PRIORITY = Gauge(
     ["queue", "priority"],
     multiprocess_mode="max",
 )
+# Per queue, and absent (no sample) where the broker cannot tell: RabbitMQ without its
+# management API has no unacked count; Redis has no consumer count.
 QUEUE_UNACKED = Gauge(
-    "tasklab_queue_unacked", "Messages delivered and not yet acknowledged.", multiprocess_mode="max"
+    "tasklab_queue_unacked",
+    "Messages delivered to a consumer and not yet acknowledged.",
+    ["queue"],
+    multiprocess_mode="max",
+)
+QUEUE_CONSUMERS = Gauge(
+    "tasklab_queue_consumers",
+    "Consumers subscribed to the queue (RabbitMQ).",
+    ["queue"],
+    multiprocess_mode="max",
 )
 QUEUE_OLDEST_AGE = Gauge(
     "tasklab_queue_oldest_job_age_seconds",

@@ -34,6 +34,7 @@ EXPORTER_METRICS: tuple[MetricWrapperBase, ...] = (
     metrics.QUEUE_DEPTH,
     metrics.QUEUE_DEPTH_BY_PRIORITY,
     metrics.QUEUE_UNACKED,
+    metrics.QUEUE_CONSUMERS,
     metrics.QUEUE_OLDEST_AGE,
     metrics.JOBS_BY_STATUS,
     metrics.WORKERS_UP,
