@@ -18,8 +18,7 @@ import psutil
 import pytest
 
 from tasklab.processes import pid_alive
-
-pytestmark = pytest.mark.slow
+from tasklab.stack_control import follow, log_file, tail
 
 
 def tasklab(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -66,6 +65,7 @@ def answers(url: str) -> bool:
     return httpx.get(url, timeout=5).status_code == 200
 
 
+@pytest.mark.slow
 def test_a_detached_stack_is_found_listed_restarted_and_stopped_by_the_cli(
     tmp_path: Path,
 ) -> None:
@@ -115,6 +115,7 @@ def test_a_detached_stack_is_found_listed_restarted_and_stopped_by_the_cli(
                 p.kill()
 
 
+@pytest.mark.slow
 def test_two_stacks_share_a_machine_and_a_chosen_port_that_is_taken_fails_at_once(
     tmp_path: Path,
 ) -> None:
@@ -147,6 +148,7 @@ def test_two_stacks_share_a_machine_and_a_chosen_port_that_is_taken_fails_at_onc
         assert all_gone(procs)
 
 
+@pytest.mark.slow
 def test_a_killed_stack_takes_its_parts_along_and_its_record_is_ignored_with_a_notice(
     tmp_path: Path,
 ) -> None:
@@ -162,6 +164,7 @@ def test_a_killed_stack_takes_its_parts_along_and_its_record_is_ignored_with_a_n
     assert not (home / "stack.json").exists()
 
 
+@pytest.mark.slow
 def test_a_part_that_cannot_start_stops_the_stack_saying_why_once(tmp_path: Path) -> None:
     home = tmp_path / "home"
     out = tasklab(
@@ -195,3 +198,34 @@ def test_up_detach_in_a_busy_port_says_so_before_starting_anything(tmp_path: Pat
         "choose another, or leave it out to take a free one"
     ]
     assert not (home / "redis").exists()
+
+
+def test_logs_show_the_last_lines_then_follow_new_ones_as_they_are_written(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "logs" / "worker.log"
+    path.parent.mkdir()
+    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert log_file(tmp_path, "worker") == path
+    last, offset = tail(path, 3)
+    assert last == ["line 97", "line 98", "line 99"]
+    lines = follow(path, offset, poll_s=0.01)
+    with path.open("a") as f:
+        f.write("line 100\nline 1")  # the second line is not complete yet
+    assert next(lines) == "line 100"
+    with path.open("a") as f:
+        f.write("01\n")
+    assert next(lines) == "line 101"
+    path.write_text("after a rotation\n")
+    assert next(lines) == "after a rotation"
+
+
+def test_logs_of_an_unknown_part_name_the_parts_that_have_logs(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "api.log").write_text("x\n")
+    (tmp_path / "logs" / "worker.log").write_text("x\n")
+    out = tasklab(tmp_path, "logs", "nope")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: no log {tmp_path}/logs/nope.log; parts with logs: api, worker"
+    ]

@@ -73,6 +73,9 @@ def detach(home_dir: Path, up_args: list[str], *, notice: Notice, say: Say) -> i
     for line in output:
         if line.startswith(("notice:", "tasklab up:", "flower is not installed")):
             say(line)
+    for name, part in record.parts.items():
+        if part.restarts or part.state != "running":
+            say(f"note: {name} exited during the start (`tasklab logs {name}`)")
     say(
         f"stack pid {record.pid} runs in the background; logs in {log_dir(home_dir)} "
         "(`tasklab ps`, `tasklab logs [PART] --follow`, `tasklab stop`)"
