@@ -157,3 +157,14 @@ def test_one_failed_probe_below_the_threshold_changes_nothing(silent: SilentServ
 
 def _gauge(link: str) -> float:
     return metrics.LINK_UP.labels(link)._value.get()  # type: ignore[attr-defined]
+
+
+def test_a_probe_that_hangs_counts_as_failed_within_its_timeout() -> None:
+    release = threading.Event()
+    link = Link("broker", "127.0.0.1", 1, lambda timeout_s: release.wait(60) and None)
+    watch = LinkWatch([link], interval_s=60, timeout_s=0.2, fail_after=1)
+    started = time.monotonic()
+    watch.check()
+    release.set()
+    assert not link.up
+    assert time.monotonic() - started < 0.2 + 1.0 + 1.0

@@ -84,7 +84,7 @@ class LinkWatch:
         """Probe every link once (the thread does this every ``interval_s``)."""
         for link in self.links:
             try:
-                link.probe(self.timeout_s)
+                bounded(link.probe, self.timeout_s)
             except Exception as e:
                 self._failed(link, e)
             else:
@@ -133,6 +133,37 @@ class LinkWatch:
             callback(link)
         except Exception:  # the watch must outlive a failing hook
             log.exception("link watch: the %s hook failed", link.name)
+
+
+class ProbeTimeout(Exception):
+    pass
+
+
+def link_probe_s(settings: Settings) -> float:
+    """The longest a failed probe takes: its timeout (libpq's is 2 s at least), plus the
+    second ``bounded`` allows."""
+    return max(settings.link_timeout_s, 2.0) + 1.0
+
+
+def bounded(probe: Probe, timeout_s: float) -> None:
+    """Run ``probe`` in a thread of its own and wait ``timeout_s`` (+1 s) at most: a client
+    library may wait without a timeout somewhere (a close handshake, say), and the watch must
+    not hang with it. A probe left waiting is freed when the link is cut."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            probe(timeout_s)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name="tasklab-link-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1.0)
+    if thread.is_alive():
+        raise ProbeTimeout(f"no answer within {timeout_s + 1.0:g} s")
+    if errors:
+        raise errors[0]
 
 
 def cut_sockets(addresses: set[str], port: int) -> int:

@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     # Each worker process probes its links to the broker and the database this often (0:
     # never); a link whose probes get no answer within link_timeout_s link_fail_after times
     # in a row is down: its connections are cut and the worker takes no new work until it
-    # answers again (tasklab.links). Found within fail_after x (interval + timeout): 16 s.
+    # answers again (tasklab.links). Found within fail_after x (interval + timeout + 1 s): 18 s.
     link_check_interval_s: float = Field(5.0, ge=0)
     link_timeout_s: float = Field(3.0, gt=0, le=60)
     link_fail_after: int = Field(2, ge=1, le=100)

@@ -207,9 +207,12 @@ def drill(
     ctx: typer.Context,
     scenario: Annotated[
         list[str] | None,
-        typer.Argument(help="kill, outage, flush, api, soak (one or more)."),
+        typer.Argument(help="kill, outage, flush, api, soak, partition (one or more)."),
     ] = None,
-    all_drills: Annotated[bool, typer.Option("--all", help="Every drill, in turn.")] = False,
+    all_drills: Annotated[
+        bool,
+        typer.Option("--all", help="Every drill, in turn (partition only on PostgreSQL)."),
+    ] = False,
     jobs: Annotated[int | None, typer.Option(min=1, help="Jobs of the kill drill.")] = None,
     kills: Annotated[int | None, typer.Option(min=1, help="Workers SIGKILLed (kill).")] = None,
     outage: Annotated[
@@ -223,7 +226,10 @@ def drill(
         typer.Option("--requeue-after-s", min=1, help="Reaper re-queue age, s (not the soak's)."),
     ] = 3.0,
     short: Annotated[
-        bool, typer.Option("--short", help="The short soak: 30 s of offer instead of 240.")
+        bool,
+        typer.Option(
+            "--short", help="The short soak (30 s of offer instead of 240) and partition."
+        ),
     ] = False,
     offer: Annotated[
         float | None,
@@ -248,6 +254,7 @@ def drill(
     from dataclasses import replace
 
     from tasklab.lab.drill import DRILLS, DrillSizes, RecoveryKnobs, run_drill
+    from tasklab.lab.partition import PARTITION, PartitionSizes
     from tasklab.lab.soak import SoakSizes
 
     base = DrillSizes()
@@ -260,10 +267,13 @@ def drill(
         kills=kills or base.kills,
         outage_s=outage or base.outage_s,
         soak=soak,
+        partition=PartitionSizes.short() if short else PartitionSizes(),
     )
+    settings = _settings(ctx)
+    every = [d for d in DRILLS if d != PARTITION or settings.database_url is not None]
     result = run_drill(
-        _settings(ctx),
-        scenarios=DRILLS if all_drills else (scenario or ["kill"]),
+        settings,
+        scenarios=every if all_drills else (scenario or ["kill"]),
         sizes=sizes,
         knobs=RecoveryKnobs(lease_s=lease, requeue_after_s=requeue_after),
         targets=target or [],

@@ -57,6 +57,13 @@ from tasklab.lab.faults import (
 )
 from tasklab.lab.harness import LabStack, WorkerConfig, WorkerNode
 from tasklab.lab.ledger import Ledger, take_ledger
+from tasklab.lab.partition import (
+    PARTITION,
+    PARTITION_TARGETS,
+    PartitionSizes,
+    check_partition,
+    run_partition,
+)
 from tasklab.lab.progress import lab_progress, log_to_file, phase
 from tasklab.lab.results import LabResult, Series, Target, finish, resolve_targets
 from tasklab.lab.soak import SOAK_TARGETS, SoakSizes, run_soak
@@ -77,7 +84,9 @@ __all__ = [  # the fault tools live in tasklab.lab.faults; kept importable from 
     "wait_for",
 ]
 
-DRILLS = ("kill", "outage", "flush", "api", SOAK)
+DRILLS = ("kill", "outage", "flush", "api", SOAK, PARTITION)
+# Drills on the production defaults, with no RecoveryKnobs.
+UNKNOBBED = (SOAK, PARTITION)
 # Per drill: nothing lost, nothing done twice or not at all, the shop consistent, recovered
 # in bounded time (with RecoveryKnobs' defaults: a lease of 3 s, a reaper tick of 0.5 s, a
 # worker boot). The soak, on production defaults, has its own (tasklab.lab.soak).
@@ -104,11 +113,15 @@ BROKER_DRILLS = {
 CORRECTNESS = ("lost", "duplicate_effects", "missing_effects", "stuck", "invariant_violations")
 
 
+def _targets_of(scenario: str) -> Sequence[tuple[str, str, float]]:
+    if scenario == SOAK:
+        return SOAK_TARGETS
+    return PARTITION_TARGETS if scenario == PARTITION else TARGETS_OF_EVERY_DRILL
+
+
 def default_targets(scenarios: Sequence[str]) -> list[Target]:
     targets = [
-        Target(f"{s}.{name}", op, value)
-        for s in scenarios
-        for name, op, value in (SOAK_TARGETS if s == SOAK else TARGETS_OF_EVERY_DRILL)
+        Target(f"{s}.{name}", op, value) for s in scenarios for name, op, value in _targets_of(s)
     ]
     targets += [
         Target(f"{s}.invariant_violations", "==", 0.0) for s in scenarios if s in SHOP_DRILLS
@@ -157,6 +170,7 @@ class DrillSizes:
     api_local_queue_max: int = 0
     timeout_s: float = 60.0  # the most any wait for recovery may take
     soak: SoakSizes = field(default_factory=SoakSizes)  # on production defaults, no knobs
+    partition: PartitionSizes = field(default_factory=PartitionSizes)  # the same
 
     @classmethod
     def tiny(cls) -> DrillSizes:
@@ -513,11 +527,13 @@ def run_drill(
                 # Production defaults: the settings as given, no RecoveryKnobs, the
                 # settings' own worker prefetch (recorded in params.soak).
                 run_soak(settings, sizes.soak, result, progress)
+            elif scenario == PARTITION and PARTITION in scenarios:
+                run_partition(settings, sizes.partition, result, progress)
             elif scenario in scenarios:
                 getattr(drill, scenario)()
     # The envelope records the settings the drills ran with: their recovery knobs applied
     # (the soak's own are in params.soak.production), or, for the soak alone, as given.
-    knobbed = [s for s in scenarios if s != SOAK]
+    knobbed = [s for s in scenarios if s not in UNKNOBBED]
     used = knobs.apply(settings) if knobbed else settings
     return finish(result, used, targets=slos, console=console)
 
@@ -527,6 +543,8 @@ def check_drills(settings: Settings, scenarios: Sequence[str], fault: str) -> No
     unknown = set(scenarios) - set(DRILLS)
     if unknown or not scenarios:
         raise LabError(f"unknown drill(s) {sorted(unknown)}; known: {', '.join(DRILLS)}")
+    if PARTITION in scenarios:
+        check_partition(settings)
     if fault not in BROKER_FAULTS:
         raise LabError(f"unknown broker fault {fault!r}; known: {', '.join(BROKER_FAULTS)}")
     taking = [s for s in scenarios if s in BROKER_DRILLS]

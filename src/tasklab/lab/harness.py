@@ -449,8 +449,11 @@ class LabStack:
         self.stop_nodes()
         self.start_nodes(config)
 
-    def spawn(self, config: WorkerConfig, *, queue: str | None = None) -> WorkerNode:
-        """Start one worker node (not waiting for it) consuming ``queue`` (default: the lab's)."""
+    def spawn(
+        self, config: WorkerConfig, *, queue: str | None = None, settings: Settings | None = None
+    ) -> WorkerNode:
+        """Start one worker node (not waiting for it) consuming ``queue`` (default: the lab's).
+        ``settings``: the node's own (its links through a proxy, say; tasklab's workers only)."""
         name = f"lab{len(self.nodes)}-{self.run_id}-{uuid.uuid4().hex[:4]}"
         log_path = self.lab_dir / "logs" / f"{name}.log"
         if self.own:
@@ -467,7 +470,7 @@ class LabStack:
                 argv += ["--queues", queue]
             env = child_env(
                 {
-                    **to_env(self.settings),
+                    **to_env(settings or self.settings),
                     "TASKLAB_WORKER_PREFETCH_MULTIPLIER": str(config.prefetch_multiplier),
                 }
             )

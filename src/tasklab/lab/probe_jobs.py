@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Any
 
@@ -43,4 +45,5 @@ def effect(ctx: JobContext, hold_s: float = 0.0, fail_first: int = 0) -> dict[st
         session.execute(
             effects.insert().values(job_id=ctx.id, attempt=ctx.attempt, created_at=time.time())
         )
-    return {"attempt": ctx.attempt}
+    # where it ran, for drills that ask which node did the work (the lease owner's form)
+    return {"attempt": ctx.attempt, "ran_on": f"{socket.gethostname()}:{os.getpid()}"}
