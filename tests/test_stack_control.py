@@ -170,6 +170,7 @@ def test_a_part_that_cannot_start_stops_the_stack_saying_why_once(tmp_path: Path
     out = tasklab(
         home,
         "up",
+        "--detach",
         "--no-beat",
         "--exporter-port",
         "0",
@@ -177,10 +178,11 @@ def test_a_part_that_cannot_start_stops_the_stack_saying_why_once(tmp_path: Path
         "1",
         TASKLAB_IMPORTS='["no_such_module"]',
     )
-    assert out.returncode == 1
-    reasons = [line for line in out.stderr.splitlines() if "not restarting it" in line]
-    assert len(reasons) == 1, out.stderr
+    assert out.returncode == 1, out.stdout + out.stderr
+    reasons = out.stdout.strip().splitlines()
+    assert len(reasons) == 1, out.stdout
     assert "exited 3 times within 10 s" in reasons[0] and "no_such_module" in reasons[0]
+    assert (home / "logs" / "stack.log").read_text().count("not restarting it") == 1
     assert not (home / "stack.json").exists()
     assert not (home / "redis" / "redis.pid.json").exists()  # Redis was stopped too
 

@@ -83,7 +83,10 @@ class MachinePortLock:
         self._guard = threading.Lock()
 
     def acquire(self) -> None:
-        f = self.path.open("a")
+        try:
+            f = self.path.open("a")
+        except OSError:  # another user's lock file: their stacks' ports show as taken anyway
+            return
         deadline = time.monotonic() + LOCK_WAIT_S
         while time.monotonic() < deadline:
             try:

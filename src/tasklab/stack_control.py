@@ -24,7 +24,7 @@ from tasklab.stack_record import (
     record_path,
     running_stack,
 )
-from tasklab.supervisor import tasklab_argv
+from tasklab.supervisor import GIVE_UP_MARK, START_WINDOW_S, tasklab_argv
 
 Notice = Callable[[str], None]
 Say = Callable[[str], None]
@@ -64,17 +64,21 @@ def detach(home_dir: Path, up_args: list[str], *, notice: Notice, say: Say) -> i
     output = _read_from(out_path, offset).splitlines()
     if record is None:
         code = proc.poll()
-        for line in output[-20:]:
+        # The reason the supervisor gave, else the end of what the stack said.
+        reasons = [line for line in output if GIVE_UP_MARK in line]
+        for line in reasons or output[-20:]:
             say(line)
         if code is None:
-            say(f"the stack (pid {proc.pid}) did not answer in {READY_TIMEOUT_S:.0f} s; it runs on")
+            say(
+                f"the stack (pid {proc.pid}) is not ready after {READY_TIMEOUT_S:.0f} s; it runs on"
+            )
             return 1
         return code
     for line in output:
         if line.startswith(("notice:", "tasklab up:", "flower is not installed")):
             say(line)
     for name, part in record.parts.items():
-        if part.restarts or part.state != "running":
+        if part.restarts:
             say(f"note: {name} exited during the start (`tasklab logs {name}`)")
     say(
         f"stack pid {record.pid} runs in the background; logs in {log_dir(home_dir)} "
@@ -84,13 +88,24 @@ def detach(home_dir: Path, up_args: list[str], *, notice: Notice, say: Say) -> i
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], home_dir: Path) -> StackRecord | None:
+    """The stack's record once its API answers and every part has run past the supervisor's
+    start window (a part that fails at its start does so within it), else None."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline and proc.poll() is None:
         record = _own_record(home_dir, proc.pid)
-        if record is not None and record.state == "running" and _answers(record.api_url):
+        ready = record is not None and record.state == "running" and _settled(record)
+        if record is not None and ready and _answers(record.api_url):
             return record
         time.sleep(0.2)
     return None
+
+
+def _settled(record: StackRecord) -> bool:
+    now = time.time()
+    return all(
+        part.state == "running" and now - part.started_at >= START_WINDOW_S
+        for part in record.parts.values()
+    )
 
 
 def _own_record(home_dir: Path, pid: int) -> StackRecord | None:

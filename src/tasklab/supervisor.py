@@ -29,6 +29,7 @@ HEALTHY_AFTER_S = 30.0  # a component that ran this long gets its restart backof
 STOP_GRACE_S = 7.0  # SIGTERM, then SIGKILL after this: total stop stays under 10 s
 START_LIMIT = 3  # failures in a row, each within START_WINDOW_S of its start: give up
 START_WINDOW_S = 10.0
+GIVE_UP_MARK = "not restarting it, stopping the stack"
 LOG_ROTATE_BYTES = 20_000_000  # a log file above this at start is moved to <name>.log.1
 _ERROR_WORDS = re.compile(r"error|exception|denied|in use|not found|no such|cannot", re.I)
 _COLORS = {
@@ -173,7 +174,7 @@ class Supervisor:
                 f"{comp.name} exited {comp.early_failures} times within "
                 f"{self.start_window_s:.0f} s of its start (last exit code {code}"
                 + (f": {last.strip()[:200]}" if last else "")
-                + "); not restarting it, stopping the stack"
+                + f"); {GIVE_UP_MARK}"
             )
             self.log(comp.name, self.gave_up)
             self.on_change()
