@@ -23,12 +23,13 @@ from tasklab.jobs import JobContext, JobManager, JobStatus, job, store
 from tasklab.jobs.execution import Executor, Outcome
 from tasklab.jobs.hooks import Ended
 from tasklab.jobs.lease import LeaseKeeper
+from tasklab.jobs.publisher import BUNDLE_TASK
 from tasklab.jobs.records import effects
-from tasklab.jobs.recovery import Reaper, _epoch_start
+from tasklab.jobs.recovery import BATCH, Reaper, _epoch_start
 from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
-from tests.jobs.conftest import effect_counts
+from tests.jobs.conftest import effect_counts, queued_messages
 
 BACKOFF_S = 5.0
 RETENTION_DAYS = 30.0
@@ -131,6 +132,15 @@ def next_attempt_at(jm: JobManager, job_id: str) -> float | None:
     """When a job's next attempt is due (a column the Job snapshot does not carry)."""
     with jm.engine.connect() as conn:
         return conn.execute(*store.select_job(job_id)).one().next_attempt_at
+
+
+def carried(client: redis.Redis, queue: str) -> list[str]:
+    """The job ids the messages waiting on ``queue`` carry (a bundle carries several)."""
+    return [
+        job_id
+        for task, _, args in queued_messages(client, queue)
+        for job_id in (args[1] if task == BUNDLE_TASK else args)
+    ]
 
 
 def executor(jm: JobManager, reschedule: Callable[..., None] = lambda *a: None) -> Executor:
@@ -296,7 +306,7 @@ def test_jobs_the_broker_refuses_to_the_reaper_wait_in_sql_as_before(
     ids = [inserted(jm, probe_jobs.noop, created_at=old) for _ in range(3)]
     broker.stop()
     counts = reaper.tick()
-    assert counts["unpublished"] == 0
+    assert (counts["unpublished"], counts["lease_expired"]) == (0, 0)
     assert {(jm.get(i).status, jm.get(i).publish_count) for i in ids} == {(JobStatus.PENDING, 0)}
 
 
@@ -355,6 +365,46 @@ def test_finished_jobs_are_purged_only_once_past_the_retention(
     assert reaper.purge() == 1
     assert {j.id for j in jm.list(page_size=100)[0]} == {within, waiting}
     assert past not in {j.id for j in jm.list(page_size=100)[0]}
+
+
+def test_one_tick_publishes_a_backlog_larger_than_a_batch(
+    jm: JobManager, reaper: Reaper, broker: EmbeddedRedis
+) -> None:
+    n = 2 * BATCH + 37  # three batches, the last one short
+    prepared = [jm.prepare(probe_jobs.noop, queue="low") for _ in range(n)]
+    with writing(jm.engine) as conn:  # committed a minute ago, never published
+        conn.execute(store.jobs.insert(), [{**p.insert[1], "created_at": 1.0} for p in prepared])
+    assert reaper.tick()["unpublished"] == n
+    assert jm.counts() == {"QUEUED": n}
+    client = redis.Redis.from_url(broker.url)
+    try:
+        assert sorted(carried(client, "low")) == sorted(p.id for p in prepared)
+    finally:
+        client.close()
+
+
+def test_after_a_flush_jobs_of_every_priority_are_published_again_once(
+    jm: JobManager, state_settings: Settings, broker: EmbeddedRedis
+) -> None:
+    first, second = (Reaper(state_settings, jm.engine, jm.publisher) for _ in range(2))
+    try:
+        first.tick(), second.tick()  # both learn the broker's epoch
+        lost = [jm.submit(probe_jobs.noop, queue="low", priority=p).id for p in (0, 5, 9)]
+        assert jm.flush(timeout_s=10)
+        client = redis.Redis.from_url(broker.url)
+        client.flushall()
+        assert first.tick()["message_lost"] == 3  # it sees the new epoch first
+        after = jm.submit(probe_jobs.noop, queue="low", priority=9)
+        assert jm.flush(timeout_s=10)
+        # the second learns of the flush from the epoch's time: what was published since
+        # (the first reaper's copies, the new job) still has its message
+        assert second.tick()["message_lost"] == 0
+        assert sorted(carried(client, "low")) == sorted([*lost, after.id])
+        assert {jm.get(i).publish_count for i in lost} == {2}
+        client.close()
+    finally:
+        first.close()
+        second.close()
 
 
 def test_the_epoch_marker_tells_when_the_broker_was_emptied() -> None:
