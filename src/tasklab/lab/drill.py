@@ -70,7 +70,7 @@ from tasklab.lab.soak import SOAK_TARGETS, SoakSizes, run_soak
 from tasklab.lab.soak_faults import WAITING  # PENDING until the relay published them
 from tasklab.lab.soak_report import SOAK
 from tasklab.lab.workload import JobsDriver, Probe, Sample, Ticket, submit_all
-from tasklab.settings import Settings
+from tasklab.settings import Settings, mask_url
 
 __all__ = [  # the fault tools live in tasklab.lab.faults; kept importable from here
     "POLL_S",
@@ -315,6 +315,9 @@ class Drill:
             if not self.result.servers:
                 self.result.servers = stack.server_versions()
                 self.result.params["broker"] = stack.broker_label
+            if stack.links is not None:  # the server itself, and the proxies in between
+                self.result.params["broker"] = mask_url(stack.links.server_url(stack.broker_url))
+                self.result.params["links"] = stack.links.describe()
             with WorkerWatch(stack, self.worker) as watch:
                 yield stack, watch
 

@@ -41,6 +41,24 @@ class StackLinks:
         for proxy in self.proxies.values():
             proxy.heal()
 
+    def server_url(self, url: str) -> str:
+        """``url`` as it was before a proxy took it (the server's own host and port)."""
+        try:
+            address = url_address(url)
+        except ProxyError:
+            return url
+        for proxy in self.proxies.values():
+            if proxy.address == address:
+                return through(url, *proxy.upstream)
+        return url
+
+    def describe(self) -> dict[str, str]:
+        """name -> ``proxy address -> server address``, for a result's params."""
+        return {
+            name: f"{p.listen_host}:{p.port} -> {p.upstream[0]}:{p.upstream[1]}"
+            for name, p in self.proxies.items()
+        }
+
 
 def server_urls(settings: Settings) -> dict[str, str]:
     """The URL of each server a link can front: the broker, and PostgreSQL if configured."""
