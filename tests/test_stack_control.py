@@ -79,6 +79,8 @@ def test_a_detached_stack_is_found_listed_restarted_and_stopped_by_the_cli(
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["broker"] == rec["redis_url"]
         assert '"broker_reachable": true' in status.stdout
+        purged = tasklab(home, "purge", "default", "--yes")
+        assert purged.returncode == 0 and "purged 0 message(s)" in purged.stdout
         ps = json.loads(tasklab(home, "ps", "--json").stdout)
         rows = {row["part"]: row for row in ps["rows"]}
         assert set(rows) == {"redis", "worker", "api", "exporter"}
