@@ -4,6 +4,8 @@ renewal that finds the row taken back turns the attempt into a zombie that recor
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,3 +120,53 @@ def test_a_renewal_that_finds_the_row_taken_back_stops_the_attempt(
     assert jm.get(job_id).owner == ""  # the zombie's write was rolled back
     assert jm.get(job_id).status is JobStatus.PENDING
     keeper.release(job_id)
+
+
+def cancel_with_terminate(jm: JobManager, job_id: str) -> None:
+    with writing(jm.engine) as conn:
+        conn.execute(store.request_cancel_running(job_id, now=time.time(), terminate=True))
+
+
+def test_a_keeper_outside_a_pool_process_never_ends_its_process(jm: JobManager) -> None:
+    """The API's local executor holds leases too: a cancel with terminate makes the attempt a
+    zombie there, and the process (serving requests) lives on."""
+    keeper = LeaseKeeper(jm.engine)  # terminate_self=False
+    job_id = claimed(jm, 30.0)
+    keeper.hold(job_id, 1, 30.0)
+    cancel_with_terminate(jm, job_id)
+
+    assert keeper.renew_now() == 0
+    assert keeper.lost(job_id, 1)  # and this process is still here to say so
+    keeper.release(job_id)
+    assert not keeper.lost(job_id, 1)
+
+
+def ends_of_a_forked_keeper(jm: JobManager, job_id: str) -> int:
+    """Hold ``job_id`` in a forked child's pool-process keeper and renew once: the signal
+    that ended the child, or 0 if it lived on."""
+    pid = os.fork()
+    if pid == 0:  # the child: renew, then leave without the parent's atexit
+        try:
+            keeper = LeaseKeeper(jm.engine, terminate_self=True)
+            keeper.hold(job_id, 1, 30.0)
+            keeper.renew_now()
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 3, status
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+
+
+def test_a_pool_process_ends_while_it_runs_a_job_cancelled_with_terminate(
+    jm: JobManager,
+) -> None:
+    job_id = claimed(jm, 30.0)
+    cancel_with_terminate(jm, job_id)
+    assert ends_of_a_forked_keeper(jm, job_id) == signal.SIGKILL
+
+
+def test_a_pool_process_whose_job_was_taken_back_lives_on(jm: JobManager) -> None:
+    job_id = claimed(jm, -1.0)  # the reaper takes it back: lost, but not cancelled
+    with writing(jm.engine) as conn:
+        assert conn.execute(store.release_expired(job_id, 1, time.time(), dead=False)).first()
+    assert ends_of_a_forked_keeper(jm, job_id) == 0
