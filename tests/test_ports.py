@@ -55,3 +55,8 @@ def test_the_machine_lock_is_let_go_once_the_ports_listen(tmp_path: Path) -> Non
         second.acquire()  # returns once the first lets go
         assert first._file is None
         second.release()
+
+
+def test_port_0_takes_a_free_port_without_a_note() -> None:
+    notes: list[str] = []
+    assert take_port("127.0.0.1", "API", PortWish(0, "--port"), notes) > 0 and notes == []

@@ -52,15 +52,15 @@ def free_port_on(host: str) -> int:
 def take_port(host: str, name: str, wish: PortWish, notes: list[str]) -> int:
     """The port ``name`` will listen on; raise PortTaken for a chosen port that is in use.
     A default that is taken is replaced by a free port, and ``notes`` says so."""
-    if wish.chosen_by is not None:
-        if wish.port and not port_is_free(host, wish.port):
-            raise PortTaken(
-                f"port {wish.port} on {host} ({wish.chosen_by}, for the {name}) is in use; "
-                "choose another, or leave it out to take a free one"
-            )
-        return wish.port or free_port_on(host)
-    if wish.port and port_is_free(host, wish.port):
+    if not wish.port:
+        return free_port_on(host)
+    if port_is_free(host, wish.port):
         return wish.port
+    if wish.chosen_by is not None:
+        raise PortTaken(
+            f"port {wish.port} on {host} ({wish.chosen_by}, for the {name}) is in use; "
+            "choose another, or leave it out to take a free one"
+        )
     port = free_port_on(host)
     notes.append(f"{name} port {wish.port} is in use, took {port}")
     return port

@@ -67,23 +67,21 @@ def stack_options(
 ) -> StackOptions:
     """What ``tasklab up`` was asked for: options win over settings, both count as chosen."""
 
-    def wish(option: int | None, name: str, field: str, default: int) -> PortWish:
+    def wish(option: int | None, name: str, field: str) -> PortWish:
         if option is not None:
             return PortWish(option, name)
         value = int(getattr(settings, field))
         chosen = f"setting {field}" if field in settings.model_fields_set else None
-        return PortWish(value or default, chosen)
+        return PortWish(value, chosen)
 
     exporter_on = (exporter_port if exporter_port is not None else settings.exporter_port) != 0
     return StackOptions(
         host=host or settings.api_host,
-        api=wish(port, "--port", "api_port", 8000),
+        api=wish(port, "--port", "api_port"),
         api_workers=workers or settings.api_workers,
         concurrency=concurrency or settings.effective_concurrency,
         beat=beat,
-        exporter=wish(exporter_port, "--exporter-port", "exporter_port", 9810)
-        if exporter_on
-        else None,
+        exporter=wish(exporter_port, "--exporter-port", "exporter_port") if exporter_on else None,
         flower=PortWish(FLOWER_PORT) if flower else None,
         background=background,
     )
@@ -100,7 +98,7 @@ def embedded_redis(settings: Settings, stack: ExitStack, console: Console) -> Em
     return server
 
 
-def components(opts: StackOptions, ports: dict[str, int], console: Console) -> list[Component]:
+def components(opts: StackOptions, ports: dict[str, int]) -> list[Component]:
     api_argv = ["api", "--host", opts.host, "--port", str(ports["api"])]
     comps = [
         Component("worker", tasklab_argv("worker", "--concurrency", str(opts.concurrency))),
@@ -227,7 +225,7 @@ def _run_locked(settings: Settings, opts: StackOptions, console: Console) -> str
             recorder.add_redis(server)
         # Every process writes metrics into one fresh multiprocess directory.
         env = child_env({**extra, **prepare_dir(settings)})
-        comps = components(opts, ports, console)
+        comps = components(opts, ports)
         logs = PartLogs(log_dir(settings.home_dir), [c.name for c in comps], combined=True)
         stack.callback(logs.close)
         supervisor = Supervisor(
