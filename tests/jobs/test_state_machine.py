@@ -325,6 +325,7 @@ def test_a_job_whose_relay_died_is_published_with_what_is_left_of_its_countdown(
     assert reaper.tick()["unpublished"] == 1
     j = jm.get(job_id)
     assert (j.status, j.via, j.publish_count) == (JobStatus.QUEUED, "broker", 1)
+    assert j.queued_at is not None and abs(j.queued_at - time.time()) < 5  # published now
     client = redis.Redis.from_url(broker.url)
     try:
         [raw] = [m for k in client.keys("default*") for m in client.lrange(k, 0, -1)]
@@ -336,6 +337,33 @@ def test_a_job_whose_relay_died_is_published_with_what_is_left_of_its_countdown(
     eta = message["headers"]["eta"]
     assert eta is not None  # not run before it is due
     assert abs(datetime.fromisoformat(eta).timestamp() - due_at) < 2
+
+
+def test_a_retry_whose_countdown_message_left_the_queue_is_published_again_once_due(
+    jm: JobManager, state_settings: Settings
+) -> None:
+    """A retry's countdown message waits in a worker until it is due: the job counts as lost
+    only once it is due since requeue_after_s without starting."""
+    settings = state_settings.model_copy(update={"requeue_after_s": 1.0})
+    reaper = Reaper(settings, jm.engine, jm.publisher)
+    try:
+        t0 = time.time()
+        reaper.tick()  # the queue is empty now: every message published before left it
+        lost = inserted(jm, probe_jobs.noop, status="RETRYING", queued_at=t0 - 60)
+        with writing(jm.engine) as conn:  # due long ago; the other one is due in 1.5 s
+            conn.execute(
+                store.jobs.update().where(store.jobs.c.id == lost).values(next_attempt_at=t0 - 60)
+            )
+        held = inserted(jm, probe_jobs.noop, status="RETRYING", queued_at=t0 - 60)
+        with writing(jm.engine) as conn:
+            conn.execute(
+                store.jobs.update().where(store.jobs.c.id == held).values(next_attempt_at=t0 + 1.5)
+            )
+        time.sleep(1.1)  # the empty queue's mark is requeue_after_s old
+        assert reaper.tick()["message_lost"] == 1
+        assert (jm.get(lost).publish_count, jm.get(held).publish_count) == (1, 0)
+    finally:
+        reaper.close()
 
 
 def test_jobs_left_waiting_with_a_cancel_end_cancelled_with_their_hook(
