@@ -142,7 +142,7 @@ def test_two_stacks_share_a_machine_and_a_chosen_port_that_is_taken_fails_at_onc
         from_env = tasklab(
             third_home, "up", "--detach", TASKLAB_EXPORTER_PORT=str(first["ports"]["exporter"])
         )
-        assert from_env.returncode == 2 and "exporter_port" in from_env.stdout
+        assert from_env.returncode == 2 and "exporter_port" in from_env.stderr
         assert not (third_home / "stack.json").exists() and not (third_home / "redis").exists()
     finally:
         for home in (first_home, second_home):
@@ -181,8 +181,8 @@ def test_a_part_that_cannot_start_stops_the_stack_saying_why_once(tmp_path: Path
         TASKLAB_IMPORTS='["no_such_module"]',
     )
     assert out.returncode == 1, out.stdout + out.stderr
-    reasons = out.stdout.strip().splitlines()
-    assert len(reasons) == 1, out.stdout
+    reasons = out.stderr.strip().splitlines()
+    assert len(reasons) == 1, out.stderr
     assert "exited 3 times within 10 s" in reasons[0] and "no_such_module" in reasons[0]
     assert (home / "logs" / "stack.log").read_text().count("not restarting it") == 1
     assert not (home / "stack.json").exists()
@@ -197,7 +197,7 @@ def test_up_detach_in_a_busy_port_says_so_before_starting_anything(tmp_path: Pat
         port = s.getsockname()[1]
         out = tasklab(home, "up", "--detach", "--port", str(port))
     assert out.returncode == 2
-    assert out.stdout.strip().splitlines() == [
+    assert out.stderr.strip().splitlines() == [
         f"error: port {port} on 127.0.0.1 (--port, for the API) is in use; "
         "choose another, or leave it out to take a free one"
     ]

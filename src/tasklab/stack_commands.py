@@ -30,6 +30,10 @@ def notice(text: str) -> None:
     err_console.print(f"notice: {text}", highlight=False, soft_wrap=True)
 
 
+def complain(text: str) -> None:
+    err_console.print(text, highlight=False, soft_wrap=True)
+
+
 def say(text: str) -> None:
     console.print(text, highlight=False, soft_wrap=True)
 
@@ -54,7 +58,8 @@ def given_options(ctx: click.Context | typer.Context, *, skip: set[str]) -> list
 def detach_up(ctx: typer.Context) -> None:
     """``tasklab up --detach``: the same ``up`` in the background."""
     args = given_options(ctx, skip={"detach", "background"})
-    raise typer.Exit(stack_control.detach(_settings(ctx).home_dir, args, notice=notice, say=say))
+    home_dir = _settings(ctx).home_dir
+    raise typer.Exit(stack_control.detach(home_dir, args, notice=notice, say=say, err=complain))
 
 
 def stop(ctx: typer.Context) -> None:

@@ -42,9 +42,10 @@ def require_stack(home_dir: Path, *, notice: Notice) -> StackRecord:
 
 
 # --- up --detach --------------------------------------------------------------------------------
-def detach(home_dir: Path, up_args: list[str], *, notice: Notice, say: Say) -> int:
+def detach(home_dir: Path, up_args: list[str], *, notice: Notice, say: Say, err: Say) -> int:
     """Start ``tasklab up`` in the background with its output in ``<home>/logs``; wait until
-    its API answers. Return the exit code for the caller: 0, or the stack's own code."""
+    it is ready (``_wait_ready``). Return the exit code: 0, or the stack's own code when it
+    stopped during its start (what it said then goes to ``err``)."""
     lock = HomeLock(home_dir)
     lock.acquire(notice=notice)  # one stack per home folder: say so before starting anything
     lock.release()
@@ -67,9 +68,9 @@ def detach(home_dir: Path, up_args: list[str], *, notice: Notice, say: Say) -> i
         # The reason the supervisor gave, else the end of what the stack said.
         reasons = [line for line in output if GIVE_UP_MARK in line]
         for line in reasons or output[-20:]:
-            say(line)
+            err(line)
         if code is None:
-            say(
+            err(
                 f"the stack (pid {proc.pid}) is not ready after {READY_TIMEOUT_S:.0f} s; it runs on"
             )
             return 1
@@ -93,8 +94,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], home_dir: Path) -> StackRecord | 
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline and proc.poll() is None:
         record = _own_record(home_dir, proc.pid)
-        ready = record is not None and record.state == "running" and _settled(record)
-        if record is not None and ready and _answers(record.api_url):
+        if record and record.state == "running" and _settled(record) and _answers(record.api_url):
             return record
         time.sleep(0.2)
     return None
