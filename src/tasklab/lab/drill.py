@@ -561,5 +561,5 @@ def check_drills(settings: Settings, scenarios: Sequence[str], fault: str) -> No
         raise LabError(
             f"drill {', '.join(stopping)} stops and restarts the broker: it needs the lab's "
             "embedded Redis (unset REDIS_URL and BROKER_URL); the outage and api drills "
-            "cut the link to any broker instead with fault outage"
+            "cut the link to any broker instead (--fault outage)"
         )
