@@ -125,6 +125,7 @@ def test_an_outage_drill_on_rabbitmq_cuts_its_link_and_loses_no_job(
     assert data["params"]["broker"] == mask_url(url)  # the server, not the proxy in between
     assert data["params"]["broker_fault"] == "outage"  # a broker URL: by proxy
     assert data["params"]["links"]["broker"].endswith("-> 127.0.0.1:5672")
+    assert data["versions"]["server.rabbitmq"]  # the version the broker announced
     assert_ledger_holds(f, "outage")
     assert f["outage.refused"] == 0
     assert f["outage.via_local"] >= 1  # publishes into the reset link failed over

@@ -415,9 +415,19 @@ class LabStack:
         if client is not None:
             with contextlib.suppress(redis.RedisError):
                 out["redis"] = str(client.info("server").get("redis_version"))
+        elif self.broker_url.startswith(("amqp", "pyamqp")):
+            out.update(self._amqp_version())
         if self.own:
             out.update(self._database_version())
         return out
+
+    def _amqp_version(self) -> dict[str, str]:
+        """The RabbitMQ version the broker announced when the connection opened."""
+        with contextlib.suppress(Exception), self.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+            properties = conn.connection.server_properties
+            return {str(properties.get("product", "amqp")).lower(): str(properties["version"])}
+        return {}
 
     def _database_version(self) -> dict[str, str]:
         if self.settings.sync_database_url.startswith("sqlite"):
