@@ -168,3 +168,18 @@ def test_a_probe_that_hangs_counts_as_failed_within_its_timeout() -> None:
     release.set()
     assert not link.up
     assert time.monotonic() - started < 0.2 + 1.0 + 1.0
+
+
+def test_a_silent_link_does_not_delay_the_verdict_on_another(silent: SilentServer) -> None:
+    release = threading.Event()
+    hanging = Link("broker", "127.0.0.1", 1, lambda timeout_s: release.wait(60) and None)
+    quick = Link(
+        "database", "127.0.0.1", silent.port, redis_probe(f"redis://127.0.0.1:{silent.port}")
+    )
+    watch = LinkWatch([hanging, quick], interval_s=60, timeout_s=0.5, fail_after=1)
+    started = time.monotonic()
+    watch.check()
+    release.set()
+    assert not hanging.up and not quick.up
+    # in parallel: one probe's time (0.5 s + 1 s), not the sum of both
+    assert time.monotonic() - started < 2 * (0.5 + 1.0)

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -82,9 +83,11 @@ class LinkWatch:
 
     def check(self) -> None:
         """Probe every link once (the thread does this every ``interval_s``)."""
-        for link in self.links:
+        # all at once: one silent link must not delay the verdict on the other
+        probes = [(link, Bounded(link.probe, self.timeout_s)) for link in self.links]
+        for link, probe in probes:
             try:
-                bounded(link.probe, self.timeout_s)
+                probe.result()
             except Exception as e:
                 self._failed(link, e)
             else:
@@ -141,29 +144,36 @@ class ProbeTimeout(Exception):
 
 def link_probe_s(settings: Settings) -> float:
     """The longest a failed probe takes: its timeout (libpq's is 2 s at least), plus the
-    second ``bounded`` allows."""
+    second ``Bounded`` allows."""
     return max(settings.link_timeout_s, 2.0) + 1.0
 
 
-def bounded(probe: Probe, timeout_s: float) -> None:
-    """Run ``probe`` in a thread of its own and wait ``timeout_s`` (+1 s) at most: a client
+class Bounded:
+    """A probe run in a thread of its own, waited for ``timeout_s`` (+1 s) at most: a client
     library may wait without a timeout somewhere (a close handshake, say), and the watch must
     not hang with it. A probe left waiting is freed when the link is cut."""
-    errors: list[BaseException] = []
 
-    def run() -> None:
+    def __init__(self, probe: Probe, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s + 1.0
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(
+            target=self._run, args=(probe,), name="tasklab-link-probe", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, probe: Probe) -> None:
         try:
-            probe(timeout_s)
+            probe(self.timeout_s)
         except BaseException as e:
-            errors.append(e)
+            self.errors.append(e)
 
-    thread = threading.Thread(target=run, name="tasklab-link-probe", daemon=True)
-    thread.start()
-    thread.join(timeout_s + 1.0)
-    if thread.is_alive():
-        raise ProbeTimeout(f"no answer within {timeout_s + 1.0:g} s")
-    if errors:
-        raise errors[0]
+    def result(self) -> None:
+        self.thread.join(max(0.0, self.deadline - time.monotonic()))
+        if self.thread.is_alive():
+            raise ProbeTimeout(f"no answer within {self.timeout_s + 1.0:g} s")
+        if self.errors:
+            raise self.errors[0]
 
 
 def cut_sockets(addresses: set[str], port: int) -> int:

@@ -332,10 +332,18 @@ class Bench:
         per_path: dict[str, dict[str, float]] = {}
         for driver in self.drivers("jobs"):
             label = "tasklab" if driver.via == "jobs" else "celery"
+            # CPU per job: the workers' (main and pool processes) and this process's (the
+            # submitters and, for tasklab, its relay), a cost that a noisy machine moves less
+            # than it moves a rate.
+            worker_cpu_s, own_cpu_s = self.stack.worker_cpu_s(), time.process_time()
             tickets, samples = self.run_batch(
                 driver, [NOOP] * n, f"jobs ({label})", submitters=self.sizes.jobs_submitters
             )
             per_path[label] = summary.summarize(samples, tickets)
+            per_path[label]["worker_cpu_ms_per_job"] = (
+                (self.stack.worker_cpu_s() - worker_cpu_s) * 1e3 / n
+            )
+            per_path[label]["submit_cpu_ms_per_job"] = (time.process_time() - own_cpu_s) * 1e3 / n
             self.figures("jobs", {f"{label}_{k}": v for k, v in per_path[label].items()})
             self.result.series.append(
                 summary.cdf_series(samples, chart="bench jobs: end-to-end latency", label=label)

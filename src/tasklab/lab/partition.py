@@ -48,6 +48,7 @@ PARTITION = "partition"
 # node claims it; at half the nodes' capacity that wait is short.
 QUEUE_WAIT_ALLOWANCE_S = 10.0
 NOTICE_ALLOWANCE_S = 5.0  # a loaded machine's scheduling, on top of the links' own bound
+HELD_WAIT_S = 15.0  # the cut waits this long for the cut node's every slot to run a job
 PARTITION_TARGETS = (
     ("lost", "==", 0.0),
     ("duplicate_effects", "==", 0.0),
@@ -64,8 +65,8 @@ PARTITION_TARGETS = (
 @dataclass(frozen=True)
 class PartitionSizes:
     nodes: int = 3
-    hold_s: float = 0.5  # each probe job's run time
-    load_factor: float = 0.5  # offered, as a share of what the nodes can run
+    hold_s: float = 1.0  # each probe job's run time
+    load_factor: float = 0.6  # offered, as a share of what the nodes can run
     cut_after_s: float = 10.0  # the load runs this long before the cut
     cut_s: float | None = None  # None: lease_s x 1.5 + reaper_interval_s
     after_s: float = 20.0  # the load goes on this long after the heal
@@ -168,7 +169,7 @@ class Partition:
             loop.start()
             try:
                 time.sleep(s.cut_after_s)
-                held = self.wait_held(engine, driver.owner, cut)
+                held = self.wait_held(engine, driver.owner, cut, worker.concurrency)
                 log_from = _log_size(cut)
                 cut_at = time.time()
                 for proxy in links.proxies.values():
@@ -195,14 +196,17 @@ class Partition:
             stuck=float(0 if drained else ledger.in_flight),
         )
 
-    def wait_held(self, engine: Engine, owner: str, cut: WorkerNode) -> dict[str, int]:
-        """The jobs the cut node runs (id -> attempt), once it runs at least one."""
-        deadline = time.monotonic() + 30
+    def wait_held(self, engine: Engine, owner: str, cut: WorkerNode, slots: int) -> dict[str, int]:
+        """The jobs the cut node runs (id -> attempt), once every slot runs one, or at least
+        one after ``HELD_WAIT_S``."""
+        deadline = time.monotonic() + HELD_WAIT_S
         while True:
             held = running_on(engine, owner, set(cut.pids()))
-            if held or time.monotonic() > deadline:
+            if len(held) >= slots or (held and time.monotonic() > deadline):
                 return held
-            time.sleep(0.1)
+            if time.monotonic() > deadline + HELD_WAIT_S:
+                return held
+            time.sleep(0.05)
 
     def watch_cut(
         self,
