@@ -72,12 +72,25 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(min=1)] = None,
     pool: Annotated[str | None, typer.Option(help="prefork, threads or solo")] = None,
     hostname: Annotated[str, typer.Option(help="Celery node name")] = "tasklab@%h",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="this node's /metrics; 0: none; default 9811 or free"),
+    ] = None,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="address of this node's /metrics; default api_host")
+    ] = None,
 ) -> None:
     """Run a Celery worker against the configured broker."""
+    from tasklab.observe import multiproc
+
+    settings = settings_of(ctx)
+    try:  # before the worker's modules import prometheus_client (multiproc's note on order)
+        multiproc.start_node_metrics(settings, hostname, port=metrics_port, host=metrics_host)
+    except TasklabError as e:
+        fail(str(e))
     from tasklab.celery_app import QUEUES
     from tasklab.worker import build_worker_app
 
-    settings = settings_of(ctx)
     celery = build_worker_app(settings)
     argv = [
         "worker",

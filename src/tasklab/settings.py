@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     # with the API or the code that submits, the latency-bound side should win the CPU;
     # on machines of their own it changes nothing.
     worker_nice: int = Field(10, ge=0, le=19)
+    # Each `tasklab worker` serves its own processes' metrics on this port (docs/observability.md
+    # "Worker nodes"); 0: none. The default gives way to a free port when taken; a port set
+    # here or by --metrics-port is used as set. `tasklab up` turns it off (the API serves them).
+    worker_metrics_port: int = Field(9811, ge=0, le=65535)
     task_soft_time_limit_s: int = Field(300, ge=1)
     task_time_limit_s: int = Field(330, ge=1)
     visibility_timeout_s: int = Field(7200, ge=60)
@@ -144,6 +148,22 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=0, le=65535)
     api_workers: int = Field(1, ge=1, le=64)
     exporter_port: int = Field(9810, ge=0, le=65535)  # 0: `tasklab up` runs no exporter
+    # Console (/console; docs/console.md): admins operate it; these users (by name) may
+    # only read it. Everyone else is refused.
+    console_viewers: list[str] = Field(default_factory=list)
+
+    # API abuse limits (tasklab.service.rate_limits; docs/service.md). Rates in the `limits`
+    # notation ("50/second", "1000/minute"); counters live in Redis and, while it is down, in
+    # each process. Failed authentications count against a stricter budget per address, and a
+    # failed token is remembered auth_failure_cache_s so retrying it costs no query.
+    rate_limits_enabled: bool = True
+    rate_limit_per_token: str = "100/second"
+    rate_limit_per_address: str = "400/second"
+    rate_limit_failed_auth_per_address: str = "30/minute"
+    auth_failure_cache_s: float = Field(5.0, ge=0)
+    # Per-user quotas: pending orders, and data-sync jobs not yet finished.
+    orders_in_flight_max: int = Field(50, ge=1)
+    data_sync_jobs_in_flight_max: int = Field(4, ge=1)
 
     @field_validator("database_url", "redis_url", "broker_url", "result_backend")
     @classmethod
@@ -154,6 +174,16 @@ class Settings(BaseSettings):
         scheme = value.split("://", 1)[0] if "://" in value else ""
         if scheme.split("+", 1)[0] not in schemes:
             raise ValueError(f"unsupported URL scheme {scheme!r}; expected one of {schemes}")
+        return value
+
+    @field_validator(
+        "rate_limit_per_token", "rate_limit_per_address", "rate_limit_failed_auth_per_address"
+    )
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        from limits import parse
+
+        parse(value)  # ValueError names the notation
         return value
 
     @model_validator(mode="after")

@@ -101,7 +101,11 @@ def embedded_redis(settings: Settings, stack: ExitStack, console: Console) -> Em
 def components(opts: StackOptions, ports: dict[str, int]) -> list[Component]:
     api_argv = ["api", "--host", opts.host, "--port", str(ports["api"])]
     comps = [
-        Component("worker", tasklab_argv("worker", "--concurrency", str(opts.concurrency))),
+        # The API serves the stack's one multiprocess folder, workers' metrics included.
+        Component(
+            "worker",
+            tasklab_argv("worker", "--concurrency", str(opts.concurrency), "--metrics-port", "0"),
+        ),
         Component(
             "api",
             tasklab_argv(*api_argv, "--workers", str(opts.api_workers)),

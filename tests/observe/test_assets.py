@@ -52,6 +52,8 @@ def registered_names() -> set[str]:
         if isinstance(obj, MetricWrapperBase):
             for family in obj.describe():
                 names |= {family.name + suffix for suffix in SUFFIXES[family.type]}
+    # Families collectors build at scrape time (the worker node's process tree) by name.
+    names |= {v for k, v in vars(metrics).items() if k.endswith("_NAME") and isinstance(v, str)}
     for family in REGISTRY.collect():
         if family.name.startswith(("process_", "python_")):
             names |= {s.name for s in family.samples}

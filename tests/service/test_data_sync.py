@@ -58,7 +58,7 @@ async def test_a_sync_batch_job_loads_the_files_with_progress_per_file(
     worker_factory,
     jobs: JobManager,
 ) -> None:
-    headers = accounts[0].headers
+    headers = accounts[-1].headers  # data sync is for administrators
     response = await client.post(
         "/api/v1/data-sync/sync-batch",
         headers=headers,
@@ -107,7 +107,7 @@ async def test_re_syncing_a_file_replaces_its_rows(
     body = {"file_id": file_id, "priority": 5}
     first = (
         await client.post(
-            "/api/v1/data-sync/sync-single-file", json=body, headers=accounts[0].headers
+            "/api/v1/data-sync/sync-single-file", json=body, headers=accounts[-1].headers
         )
     ).json()
     worker_factory(shop_settings).start()
@@ -116,7 +116,7 @@ async def test_re_syncing_a_file_replaces_its_rows(
     Path(path).write_text("external_id,sku,name,price,quantity\nx-1,S1,One,1.50,2\n,S2,,x,\n")
     second = (
         await client.post(
-            "/api/v1/data-sync/sync-single-file", json=body, headers=accounts[0].headers
+            "/api/v1/data-sync/sync-single-file", json=body, headers=accounts[-1].headers
         )
     ).json()
     done = jobs.wait(second["job_id"], timeout_s=60)

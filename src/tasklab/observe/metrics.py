@@ -178,6 +178,11 @@ WORKER_HEARTBEAT_AGE = Gauge(
     "Age of the stalest worker heartbeat.",
     multiprocess_mode="max",
 )
+# Served by each worker node (tasklab.observe.node) from its process tree at scrape time.
+NODE_RSS_NAME = "tasklab_worker_node_rss_bytes"
+NODE_RSS_HELP = "Resident memory of this worker node's main process and all its pool children."
+NODE_PROCESSES_NAME = "tasklab_worker_node_processes"
+NODE_PROCESSES_HELP = "Processes in this worker node's process tree (main process included)."
 BEAT_LAST_TICK = Gauge(
     "tasklab_beat_last_run_timestamp_seconds",
     "When beat last dispatched a scheduled task.",

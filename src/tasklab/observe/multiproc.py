@@ -145,3 +145,52 @@ def reap_dead_processes(path: Path) -> list[int]:
         for pid in dead:
             multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
     return sorted(dead)
+
+
+NODES_DIR_NAME = "prometheus-multiproc-nodes"
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9_.@-]")
+
+
+def node_dir_for(settings: Settings, nodename: str) -> Path:
+    """A worker node's own folder (one per node name: two workers of one home folder on one
+    host must not empty each other's)."""
+    return (settings.home_dir / NODES_DIR_NAME / _UNSAFE_IN_NAME.sub("_", nodename)).resolve()
+
+
+def prepare_node_env(settings: Settings, nodename: str) -> Path:
+    """The folder a worker node writes its metrics to: the one its parent prepared (``tasklab
+    up``), else a fresh one of its own, put into this process's environment. Call it before
+    anything imports prometheus_client (see the module's note on ordering)."""
+    inherited = dir_from_env()
+    if inherited is not None:
+        return inherited
+    path = node_dir_for(settings, nodename)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / STARTED_AT_FILE).write_text(f"{time.time():.3f}")
+    os.environ[ENV_VAR] = str(path)
+    return path
+
+
+def start_node_metrics(
+    settings: Settings, nodename: str, *, port: int | None, host: str | None
+) -> Any:
+    """Prepare the node's folder and serve it (``tasklab.observe.node``); None when the port
+    is 0. ``port`` given (or ``worker_metrics_port`` set) is used as set. Raises PortTaken."""
+    from celery.utils.nodenames import host_format
+
+    from tasklab.ports import PortWish
+
+    chosen_by = "--metrics-port" if port is not None else None
+    if port is None:
+        port = settings.worker_metrics_port
+        if "worker_metrics_port" in settings.model_fields_set:
+            chosen_by = "worker_metrics_port"
+    if port == 0:
+        return None
+    path = prepare_node_env(settings, host_format(nodename))
+    from tasklab.observe.node import serve_node_metrics
+
+    wish = PortWish(port, chosen_by=chosen_by)
+    return serve_node_metrics(path, os.getpid(), host=host or settings.api_host, wish=wish)

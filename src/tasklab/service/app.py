@@ -21,10 +21,11 @@ from fastapi.openapi.utils import get_openapi
 from tasklab.database import make_async_engine
 from tasklab.jobs import JobManager
 from tasklab.migrations import alembic_config
-from tasklab.service import problems
+from tasklab.service import console, problems
 from tasklab.service.deps import Services
 from tasklab.service.domain.catalog_cache import CatalogCache, use_in_this_process
 from tasklab.service.limits import MAX_BODY_BYTES, BodyLimitMiddleware
+from tasklab.service.rate_limits import RateLimiter, RateLimitMiddleware
 from tasklab.service.routes import ROUTERS
 from tasklab.settings import Settings, load_settings
 
@@ -51,7 +52,9 @@ def create_app(settings: Settings) -> FastAPI:
     problems.install(app)
     for router in ROUTERS:
         app.include_router(router)
+    console.install(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=MAX_BODY_BYTES)
+    app.add_middleware(RateLimitMiddleware)  # outermost of the two: counted before the body
     _install_metrics(app, settings)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app
@@ -71,8 +74,16 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
         )
         cache = CatalogCache.for_settings(settings)
         use_in_this_process(cache)  # jobs run locally (fallback) invalidate this cache
+        limiter = RateLimiter.for_settings(settings)
+        app.state.rate_limiter = limiter
         app.state.services = Services.build(
-            settings, engine, jobs, broker=broker, cache=cache, schema_head=schema_head(settings)
+            settings,
+            engine,
+            jobs,
+            broker=broker,
+            cache=cache,
+            limiter=limiter,
+            schema_head=schema_head(settings),
         )
         # Everything built so far lives as long as the process: keep it out of the garbage
         # collector's full passes, whose pauses otherwise land on requests (tail latency).
@@ -81,6 +92,8 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
             yield
         finally:
             use_in_this_process(None)
+            if limiter is not None:
+                await limiter.aclose()
             if cache is not None:
                 await cache.aclose()
             if broker is not None:

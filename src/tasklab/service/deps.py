@@ -15,10 +15,12 @@ from tasklab.service.auth import Authenticator, Principal
 from tasklab.service.domain.catalog import Catalog
 from tasklab.service.domain.catalog_cache import CatalogCache
 from tasklab.service.domain.data_sync import DataSync
+from tasklab.service.domain.errors import Forbidden
 from tasklab.service.domain.job_views import JobViews
 from tasklab.service.domain.orders import Orders
 from tasklab.service.domain.paging import MAX_PAGE, MAX_PAGE_SIZE
 from tasklab.service.domain.points import Points
+from tasklab.service.rate_limits import RateLimiter, address_of
 from tasklab.settings import Settings
 
 
@@ -37,6 +39,7 @@ class Services:
     job_views: JobViews
     broker: Any  # redis.asyncio client for /ready, or None for non-Redis brokers
     schema_head: str | None
+    limiter: RateLimiter | None = None
 
     @classmethod
     def build(
@@ -48,6 +51,7 @@ class Services:
         broker: Any,
         cache: CatalogCache | None,
         schema_head: str | None,
+        limiter: RateLimiter | None = None,
     ) -> Services:
         reader = read_engine(engine)
         sql = SqlRunner(
@@ -57,14 +61,15 @@ class Services:
             settings=settings,
             engine=engine,
             jobs=jobs,
-            auth=Authenticator(sql),
+            auth=Authenticator(sql, failure_ttl_s=settings.auth_failure_cache_s, limiter=limiter),
             catalog=Catalog(reader, cache),
             points=Points(sql),
-            orders=Orders(sql, jobs),
-            data_sync=DataSync(reader, jobs),
+            orders=Orders(sql, jobs, in_flight_max=settings.orders_in_flight_max),
+            data_sync=DataSync(reader, jobs, in_flight_max=settings.data_sync_jobs_in_flight_max),
             job_views=JobViews(jobs),
             broker=broker,
             schema_head=schema_head,
+            limiter=limiter,
         )
 
 
@@ -95,10 +100,19 @@ async def current_user(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     token = credentials.credentials if credentials is not None else None
-    return await services_of(request).auth.authenticate(token)
+    return await services_of(request).auth.authenticate(token, address=address_of(request.scope))
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 CurrentUser = Annotated[Principal, Depends(current_user)]
+
+
+async def current_admin(user: CurrentUser) -> Principal:
+    if not user.is_admin:
+        raise Forbidden("this needs an administrator token")
+    return user
+
+
+AdminUser = Annotated[Principal, Depends(current_admin)]
 PageNo = Annotated[int, Query(ge=1, le=MAX_PAGE, description="1-based page number.")]
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]

@@ -25,6 +25,7 @@ from tasklab.service.domain.errors import (
     IdempotencyConflict,
     InvalidField,
     NotFound,
+    RateLimited,
     SchemaMissing,
     ShopError,
     Unauthorized,
@@ -44,6 +45,7 @@ _TITLES = {
     413: "Content too large",
     415: "Unsupported media type",
     422: "Invalid request",
+    429: "Too many requests",
     500: "Internal server error",
     503: "Service unavailable",
 }
@@ -56,6 +58,7 @@ _SLUGS = {
     413: "too-large",
     415: "unsupported-media-type",
     422: "validation",
+    429: "rate-limited",
     500: "internal",
     503: "unavailable",
 }
@@ -97,6 +100,17 @@ def field_problem(loc: tuple[Any, ...] | list[Any], message: str, kind: str) -> 
     location = parts.pop(0) if parts and parts[0] in _LOCATIONS else "body"
     field = ".".join(str(p) for p in parts) or location
     return {"field": field, "location": str(location), "message": message, "type": kind}
+
+
+def rate_limited(exc: RateLimited) -> ProblemResponse:
+    """429 with ``Retry-After`` (whole seconds until the limit's window lets requests in)."""
+    return problem(
+        429,
+        str(exc),
+        slug=exc.slug,
+        headers={"Retry-After": str(exc.retry_after_s)},
+        retry_after_s=exc.retry_after_s,
+    )
 
 
 # --- handlers ----------------------------------------------------------------------------------
@@ -161,6 +175,8 @@ async def _shop(request: Request, exc: Exception) -> Response:
         return problem(404, str(exc))
     if isinstance(exc, IdempotencyConflict):
         return problem(409, str(exc), slug="idempotency-conflict")
+    if isinstance(exc, RateLimited):
+        return rate_limited(exc)
     if isinstance(exc, Unauthorized):
         return problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"})
     if isinstance(exc, Forbidden):

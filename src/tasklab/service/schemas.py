@@ -200,3 +200,4 @@ class Problem(BaseModel):
     detail: str
     instance: str | None = None
     errors: list[FieldProblem] | None = None
+    retry_after_s: int | None = Field(None, description="On 429: as the Retry-After header.")

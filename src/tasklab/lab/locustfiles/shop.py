@@ -29,6 +29,7 @@ from locust import FastHttpUser, between, constant, events, task
 FINAL = ("SUCCEEDED", "DEAD", "CANCELLED")
 PLATFORMS = ("shopify", "amazon", "etsy")
 _tokens: list[str] = []
+_admin_tokens: list[str] = []
 _next_token = itertools.count()
 _lock = threading.Lock()
 
@@ -41,25 +42,30 @@ def _options(parser: Any) -> None:
     parser.add_argument("--poll-timeout-s", type=float, default=20.0)
 
 
-def _token(path: str) -> str:
+def _token(path: str, *, admin: bool = False) -> str:
+    """A user's token, round robin; an administrator's for data sync (admin-only)."""
     with _lock:
         if not _tokens:
             with open(path) as f:
                 items = [json.loads(line) for line in f if line.strip()]
             _tokens.extend(str(i["token"]) for i in items if not i.get("admin"))
-            if not _tokens:
-                raise RuntimeError(f"no user tokens in {path}")
-        return _tokens[next(_next_token) % len(_tokens)]
+            _admin_tokens.extend(str(i["token"]) for i in items if i.get("admin"))
+        found = _admin_tokens if admin else _tokens
+        if not found:
+            raise RuntimeError(f"no {'admin' if admin else 'user'} tokens in {path}")
+        return found[next(_next_token) % len(found)]
 
 
 class _ShopClient(FastHttpUser):
     abstract = True
+    admin = False
     headers: dict[str, str] = {}
     product_ids: list[int] = [1]
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
-        self.headers = {"Authorization": f"Bearer {_token(options.tokens_file)}"}
+        token = _token(options.tokens_file, admin=self.admin)
+        self.headers = {"Authorization": f"Bearer {token}"}
         reply = self.client.get(
             "/api/v1/products?page_size=100", headers=self.headers, name="products (setup)"
         )
@@ -127,6 +133,7 @@ class PointsUser(_ShopClient):
 
 class SyncUser(_ShopClient):
     weight = 1
+    admin = True  # data sync is for administrators
     wait_time = between(0.5, 1.0)
 
     @task

@@ -43,3 +43,19 @@ class Forbidden(ShopError):
 
 class SchemaMissing(ShopError):
     """The database answers but the shop's tables are not migrated to the expected head."""
+
+
+class RateLimited(ShopError):
+    """Too many requests for a limit (tasklab.service.rate_limits), or a quota used up."""
+
+    def __init__(self, message: str, *, retry_after_s: int, slug: str = "rate-limited") -> None:
+        self.retry_after_s = retry_after_s
+        self.slug = slug
+        super().__init__(message)
+
+
+class QuotaExceeded(RateLimited):
+    """A user has as many orders or jobs in flight as their quota allows."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, slug="quota-exceeded")

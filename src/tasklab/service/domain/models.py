@@ -48,12 +48,17 @@ class User(Base):
     token_hash: Mapped[str] = mapped_column(sa.String(64))
     is_admin: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     created_at: Mapped[float]
+    # Unix time after which the token is refused (None: it does not expire).
+    token_expires_at: Mapped[float | None]
 
 
 class PointAccount(Base):
     """The balance, updated only by conditional UPDATEs next to a ledger row."""
 
     __tablename__ = "shop_point_accounts"
+    __table_args__ = (
+        sa.CheckConstraint("balance >= 0", name="ck_shop_point_accounts_balance_nonnegative"),
+    )
 
     user_id: Mapped[int] = mapped_column(sa.ForeignKey("shop_users.id"), primary_key=True)
     balance: Mapped[int]

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tasklab.database import SqlRunner
 from tasklab.jobs import JobManager
-from tasklab.service.domain.errors import IdempotencyConflict, NotFound
+from tasklab.service.domain.errors import IdempotencyConflict, NotFound, QuotaExceeded
 from tasklab.service.domain.jobs import process_order
 from tasklab.service.domain.models import Order, OrderItem, OrderStatus
 from tasklab.service.domain.paging import Page, at, money, offset_of
@@ -62,9 +62,10 @@ def request_hash(lines: list[Line], use_points: int) -> str:
 
 
 class Orders:
-    def __init__(self, sql: SqlRunner, jobs: JobManager) -> None:
+    def __init__(self, sql: SqlRunner, jobs: JobManager, *, in_flight_max: int = 50) -> None:
         self.sql = sql
         self.jobs = jobs
+        self.in_flight_max = in_flight_max
         self._placement = Placement(sql)
 
     # --- place ------------------------------------------------------------------------------
@@ -81,6 +82,7 @@ class Orders:
             existing = await self._by_key(user_id, idempotency_key)
             if existing is not None:
                 return await self._replay(existing, digest)
+        await self._check_quota(user_id)
         # The order, its items and its settlement job commit in one transaction (shared
         # with the orders placed meanwhile: see placement): an order that exists always has
         # a job, and the job is published once the commit is done.
@@ -99,6 +101,21 @@ class Orders:
             return await self._replay(existing, digest)
         await self.jobs.adispatch(job)
         return Placed(order_id, job.id, OrderStatus.PENDING.value)
+
+    async def _check_quota(self, user_id: int) -> None:
+        """At most ``in_flight_max`` pending orders per user (counted on the index of own
+        orders by status; a race past it by a few concurrent requests is harmless)."""
+        stmt = (
+            sa.select(sa.func.count())
+            .select_from(Order)
+            .where(Order.user_id == user_id, Order.status == OrderStatus.PENDING.value)
+        )
+        pending = int(await self.sql.read(lambda conn: conn.execute(stmt).scalar_one()))
+        if pending >= self.in_flight_max:
+            raise QuotaExceeded(
+                f"{pending} of your orders are still pending (the most is {self.in_flight_max}):"
+                " wait until they are settled"
+            )
 
     async def _by_key(self, user_id: int, key: str) -> Any:
         stmt = sa.select(Order.id, Order.status, Order.job_id, Order.request_hash).where(

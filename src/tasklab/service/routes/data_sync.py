@@ -7,13 +7,13 @@ from typing import Any
 from fastapi import APIRouter
 
 from tasklab.jobs import Job
-from tasklab.service.deps import CurrentUser, ServicesDep
+from tasklab.service.deps import AdminUser, CurrentUser, ServicesDep
 from tasklab.service.problems import documented
 from tasklab.service.routes.jobs import JobId
 from tasklab.service.schemas import JobAccepted, JobView, SyncBatchIn, SyncFileIn
 
 router = APIRouter(
-    prefix="/api/v1/data-sync", tags=["data sync"], responses=documented(401, 422, 503)
+    prefix="/api/v1/data-sync", tags=["data sync"], responses=documented(401, 422, 429, 503)
 )
 
 
@@ -22,10 +22,14 @@ def _accepted(job: Job) -> dict[str, Any]:
 
 
 @router.post(
-    "/sync-batch", status_code=202, response_model=JobAccepted, responses=documented(400, 413, 415)
+    "/sync-batch",
+    status_code=202,
+    response_model=JobAccepted,
+    responses=documented(400, 403, 413, 415),
 )
-async def sync_batch(services: ServicesDep, user: CurrentUser, body: SyncBatchIn) -> Any:
-    """Sync up to ``limit`` of the platform's files in one job, progress per file."""
+async def sync_batch(services: ServicesDep, user: AdminUser, body: SyncBatchIn) -> Any:
+    """Sync up to ``limit`` of the platform's files in one job, progress per file
+    (administrators only: it rewrites the shared sync tables)."""
     job = await services.data_sync.batch(
         user.user_id, platform=body.platform, limit=body.limit, priority=body.priority
     )
@@ -36,9 +40,10 @@ async def sync_batch(services: ServicesDep, user: CurrentUser, body: SyncBatchIn
     "/sync-single-file",
     status_code=202,
     response_model=JobAccepted,
-    responses=documented(400, 404, 413, 415),
+    responses=documented(400, 403, 404, 413, 415),
 )
-async def sync_single_file(services: ServicesDep, user: CurrentUser, body: SyncFileIn) -> Any:
+async def sync_single_file(services: ServicesDep, user: AdminUser, body: SyncFileIn) -> Any:
+    """One file in one job (administrators only)."""
     job = await services.data_sync.single(
         user.user_id, file_id=body.file_id, priority=body.priority
     )

@@ -10,7 +10,7 @@ from tasklab.service.deps import CurrentUser, PageNo, PageSize, ServicesDep
 from tasklab.service.problems import documented
 from tasklab.service.schemas import JobView, Page
 
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=documented(401, 422, 503))
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=documented(401, 422, 429, 503))
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 JobStatusFilter = Literal[
     "PENDING", "QUEUED", "STARTED", "RETRYING", "SUCCEEDED", "DEAD", "CANCELLED"

@@ -12,7 +12,9 @@ from tasklab.service.deps import CurrentUser, ServicesDep
 from tasklab.service.domain.errors import Forbidden
 from tasklab.service.problems import documented
 
-router = APIRouter(prefix="/api/v1/metrics", tags=["metrics"], responses=documented(401, 403, 422))
+router = APIRouter(
+    prefix="/api/v1/metrics", tags=["metrics"], responses=documented(401, 403, 422, 429)
+)
 
 
 def _admin(user: Principal) -> None:

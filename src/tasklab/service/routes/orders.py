@@ -11,7 +11,9 @@ from tasklab.service.domain.placement import Line
 from tasklab.service.problems import documented
 from tasklab.service.schemas import MAX_ID, Order, OrderAccepted, OrderIn, Page
 
-router = APIRouter(prefix="/api/v1/orders", tags=["orders"], responses=documented(401, 422, 503))
+router = APIRouter(
+    prefix="/api/v1/orders", tags=["orders"], responses=documented(401, 422, 429, 503)
+)
 IdempotencyKey = Annotated[
     str | None,
     Header(

@@ -10,7 +10,9 @@ from tasklab.service.deps import CurrentUser, PageNo, PageSize, ServicesDep
 from tasklab.service.problems import documented
 from tasklab.service.schemas import ExpiringPoints, LedgerEntry, Page, PointsBalance
 
-router = APIRouter(prefix="/api/v1/points", tags=["points"], responses=documented(401, 422, 503))
+router = APIRouter(
+    prefix="/api/v1/points", tags=["points"], responses=documented(401, 422, 429, 503)
+)
 
 
 @router.get("", response_model=PointsBalance)

@@ -11,7 +11,9 @@ from tasklab.service.domain.catalog import ProductSort
 from tasklab.service.problems import documented
 from tasklab.service.schemas import MAX_ID, Page, Product
 
-router = APIRouter(prefix="/api/v1/products", tags=["catalog"], responses=documented(401, 422, 503))
+router = APIRouter(
+    prefix="/api/v1/products", tags=["catalog"], responses=documented(401, 422, 429, 503)
+)
 
 
 @router.get("", response_model=Page[Product])

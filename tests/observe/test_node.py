@@ -1,0 +1,115 @@
+"""A worker node serves its own /metrics: its jobs' metrics and its whole process tree's RSS."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tasklab.jobs import JobManager, JobStatus
+from tasklab.lab import probe_jobs
+from tasklab.migrations import migrate
+from tasklab.observe import multiproc
+from tasklab.ports import free_port_on
+from tasklab.settings import Settings
+from tests.observe.conftest import wait_until
+from tests.support.worker import WorkerProcess
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+@pytest.mark.slow
+def test_a_worker_node_serves_its_jobs_metrics_and_its_process_trees_rss(
+    settings: Settings, worker_factory: type[WorkerProcess]
+) -> None:
+    migrate(settings)
+    port = free_port_on("127.0.0.1")
+    worker = worker_factory(settings, concurrency=2, name="node1")
+    worker.argv += ["--metrics-port", str(port)]
+    worker.start()
+    jm = JobManager(settings)
+    try:
+        ids = [jm.submit(probe_jobs.noop).id for _ in range(3)]
+        assert all(jm.wait(i, timeout_s=30).status is JobStatus.SUCCEEDED for i in ids)
+        finished = ("tasklab_jobs_finished_total", "tasklab.probe_job.noop")
+        samples = wait_until(
+            lambda: scrape(port),
+            lambda s: (
+                value(s, finished[0], task=finished[1], queue="default", status="succeeded") == 3
+            ),
+            timeout_s=20,
+            what="3 finished jobs on the node's /metrics",
+        )
+    finally:
+        jm.close()
+
+    tree = [worker.process.pid, *worker.child_pids()] if worker.process else []
+    main_rss = psutil.Process(tree[0]).memory_info().rss
+    assert value(samples, "tasklab_worker_node_processes") == len(tree) >= 3
+    assert (value(samples, "tasklab_worker_node_rss_bytes") or 0) > main_rss
+    assert (
+        value(samples, "tasklab_job_duration_seconds_count", task=finished[1], queue="default") == 3
+    )
+    # the exporter's fleet-wide gauges are not the node's to report
+    assert not any(name == "tasklab_workers_up" for name, _ in samples)
+
+
+def test_a_worker_refuses_a_metrics_port_that_is_taken_with_one_line_and_exit_2(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "tasklab", "worker", "--metrics-port", str(port)],
+            env={
+                **{k: v for k, v in os.environ.items() if k != multiproc.ENV_VAR},
+                "TASKLAB_HOME_DIR": str(tmp_path / "home"),
+                "REDIS_URL": settings.redis_url or "",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"port {port}" in done.stderr and "--metrics-port" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_node_gets_a_fresh_folder_of_its_own_unless_its_parent_prepared_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(home_dir=tmp_path / "home")
+    monkeypatch.delenv(multiproc.ENV_VAR, raising=False)
+    first = multiproc.prepare_node_env(settings, "a@host")
+    (first / "counter_1.db").write_bytes(b"left by a previous run")
+    monkeypatch.delenv(multiproc.ENV_VAR)
+
+    again = multiproc.prepare_node_env(settings, "a@host")
+    other = multiproc.node_dir_for(settings, "b@host")
+
+    assert again == first != other
+    assert list(again.glob("*.db")) == []
+    monkeypatch.setenv(multiproc.ENV_VAR, str(tmp_path / "stack"))
+    assert multiproc.prepare_node_env(settings, "a@host") == tmp_path / "stack"
