@@ -148,19 +148,6 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=0, le=65535)
     api_workers: int = Field(1, ge=1, le=64)
     exporter_port: int = Field(9810, ge=0, le=65535)  # 0: `tasklab up` runs no exporter
-
-    # API abuse limits (tasklab.service.rate_limits; docs/service.md). Rates in the `limits`
-    # notation ("50/second", "1000/minute"); counters live in Redis and, while it is down, in
-    # each process. Failed authentications count against a stricter budget per address, and a
-    # failed token is remembered auth_failure_cache_s so retrying it costs no query.
-    rate_limits_enabled: bool = True
-    rate_limit_per_token: str = "100/second"
-    rate_limit_per_address: str = "400/second"
-    rate_limit_failed_auth_per_address: str = "30/minute"
-    auth_failure_cache_s: float = Field(5.0, ge=0)
-    # Per-user quotas: pending orders, and data-sync jobs not yet finished.
-    orders_in_flight_max: int = Field(50, ge=1)
-    data_sync_jobs_in_flight_max: int = Field(4, ge=1)
     # Console (/console; docs/console.md): admins operate it; these users (by name) may
     # only read it. Everyone else is refused.
     console_viewers: list[str] = Field(default_factory=list)
@@ -187,16 +174,6 @@ class Settings(BaseSettings):
         scheme = value.split("://", 1)[0] if "://" in value else ""
         if scheme.split("+", 1)[0] not in schemes:
             raise ValueError(f"unsupported URL scheme {scheme!r}; expected one of {schemes}")
-        return value
-
-    @field_validator(
-        "rate_limit_per_token", "rate_limit_per_address", "rate_limit_failed_auth_per_address"
-    )
-    @classmethod
-    def _rate(cls, value: str) -> str:
-        from limits import parse
-
-        parse(value)  # ValueError names the notation
         return value
 
     @field_validator(
