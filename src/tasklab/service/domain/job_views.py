@@ -11,9 +11,22 @@ from tasklab.service.domain.errors import NotFound
 from tasklab.service.domain.orders import owner_of
 from tasklab.service.domain.paging import Page, at
 
+MAX_PUBLIC_ERROR_CHARS = 200
 
-def job_dict(job: Job) -> dict[str, Any]:
-    """The public view of a job: no arguments, no traceback, times as datetimes."""
+
+def public_error(error: str | None) -> str | None:
+    """What failed, for the job's owner: the error's first line, without the SQL statement
+    and parameters a database error carries (``[SQL: ...]``, ``DETAIL: Key (id)=(5)``). The
+    full error stays in the job record, the worker's log and the administrators' view."""
+    if error is None:
+        return None
+    first = error.split("\n", 1)[0].split("[SQL:", 1)[0].strip()
+    return first[:MAX_PUBLIC_ERROR_CHARS]
+
+
+def job_dict(job: Job, *, admin: bool = False) -> dict[str, Any]:
+    """The public view of a job: no arguments, no traceback, times as datetimes; the error
+    in full for administrators only."""
     return {
         "job_id": job.id,
         "task": job.task,
@@ -28,7 +41,7 @@ def job_dict(job: Job) -> dict[str, Any]:
             "message": job.progress_message,
         },
         "result": job.result,
-        "error": job.error,
+        "error": job.error if admin else public_error(job.error),
         "via": job.via,
         "celery_task_id": job.message_id,
         "created_at": at(job.created_at),
@@ -49,7 +62,7 @@ class JobViews:
             raise NotFound("job", job_id) from None
         if not admin and job.owner != owner_of(user_id):
             raise NotFound("job", job_id)
-        return job_dict(job)
+        return job_dict(job, admin=admin)
 
     async def page(
         self, user_id: int, *, page: int, page_size: int, status: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import sqlalchemy as sa
@@ -12,6 +13,7 @@ from tasklab.service.deps import Services, ServicesDep
 from tasklab.service.problems import documented, problem
 from tasklab.service.schemas import Health, Ready
 
+log = logging.getLogger("tasklab.service")
 router = APIRouter(tags=["ops"])
 _HEALTH_BODY = b'{"status":"ok"}'
 
@@ -26,7 +28,8 @@ async def health() -> Response:
 @router.get("/ready", response_model=Ready, responses=documented(503))
 async def ready(services: ServicesDep) -> Any:
     """Readiness: the database answers with the expected schema (else 503); the broker
-    answers and publishing works (else ``degraded``: jobs run locally or wait in SQL)."""
+    answers and publishing works (else ``degraded``: jobs run locally or wait in SQL).
+    A check that fails names its dependency only; why it failed goes to the log."""
     database = await _check_database(services)
     checks = {"database": database, "broker": await _check_broker(services)}
     if not database["ok"]:
@@ -44,14 +47,15 @@ async def _check_database(services: Services) -> dict[str, Any]:
         async with services.engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
     except Exception as e:  # any driver error means the database is not usable
-        return {"ok": False, "detail": f"database unavailable ({type(e).__name__})"}
+        log.warning("ready: database unavailable: %s: %s", type(e).__name__, e)
+        return {"ok": False, "detail": "database unavailable"}
     version = await _schema_version(services)
     if version != services.schema_head:
+        log.warning("ready: schema at %s, expected %s", version, services.schema_head)
         return {
             "ok": False,
             "schema": "missing",
-            "detail": f"database schema is at {version or 'nothing'}, expected "
-            f"{services.schema_head}: run `tasklab db upgrade`",
+            "detail": "database schema is not migrated: run `tasklab db upgrade`",
         }
     return {"ok": True, "detail": None}
 
@@ -77,5 +81,6 @@ async def _check_broker(services: Services) -> dict[str, Any]:
     try:
         await services.broker.ping()
     except Exception as e:  # redis raises many types; all mean "not answering"
-        return {"ok": False, "detail": f"broker did not answer ping ({type(e).__name__})"}
+        log.warning("ready: broker ping failed: %s: %s", type(e).__name__, e)
+        return {"ok": False, "detail": "broker unavailable"}
     return {"ok": True, "detail": None}
