@@ -1,0 +1,38 @@
+"""Console: indexes its job listings page by, and the log of operators' actions.
+
+Revision ID: 0005_console
+Revises: 0004_shop_integrity
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005_console"
+down_revision = "0004_shop_integrity"  # after the shop integrity migration
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # The console lists jobs newest first by the key (created_at, id), alone or filtered by
+    # status or task; (owner, created_at) exists already. A queue filter walks the first.
+    op.create_index("ix_tasklab_jobs_created", "tasklab_jobs", ["created_at", "id"])
+    op.create_index("ix_tasklab_jobs_status_created", "tasklab_jobs", ["status", "created_at"])
+    op.create_index("ix_tasklab_jobs_task_created", "tasklab_jobs", ["task", "created_at"])
+    op.create_table(
+        "tasklab_console_actions",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("at", sa.Float, nullable=False, index=True),
+        sa.Column("actor", sa.String(128), nullable=False),
+        sa.Column("action", sa.String(64), nullable=False),
+        sa.Column("target", sa.String(500), nullable=False),
+        sa.Column("count", sa.Integer, nullable=False),
+        sa.Column("detail", sa.Text, nullable=True),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("tasklab_console_actions")
+    op.drop_index("ix_tasklab_jobs_task_created", "tasklab_jobs")
+    op.drop_index("ix_tasklab_jobs_status_created", "tasklab_jobs")
+    op.drop_index("ix_tasklab_jobs_created", "tasklab_jobs")

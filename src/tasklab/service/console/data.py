@@ -1,0 +1,259 @@
+"""The console's SQL: job listings paged by key, dead letters by group, recent throughput,
+and the action log. Plain functions of a ``Connection`` (run through ``SqlRunner``).
+
+Listings never count or OFFSET: at millions of rows both walk the table. A page is the next
+``limit`` rows after a cursor ``(created_at, id)``, newest first, which an index on
+``(created_at, id)`` (or ``(status|task|owner, created_at)`` with that filter) answers by
+reading ``limit`` entries (migration 0005).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from tasklab.jobs.records import Job, JobStatus, jobs
+
+PAGE_SIZE = 50
+ERROR_KEY_CHARS = 120  # dead letters group by the error's first characters (ids differ after)
+GROUP_ACTION_MAX = 1000  # one group action touches at most this many jobs
+
+actions = sa.Table(
+    "tasklab_console_actions",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(500), nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("detail", sa.Text),
+)
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    status: str | None = None
+    task: str | None = None
+    queue: str | None = None
+    owner: str | None = None
+    since: float | None = None  # created_at >= since (epoch seconds)
+    until: float | None = None  # created_at < until
+
+    def conditions(self) -> list[Any]:
+        c = jobs.c
+        conds: list[Any] = []
+        for column, value in (
+            (c.status, self.status),
+            (c.task, self.task),
+            (c.queue, self.queue),
+            (c.owner, self.owner),
+        ):
+            if value:
+                conds.append(column == value)
+        if self.since is not None:
+            conds.append(c.created_at >= self.since)
+        if self.until is not None:
+            conds.append(c.created_at < self.until)
+        return conds
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The last row of a page: the next page starts after it."""
+
+    created_at: float
+    id: str
+
+    def encode(self) -> str:
+        return f"{self.created_at!r}_{self.id}"
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        """Raises ValueError on a malformed cursor."""
+        created, _, job_id = text.partition("_")
+        if not job_id:
+            raise ValueError("a cursor is <created_at>_<job id>")
+        return cls(float(created), job_id)
+
+
+@dataclass(frozen=True)
+class JobPage:
+    jobs: list[Job]
+    next: Cursor | None
+
+
+def job_page(
+    conn: Connection, where: JobFilter, *, after: Cursor | None = None, limit: int = PAGE_SIZE
+) -> JobPage:
+    c = jobs.c
+    conds = where.conditions()
+    if after is not None:
+        conds.append(
+            sa.or_(
+                c.created_at < after.created_at,
+                sa.and_(c.created_at == after.created_at, c.id < after.id),
+            )
+        )
+    stmt = (
+        sa.select(jobs)
+        .where(*conds)
+        .order_by(c.created_at.desc(), c.id.desc())
+        .limit(limit + 1)  # one more tells whether a next page exists
+    )
+    found = [Job.from_row(r) for r in conn.execute(stmt)]
+    more = len(found) > limit
+    found = found[:limit]
+    last = found[-1] if more and found else None
+    return JobPage(found, Cursor(last.created_at, last.id) if last else None)
+
+
+def get_job(conn: Connection, job_id: str) -> Job | None:
+    row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+    return Job.from_row(row) if row else None
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadGroup:
+    task: str
+    error: str  # the first ERROR_KEY_CHARS characters
+    count: int
+    newest_at: float
+    sample_ids: list[str]
+
+
+def _error_key() -> Any:
+    return sa.func.substr(sa.func.coalesce(jobs.c.error, ""), 1, ERROR_KEY_CHARS)
+
+
+def dead_groups(conn: Connection) -> list[DeadGroup]:
+    key = _error_key().label("error_key")
+    stmt = (
+        sa.select(
+            jobs.c.task,
+            key,
+            sa.func.count().label("n"),
+            sa.func.max(jobs.c.finished_at).label("newest"),
+        )
+        .where(jobs.c.status == JobStatus.DEAD.value)
+        .group_by(jobs.c.task, key)
+        .order_by(sa.desc("n"))
+        .limit(200)
+    )
+    groups = []
+    for task, error, count, newest in conn.execute(stmt):
+        sample = dead_ids(conn, task=task, error=error, limit=5)
+        groups.append(DeadGroup(task, error, int(count), float(newest or 0), sample))
+    return groups
+
+
+def dead_ids(
+    conn: Connection, *, task: str, error: str, limit: int = GROUP_ACTION_MAX
+) -> list[str]:
+    stmt = (
+        sa.select(jobs.c.id)
+        .where(jobs.c.status == JobStatus.DEAD.value, jobs.c.task == task, _error_key() == error)
+        .order_by(jobs.c.finished_at.desc())
+        .limit(limit)
+    )
+    return [str(i) for i in conn.execute(stmt).scalars()]
+
+
+def discard_dead(conn: Connection, job_ids: Sequence[str]) -> list[str]:
+    """DEAD -> CANCELLED (out of the dead letters, kept as a record); the ids changed."""
+    stmt = (
+        jobs.update()
+        .where(jobs.c.id.in_(list(job_ids)), jobs.c.status == JobStatus.DEAD.value)
+        .values(status=JobStatus.CANCELLED.value, finished_at=time.time())
+        .returning(jobs.c.id)
+    )
+    return [str(i) for i in conn.execute(stmt).scalars()]
+
+
+# --- throughput ------------------------------------------------------------------------------
+
+
+def finished_last_minute(conn: Connection, *, now: float) -> dict[str, dict[str, int]]:
+    """queue -> {status: jobs finished in the last 60 s} (SUCCEEDED, DEAD, CANCELLED)."""
+    stmt = (
+        sa.select(jobs.c.queue, jobs.c.status, sa.func.count())
+        .where(jobs.c.finished_at >= now - 60)
+        .group_by(jobs.c.queue, jobs.c.status)
+    )
+    out: dict[str, dict[str, int]] = {}
+    for queue, status, n in conn.execute(stmt):
+        out.setdefault(str(queue), {})[str(status)] = int(n)
+    return out
+
+
+def throughput_per_minute(
+    conn: Connection, *, now: float, minutes: int = 60
+) -> dict[str, list[tuple[float, float]]]:
+    """status -> [(minutes ago, jobs finished that minute)] over the last ``minutes``."""
+    bucket = sa.cast((now - jobs.c.finished_at) / 60, sa.Integer).label("ago")
+    stmt = (
+        sa.select(bucket, jobs.c.status, sa.func.count())
+        .where(jobs.c.finished_at >= now - minutes * 60)
+        .group_by(bucket, jobs.c.status)
+    )
+    series: dict[str, dict[int, int]] = {}
+    for ago, status, n in conn.execute(stmt):
+        series.setdefault(str(status), {})[int(ago)] = int(n)
+    return {
+        status: [(-float(m), float(counts.get(m, 0))) for m in range(minutes - 1, -1, -1)]
+        for status, counts in series.items()
+    }
+
+
+# --- the action log --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    at: float
+    actor: str
+    action: str
+    target: str
+    count: int
+    detail: str | None
+
+
+def log_action(
+    conn: Connection, *, actor: str, action: str, target: str, count: int, detail: str = ""
+) -> None:
+    conn.execute(
+        actions.insert().values(
+            at=time.time(),
+            actor=actor,
+            action=action,
+            target=target[:500],
+            count=count,
+            detail=detail or None,
+        )
+    )
+
+
+def recent_actions(conn: Connection, *, limit: int = 100) -> list[Action]:
+    stmt = sa.select(actions).order_by(actions.c.at.desc(), actions.c.id.desc()).limit(limit)
+    return [
+        Action(r.at, r.actor, r.action, r.target, r._mapping["count"], r.detail)
+        for r in conn.execute(stmt)
+    ]
+
+
+def running_locally(conn: Connection) -> int:
+    """Jobs the API's local executor runs now (the breaker is open or was)."""
+    stmt = (
+        sa.select(sa.func.count())
+        .select_from(jobs)
+        .where(jobs.c.status == JobStatus.STARTED.value, jobs.c.via == "local")
+    )
+    return int(conn.execute(stmt).scalar_one())
