@@ -206,12 +206,21 @@ def exporter(
     port: Annotated[int | None, typer.Option(min=1, max=65535)] = None,
     host: Annotated[str | None, typer.Option()] = None,
     interval: Annotated[float, typer.Option(min=0.2, help="refresh seconds")] = 5.0,
+    celery_app: Annotated[
+        str | None,
+        typer.Option("--app", help="module:attribute of any Celery app to watch instead"),
+    ] = None,
 ) -> None:
-    """Serve queue, worker and beat metrics for Prometheus on their own port."""
-    from tasklab.observe.exporter import run_exporter
+    """Serve queue, worker, beat and Celery task metrics for Prometheus on their own port."""
+    from tasklab.observe.exporter import load_app, run_exporter
 
     settings = settings_of(ctx)
-    run_exporter(settings, port or settings.exporter_port or 9810, host=host, interval_s=interval)
+    try:
+        app = load_app(celery_app) if celery_app else None
+    except TasklabError as e:
+        fail(str(e))
+    port = port or settings.exporter_port or 9810
+    run_exporter(settings, port, host=host, interval_s=interval, app=app)
 
 
 @app.command()

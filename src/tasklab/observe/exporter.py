@@ -11,10 +11,14 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from celery import Celery
 from prometheus_client import start_http_server
+from sqlalchemy import Engine
 
 from tasklab.celery_app import make_celery
 from tasklab.database import make_engine
+from tasklab.errors import ConfigError
+from tasklab.observe.events import TaskEvents
 from tasklab.observe.queues import QueueGauges, QueueProbe
 from tasklab.observe.registry import exporter_registry
 from tasklab.observe.workers import WorkerMonitor
@@ -28,18 +32,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Exporter:
-    """The probes and the gauges they feed; ``refresh()`` does one round."""
+    """The probes and the gauges they feed; ``refresh()`` does one round.
+
+    With ``app`` (any Celery app, ``--app module:celery``) the events, workers and queues are
+    that app's: its broker, its declared queues, no job table. Without it, tasklab's."""
 
     settings: Settings
+    app: Celery | None = None
     queues: QueueProbe = field(init=False)
     workers: WorkerMonitor = field(init=False)
+    events: TaskEvents = field(init=False)
     gauges: QueueGauges = field(init=False, default_factory=QueueGauges)
 
     def __post_init__(self) -> None:
-        self._celery = make_celery(self.settings)
-        self._engine = make_engine(self.settings)
-        self.queues = QueueProbe(self.settings, engine=self._engine)
+        self._engine: Engine | None = None
+        if self.app is None:
+            self._celery = make_celery(self.settings)
+            self._engine = make_engine(self.settings)
+            self.queues = QueueProbe(self.settings, engine=self._engine)
+        else:
+            self._celery = self.app
+            with self.app.connection_for_read() as conn:  # not connected: the URL only
+                broker = str(conn.as_uri(include_password=True))
+            settings = self.settings.model_copy(update={"broker_url": broker})
+            self.queues = QueueProbe(settings, queues=app_queues(self.app))
         self.workers = WorkerMonitor(self._celery)
+        self.events = TaskEvents(default_queue=str(self._celery.conf.task_default_queue))
+        self.workers.listeners.append(self.events.on_event)
 
     def refresh(self) -> None:
         """One round; a failing source is logged and the other gauges still update."""
@@ -51,12 +70,35 @@ class Exporter:
             self.workers.snapshot().record()
         except Exception as e:
             log.warning("worker refresh failed: %s: %s", type(e).__name__, e)
+        self.events.expire_workers()
 
     def close(self) -> None:
         self.workers.stop()
         self.queues.close()
-        self._engine.dispose()
-        self._celery.close()
+        if self._engine is not None:
+            self._engine.dispose()
+        if self.app is None:  # the caller's app is the caller's to close
+            self._celery.close()
+
+
+def app_queues(app: Celery) -> tuple[str, ...]:
+    """The queues an app declares (``task_queues``), else its default queue."""
+    names = tuple(str(name) for name in app.amqp.queues)
+    return names or (str(app.conf.task_default_queue),)
+
+
+def load_app(spec: str) -> Celery:
+    """``module:attribute`` (or ``module``, Celery's own lookup) → the Celery app; ConfigError
+    naming the option when it cannot be imported."""
+    from celery.app.utils import find_app
+
+    try:
+        app = find_app(spec)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError("--app", f"cannot load Celery app {spec!r}: {e}") from e
+    if not isinstance(app, Celery):
+        raise ConfigError("--app", f"{spec!r} is a {type(app).__name__}, not a Celery app")
+    return app
 
 
 def run_exporter(
@@ -66,12 +108,13 @@ def run_exporter(
     host: str | None = None,
     interval_s: float = DEFAULT_INTERVAL_S,
     stop: threading.Event | None = None,
+    app: Celery | None = None,
 ) -> None:
     """Serve the exporter's metrics on ``host:port`` until ``stop`` is set (or SIGTERM/SIGINT
     raises SystemExit/KeyboardInterrupt in the caller's thread)."""
     stop = stop or threading.Event()
     address = host or settings.api_host
-    exporter = Exporter(settings)
+    exporter = Exporter(settings, app=app)
     try:
         server, thread = start_http_server(port, addr=address, registry=exporter_registry())
     except OSError:

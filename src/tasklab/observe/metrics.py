@@ -189,6 +189,52 @@ BEAT_LAST_TICK = Gauge(
     multiprocess_mode="max",
 )
 
+# --- Celery events, any Celery app (exporter; tasklab.observe.events) -----------------------
+# Names and labels as celery-exporter's, so its dashboards work; every label is bounded there.
+_CELERY_TASK_LABELS = ["name", "hostname", "queue_name"]
+_CELERY_TASK_STATES = {
+    "task-sent": "Task messages published (producers with task_send_sent_event).",
+    "task-received": "Tasks a worker received.",
+    "task-started": "Tasks a worker started.",
+    "task-succeeded": "Tasks that succeeded.",
+    "task-retried": "Tasks that failed and will be retried.",
+    "task-rejected": "Tasks a worker rejected (requeued or dead-lettered).",
+    "task-revoked": "Tasks revoked.",
+}
+CELERY_TASK_COUNTERS: dict[str, Counter] = {
+    kind: Counter(f"celery_{kind.replace('-', '_')}", help_text, _CELERY_TASK_LABELS)
+    for kind, help_text in _CELERY_TASK_STATES.items()
+}
+CELERY_TASK_COUNTERS["task-failed"] = Counter(
+    "celery_task_failed",
+    "Tasks whose run failed, by exception type.",
+    [*_CELERY_TASK_LABELS, "exception"],
+)
+CELERY_TASK_RUNTIME = Histogram(
+    "celery_task_runtime_seconds",
+    "Run time of succeeded tasks (the worker's runtime field).",
+    _CELERY_TASK_LABELS,
+    buckets=LATENCY_BUCKETS_S,
+)
+CELERY_TASK_QUEUE_WAIT = Histogram(
+    "celery_task_queue_wait_time_seconds",
+    "From task-sent (or the end of its countdown/ETA) to task-started.",
+    _CELERY_TASK_LABELS,
+    buckets=LATENCY_BUCKETS_S,
+)
+CELERY_WORKER_UP = Gauge(
+    "celery_worker_up",
+    "1 while the worker's heartbeats arrive in time, 0 once they stop or it went offline.",
+    ["hostname"],
+    multiprocess_mode="max",
+)
+CELERY_WORKER_TASKS_ACTIVE = Gauge(
+    "celery_worker_tasks_active",
+    "Tasks the worker is running (its last heartbeat).",
+    ["hostname"],
+    multiprocess_mode="max",
+)
+
 # --- Cache ------------------------------------------------------------------------------------
 CACHE_HITS = Counter("tasklab_cache_hits_total", "Cache hits.", ["cache", "level"])
 CACHE_MISSES = Counter("tasklab_cache_misses_total", "Cache misses.", ["cache", "level"])

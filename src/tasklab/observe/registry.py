@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from tasklab.observe import metrics, multiproc
 
-# Gauges measured by the exporter (queues, workers, SQL job counts), nowhere else.
+# Measured by the exporter (queues, workers, SQL job counts, Celery events), nowhere else.
 EXPORTER_METRICS: tuple[MetricWrapperBase, ...] = (
     metrics.QUEUE_DEPTH,
     metrics.QUEUE_DEPTH_BY_PRIORITY,
@@ -42,6 +42,11 @@ EXPORTER_METRICS: tuple[MetricWrapperBase, ...] = (
     metrics.WORKER_PROCESSES,
     metrics.WORKER_RSS,
     metrics.WORKER_HEARTBEAT_AGE,
+    *metrics.CELERY_TASK_COUNTERS.values(),
+    metrics.CELERY_TASK_RUNTIME,
+    metrics.CELERY_TASK_QUEUE_WAIT,
+    metrics.CELERY_WORKER_UP,
+    metrics.CELERY_WORKER_TASKS_ACTIVE,
 )
 # Set by beat itself (multiprocess mode) and by the exporter from beat's task-sent events.
 EXPORTER_EXTRA_METRICS: tuple[MetricWrapperBase, ...] = (metrics.BEAT_LAST_TICK,)

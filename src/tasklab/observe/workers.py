@@ -19,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +89,8 @@ class WorkerMonitor:
         self._thread: threading.Thread | None = None
         self._beat_last_sent_at: float | None = None
         self._last_pools: dict[str, _PoolStats] = {}
+        # Further consumers of every event (tasklab.observe.events), called in the thread.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     # --- events --------------------------------------------------------------------------
     def start(self) -> WorkerMonitor:
@@ -118,6 +120,11 @@ class WorkerMonitor:
                 self._stop.wait(RECONNECT_DELAY_S)
 
     def on_event(self, event: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # one odd event must not stop the receiver
+                log.exception("event listener failed on %s", event.get("type"))
         kind = event.get("type", "")
         if kind.startswith("worker-"):
             with self._lock:
