@@ -3,8 +3,6 @@ broker restarted empty, duplicate and stale deliveries, a dead result backend.""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +19,7 @@ from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.jobs.conftest import effect_counts, queued_messages
+from tests.support.frozen import FrozenServer
 
 
 @pytest.fixture
@@ -296,30 +295,6 @@ def test_a_stale_attempt_cannot_commit_its_effects(
     assert jm.get(j.id).attempt == 2
     del first
     jm.close()
-
-
-class FrozenServer:
-    """A TCP server that accepts connections and never answers (a hung Redis), counting
-    the connections it was sent."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # closed
-                return
-            self.accepted.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.accepted:
-            conn.close()
 
 
 def test_job_tasks_never_touch_the_result_backend_so_a_dead_one_drops_no_jobs(

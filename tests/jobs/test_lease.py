@@ -170,3 +170,20 @@ def test_a_pool_process_whose_job_was_taken_back_lives_on(jm: JobManager) -> Non
     with writing(jm.engine) as conn:
         assert conn.execute(store.release_expired(job_id, 1, time.time(), dead=False)).first()
     assert ends_of_a_forked_keeper(jm, job_id) == 0
+
+
+def test_a_renewal_counts_the_leases_still_held_and_extends_each(jm: JobManager) -> None:
+    keeper = LeaseKeeper(jm.engine)
+    assert keeper.renew_now() == 0  # nothing held
+    ours = [claimed(jm, 2.0) for _ in range(2)]
+    gone = claimed(jm, -1.0)
+    with writing(jm.engine) as conn:  # the reaper took this one back
+        assert conn.execute(store.release_expired(gone, 1, time.time(), dead=False)).first()
+    for job_id in [*ours, gone]:
+        keeper.hold(job_id, 1, 20.0)
+
+    assert keeper.renew_now() == 2
+    assert all(15 < expires_in_s(jm, job_id) <= 20.5 for job_id in ours)
+    assert keeper.lost(gone, 1) and not any(keeper.lost(job_id, 1) for job_id in ours)
+    for job_id in [*ours, gone]:
+        keeper.release(job_id)

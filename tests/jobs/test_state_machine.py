@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -20,6 +21,7 @@ import sqlalchemy as sa
 from tasklab.database import writing
 from tasklab.embedded import EmbeddedRedis
 from tasklab.jobs import JobContext, JobManager, JobStatus, job, store
+from tasklab.jobs.carriers import redis_list
 from tasklab.jobs.execution import Executor, Outcome
 from tasklab.jobs.hooks import Ended
 from tasklab.jobs.lease import LeaseKeeper
@@ -30,6 +32,7 @@ from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.jobs.conftest import effect_counts, queued_messages
+from tests.support.frozen import FrozenServer
 
 BACKOFF_S = 5.0
 RETENTION_DAYS = 30.0
@@ -556,3 +559,125 @@ def test_a_submit_the_broker_refuses_waits_in_sql_and_leaves_other_jobs_alone(
     assert (r.status, r.via, r.publish_count) == (JobStatus.PENDING, "local", 0)
     p = jm.get(published.id)
     assert (p.status, p.via) == (JobStatus.QUEUED, "broker")
+
+
+# --- what the reaper waits for, and where it looks ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("publish_timeout_s", "young_s", "old_s"),
+    [(1.0, 1.5, 2.5), (2.0, 3.0, 4.5)],  # the grace: max(2 s, 2 x publish_timeout_s)
+)
+def test_a_pending_job_is_left_to_its_relay_for_a_grace_then_published(
+    jm: JobManager, state_settings: Settings, publish_timeout_s: float, young_s: float, old_s: float
+) -> None:
+    settings = state_settings.model_copy(update={"publish_timeout_s": publish_timeout_s})
+    reaper = Reaper(settings, jm.engine, jm.publisher)
+    try:
+        now = time.time()
+        young = inserted(jm, probe_jobs.noop, created_at=now - young_s)
+        old = inserted(jm, probe_jobs.noop, created_at=now - old_s)
+        assert reaper.tick()["unpublished"] == 1
+        assert (jm.get(young).status, jm.get(old).status) == (JobStatus.PENDING, JobStatus.QUEUED)
+    finally:
+        reaper.close()
+
+
+def lose_the_message_of(client: redis.Redis, queue: str, priority: int) -> None:
+    """A worker reserved the message, then died: it is gone from the queue."""
+    assert client.rpop(redis_list(queue, priority)) is not None
+
+
+def test_a_job_on_an_extra_queue_whose_message_vanished_is_published_again(
+    jm: JobManager, state_settings: Settings, broker: EmbeddedRedis
+) -> None:
+    settings = state_settings.model_copy(
+        update={"requeue_after_s": 1.0, "extra_queues": ["reports", "lab-*"]}
+    )
+    manager = JobManager(settings)
+    reaper = Reaper(settings, manager.engine, manager.publisher)
+    client = redis.Redis.from_url(broker.url)
+    try:
+        lost = manager.submit(probe_jobs.noop, queue="reports")
+        assert manager.flush(timeout_s=10)
+        lose_the_message_of(client, "reports", probe_jobs.noop.priority)
+        reaper.tick()  # the queue's list is empty now
+        time.sleep(1.1)
+        assert reaper.tick()["message_lost"] == 1
+        assert manager.get(lost.id).publish_count == 2 and carried(client, "reports") == [lost.id]
+    finally:
+        client.close()
+        reaper.close()
+        manager.close()
+
+
+def test_a_lost_job_is_found_behind_any_number_of_finished_ones(
+    jm: JobManager, state_settings: Settings, broker: EmbeddedRedis
+) -> None:
+    settings = state_settings.model_copy(update={"requeue_after_s": 1.0})
+    reaper = Reaper(settings, jm.engine, jm.publisher)
+    client = redis.Redis.from_url(broker.url)
+    try:
+        done = [jm.prepare(probe_jobs.noop, queue="low") for _ in range(BATCH + 10)]
+        with writing(jm.engine) as conn:  # older than the lost job, their messages long gone
+            conn.execute(
+                store.jobs.insert(),
+                [
+                    {**p.insert[1], "created_at": 1.0, "queued_at": 1.0, "status": "SUCCEEDED"}
+                    for p in done
+                ],
+            )
+        lost = jm.submit(probe_jobs.noop, queue="low")
+        assert jm.flush(timeout_s=10)
+        lose_the_message_of(client, "low", probe_jobs.noop.priority)
+        reaper.tick()
+        time.sleep(1.1)
+        assert reaper.tick()["message_lost"] == 1
+        assert jm.get(lost.id).publish_count == 2
+        assert jm.counts()["SUCCEEDED"] == BATCH + 10  # finished jobs are never published
+    finally:
+        client.close()
+        reaper.close()
+
+
+def test_a_reaper_tick_on_a_hung_broker_ends_within_its_timeouts(
+    jm: JobManager, state_settings: Settings
+) -> None:
+    hung = FrozenServer()
+    settings = state_settings.model_copy(
+        update={"redis_url": f"redis://127.0.0.1:{hung.port}/0", "publish_timeout_s": 0.5}
+    )
+    manager = JobManager(settings)
+    reaper = Reaper(settings, manager.engine, manager.publisher)
+    inserted(manager, probe_jobs.noop, created_at=time.time() - 60)
+    ticked: list[dict[str, int]] = []
+    tick = threading.Thread(target=lambda: ticked.append(reaper.tick()), daemon=True)
+    try:
+        tick.start()
+        tick.join(20)  # each broker call gives up after publish_timeout_s
+        assert not tick.is_alive(), "the reaper's tick hangs with the broker"
+        assert ticked[0]["unpublished"] == 0  # the job waits in SQL for the broker
+    finally:
+        hung.close()
+        reaper.close()
+        manager.close()
+
+
+@job(name="tests.state.reports_progress", bind=True)
+def reports_progress(ctx: JobContext, message: str) -> None:
+    ctx.progress(1, 2, message)
+
+
+def test_progress_records_its_message_cut_to_500_characters(jm: JobManager) -> None:
+    short, long = inserted(jm, reports_progress), inserted(jm, reports_progress)
+    with writing(jm.engine) as conn:
+        for job_id, message in ((short, "halfway"), (long, "y" * 600)):
+            conn.execute(
+                store.jobs.update().where(store.jobs.c.id == job_id).values(args=[message])
+            )
+    run = executor(jm)
+    assert run.run(reports_progress, short).status == "succeeded"
+    assert run.run(reports_progress, long).status == "succeeded"
+    assert jm.get(short).progress_message == "halfway"
+    assert jm.get(long).progress_message == "y" * 500
+    assert (jm.get(short).progress_current, jm.get(short).progress_total) == (2, 2)
