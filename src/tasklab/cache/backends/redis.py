@@ -63,6 +63,10 @@ return 1
 """
 ALWAYS = "*"
 UNLESS_DELETED = "!t"
+# Error prefixes Redis answers with while it cannot serve writes (not a bad command).
+SERVER_STATE_ERRORS = frozenset(
+    {"READONLY", "OOM", "LOADING", "MASTERDOWN", "MISCONF", "NOREPLICAS", "BUSY", "CLUSTERDOWN"}
+)
 
 # KEYS[1] tag set; ARGV: value key prefix, channel, sender, tombstone, tombstone ttl_ms.
 # Every member becomes a tombstone; returns the cache keys.
@@ -264,8 +268,8 @@ class RedisBackend:
             raise L2Unavailable("circuit open")
         try:
             result = op(self._client)
-        except redis.ResponseError as e:  # Redis answered: a bug or bad data, not an outage
-            self._count_error()
+        except redis.ResponseError as e:
+            self._refused(e)
             raise L2Unavailable(f"Redis refused a command: {e}") from e
         except (redis.RedisError, OSError) as e:
             self._count_error()
@@ -273,6 +277,15 @@ class RedisBackend:
             raise L2Unavailable(f"Redis unreachable: {e}") from e
         self.breaker.record_success()
         return result
+
+    def _refused(self, error: redis.ResponseError) -> None:
+        """A refusal by the server's state (READONLY after a failover, OOM, LOADING...) is an
+        outage like a dropped connection: it trips the breaker, so L1 entries turn suspect and
+        failed deletes are replayed once Redis takes writes again. Any other refusal is a bug
+        or bad data and leaves the breaker alone."""
+        self._count_error()
+        if _server_state_error(error):
+            self.breaker.record_failure()
 
     # --- asyncio operations -------------------------------------------------------------------
     def _aconn(self) -> _AsyncConn:
@@ -361,7 +374,7 @@ class RedisBackend:
         try:
             result = await op(self._aconn())
         except redis.ResponseError as e:
-            self._count_error()
+            self._refused(e)
             raise L2Unavailable(f"Redis refused a command: {e}") from e
         except (redis.RedisError, OSError) as e:
             self._count_error()
@@ -421,6 +434,16 @@ class RedisBackend:
         if conn is not None:
             await conn.client.aclose()
         self.close()
+
+
+def _server_state_error(error: redis.ResponseError) -> bool:
+    # redis-py strips the code of the errors it maps (ReadOnlyError, OutOfMemoryError); from
+    # inside a script the code follows the script's own prefix.
+    if isinstance(error, (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)):
+        return True
+    code = getattr(error, "status_code", None)
+    words = {str(code).upper()} | {w.lstrip("-") for w in str(error).split()}
+    return bool(words & SERVER_STATE_ERRORS)
 
 
 __all__ = ["ALWAYS", "UNLESS_DELETED", "RedisBackend", "StoredItem"]
