@@ -128,9 +128,17 @@ def _config(settings: Settings, *, for_publishing: bool) -> dict[str, Any]:
         # missed beats (Celery's default is 120 s), and RabbitMQ gives its unacked messages
         # to other workers as soon.
         conf["broker_heartbeat"] = AMQP_HEARTBEAT_S
+        # Publisher confirms: a publish returns once RabbitMQ has the message (on disk for a
+        # durable queue), and raises if it refused it (a full queue that rejects publishes),
+        # so a job is marked QUEUED only when its message is really there.
+        transport: dict[str, Any] = {"confirm_publish": True}
         if for_publishing:
-            conf["broker_transport_options"] = _fail_fast(settings)
+            transport.update(_fail_fast(settings))
+            # py-amqp's own socket timeouts: a frozen broker fails the publish (or its
+            # confirm) within publish_timeout_s
+            transport["read_timeout"] = transport["write_timeout"] = settings.publish_timeout_s
             conf["broker_connection_timeout"] = settings.publish_timeout_s
+        conf["broker_transport_options"] = transport
     return conf
 
 

@@ -14,6 +14,7 @@ from tasklab.lab.errors import LabError
 from tasklab.lab.partition import PartitionSizes, notice_bound_s, takeover_bound_s
 from tasklab.settings import Settings
 from tests.lab.helpers import read_json
+from tests.support.rabbitmq import own_vhost
 
 # Short knobs so that the cut lasts seconds; the full drill runs on the defaults (docs/lab.md).
 KNOBS = {
@@ -76,7 +77,8 @@ def test_a_node_cut_off_from_rabbitmq_and_postgresql_is_taken_over_and_comes_bac
     amqp = os.environ.get("TEST_RABBITMQ_URL")
     if not amqp:
         pytest.skip("TEST_RABBITMQ_URL is not set (make test sets it when RabbitMQ answers)")
-    settings = Settings(
-        home_dir=tmp_path / ".tasklab", database_url=postgres_url, broker_url=amqp, **KNOBS
-    )
-    _check(_run(settings, console), settings)
+    with own_vhost(amqp) as url:  # tasklab's queue names meet no other test's
+        settings = Settings(
+            home_dir=tmp_path / ".tasklab", database_url=postgres_url, broker_url=url, **KNOBS
+        )
+        _check(_run(settings, console), settings)

@@ -52,19 +52,17 @@ class Reaper:
         self._flushed_before = 0.0  # jobs published before this lost their messages
         self._redis: redis.Redis | None = None
         self.carriers: RedisCarriers | AmqpCarriers
+        # tasklab's queues and the extra ones named in full (a pattern cannot be listed)
+        self.queues = (*QUEUES, *(q for q in settings.extra_queues if "*" not in q))
         if settings.broker_is_redis:
             self._redis = redis.Redis.from_url(
                 settings.effective_broker_url,
                 socket_timeout=settings.publish_timeout_s,
                 socket_connect_timeout=settings.publish_timeout_s,
             )
-            self.carriers = RedisCarriers(
-                self._redis,
-                engine,
-                queues=(*QUEUES, *(q for q in settings.extra_queues if "*" not in q)),
-            )
+            self.carriers = RedisCarriers(self._redis, engine, queues=self.queues)
         else:
-            self.carriers = AmqpCarriers(self._amqp_depths)
+            self.carriers = AmqpCarriers(self._amqp_depths, queues=self.queues)
 
     def tick(self) -> dict[str, int]:
         now = time.time()
@@ -75,7 +73,7 @@ class Reaper:
         if self._flushed_before:
             left = {
                 key: max(left.get(key, 0.0), self._flushed_before)
-                for key in {*left, *((q, p) for q in QUEUES for p in range(MAX_PRIORITY + 1))}
+                for key in {*left, *((q, p) for q in self.queues for p in range(MAX_PRIORITY + 1))}
             }
         counts.update({"unpublished": 0, "message_lost": 0})
         deadline = time.monotonic() + self.settings.reaper_interval_s
@@ -152,7 +150,7 @@ class Reaper:
         from tasklab.observe.queues import amqp_queue_depths
 
         with self.publisher.app.connection_for_read() as conn:
-            return amqp_queue_depths(conn, QUEUES)
+            return amqp_queue_depths(conn, self.queues)
 
     def _publish_stranded(
         self, now: float, left: dict[tuple[str, int], float]
