@@ -25,8 +25,14 @@ VIEWER = "user-00001"
 
 
 @pytest.fixture
-def console_settings(tmp_path: Path, redis_url: str) -> Settings:
-    settings = make_settings(tmp_path, redis_url, console_viewers=[VIEWER])
+def console_database() -> str | None:
+    """SQLite under the test's folder; a module overrides it to run on every database."""
+    return None
+
+
+@pytest.fixture
+def console_settings(tmp_path: Path, redis_url: str, console_database: str | None) -> Settings:
+    settings = make_settings(tmp_path, redis_url, console_database, console_viewers=[VIEWER])
     seed(settings, **SEED)
     return settings
 
@@ -94,7 +100,8 @@ def insert_jobs(settings: Settings, rows: list[dict[str, Any]]) -> list[str]:
     engine = make_engine(settings)
     try:
         with engine.begin() as conn:
-            conn.execute(jobs.insert(), full)
+            for row in full:  # rows may name different columns
+                conn.execute(jobs.insert().values(**row))
     finally:
         engine.dispose()
     return [r["id"] for r in full]
