@@ -14,6 +14,9 @@ from prometheus_client import REGISTRY
 
 from tasklab.celery_app import broker_priority, make_celery
 from tasklab.database import make_engine
+from tasklab.jobs import JobManager, JobStatus
+from tasklab.lab import probe_jobs
+from tasklab.migrations import migrate
 from tasklab.observe.queues import (
     QueueDepth,
     QueueGauges,
@@ -26,6 +29,7 @@ from tasklab.observe.queues import (
     redis_unacked_by_queue,
 )
 from tasklab.settings import Settings
+from tests.observe.conftest import wait_until
 
 
 @pytest.fixture
@@ -191,6 +195,57 @@ def test_the_oldest_waiting_job_age_comes_from_the_job_records(engine: sa.Engine
         "STARTED": 1,
         "SUCCEEDED": 1,
     }
+
+
+def test_a_countdown_job_waits_from_when_it_became_due_not_from_its_submit(
+    engine: sa.Engine,
+) -> None:
+    now = 1_000_000.0
+    create_jobs_table(
+        engine,
+        [  # both submitted 2 hours ago
+            {
+                "status": "QUEUED",
+                "queue": "default",
+                "queued_at": now - 7200,
+                "created_at": now - 7200,
+                "next_attempt_at": now - 40,
+            },  # countdown ended 40 s ago
+            {
+                "status": "QUEUED",
+                "queue": "low",
+                "queued_at": now - 7200,
+                "created_at": now - 7200,
+                "next_attempt_at": now + 3600,
+            },  # due in an hour: not waiting
+        ],
+    )
+
+    assert oldest_waiting_ages(engine, now=now) == {"default": 40.0}
+
+
+@pytest.mark.slow
+def test_a_job_submitted_with_a_countdown_is_not_waiting_until_it_is_due(
+    settings: Settings,
+) -> None:
+    migrate(settings)
+    jm = JobManager(settings)
+    engine = make_engine(settings)
+    try:
+        job = jm.submit(probe_jobs.noop, countdown_s=600, queue="low")
+        wait_until(
+            lambda: jm.get(job.id).status,
+            lambda s: s is JobStatus.QUEUED,
+            timeout_s=10,
+            what="the countdown job to be published",
+        )
+        later = time.time() + 300  # 5 minutes after its submit, 5 before it is due
+
+        assert "low" not in oldest_waiting_ages(engine, now=later)
+        assert 0 < oldest_waiting_ages(engine, now=time.time() + 630)["low"] < 60
+    finally:
+        jm.close()
+        engine.dispose()
 
 
 def test_a_database_without_the_job_table_yet_reports_nothing(engine: sa.Engine) -> None:

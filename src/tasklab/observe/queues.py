@@ -241,20 +241,14 @@ def _close_quietly(channel: Any) -> None:
 
 
 def oldest_waiting_ages(engine: Engine, *, now: float | None = None) -> dict[str, float]:
-    """Seconds the oldest waiting job of each queue has waited; {} if no job table yet."""
+    """Seconds the oldest due job of each queue has waited since it became due; {} if no job
+    table yet."""
     now = time.time() if now is None else now
-    since = sa.case(
-        (
-            _jobs.c.status == "RETRYING",
-            sa.func.coalesce(_jobs.c.next_attempt_at, _jobs.c.queued_at),
-        ),
-        else_=sa.func.coalesce(_jobs.c.queued_at, _jobs.c.created_at),
-    )
-    due = sa.or_(
-        _jobs.c.status != "RETRYING",
-        _jobs.c.next_attempt_at.is_(None),
-        _jobs.c.next_attempt_at <= now,
-    )
+    # A job waits from when it became due: its publish (or creation), or the end of its
+    # countdown or retry backoff (next_attempt_at) when that is later. Not due yet: not waiting.
+    published = sa.func.coalesce(_jobs.c.queued_at, _jobs.c.created_at)
+    since = sa.case((_jobs.c.next_attempt_at > published, _jobs.c.next_attempt_at), else_=published)
+    due = sa.or_(_jobs.c.next_attempt_at.is_(None), _jobs.c.next_attempt_at <= now)
     query = (
         sa.select(_jobs.c.queue, sa.func.min(since))
         .where(_jobs.c.status.in_(WAITING_STATUSES), due)
