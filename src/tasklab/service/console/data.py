@@ -257,3 +257,15 @@ def running_locally(conn: Connection) -> int:
         .where(jobs.c.status == JobStatus.STARTED.value, jobs.c.via == "local")
     )
     return int(conn.execute(stmt).scalar_one())
+
+
+def waiting_by_queue(conn: Connection) -> dict[str, int]:
+    """Jobs waiting to start per queue, by their records: several may ride in one broker
+    message (a bundle), so this is not the broker's depth."""
+    waiting = [s.value for s in (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RETRYING)]
+    stmt = (
+        sa.select(jobs.c.queue, sa.func.count())
+        .where(jobs.c.status.in_(waiting))
+        .group_by(jobs.c.queue)
+    )
+    return {str(queue): int(n) for queue, n in conn.execute(stmt)}

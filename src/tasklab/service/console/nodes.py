@@ -167,7 +167,8 @@ def _node(
         rss = int((reply.get("rusage") or {}).get("maxrss") or 0) * 1024 or None
     return Node(
         name=name,
-        pool=str(pool.get("implementation", "?")).rsplit(":", 1)[-1],
+        # "celery.concurrency.prefork:TaskPool" -> "prefork"
+        pool=str(pool.get("implementation", "?")).split(":", 1)[0].rsplit(".", 1)[-1],
         concurrency=len(pids) or int(pool.get("max-concurrency") or 0),
         running=len(active),
         rss_bytes=rss,

@@ -142,12 +142,14 @@ async def _overview(request: Request) -> dict[str, Any]:
     finished = await console.sql.read(lambda c: data.finished_last_minute(c, now=now))
     series = await console.sql.read(lambda c: data.throughput_per_minute(c, now=now))
     local = await console.sql.read(data.running_locally)
+    waiting = await console.sql.read(data.waiting_by_queue)
     breaker = console.services.jobs.publisher.breaker
     return {
         "rows": rows,
         "unacked": unacked,
         "broker_error": broker_error,
         "finished": finished,
+        "waiting": waiting,
         "fleet": console.nodes.fleet,
         "breaker": breaker.state.value,
         "running_locally": local,
