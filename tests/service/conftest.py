@@ -50,9 +50,20 @@ def read_tokens(path: Path) -> list[Account]:
     ]
 
 
+# Limits high enough that only the tests of the limits meet them (tests/service/test_rate_limits.py
+# sets its own): the oversell test alone sends 1,000 orders from 19 users at once.
+TEST_LIMITS: dict[str, Any] = {
+    "rate_limit_per_token": "100000/minute",
+    "rate_limit_per_address": "1000000/minute",
+    "rate_limit_failed_auth_per_address": "100000/minute",
+    "orders_in_flight_max": 10_000,
+}
+
+
 def make_settings(
     tmp_path: Path, redis_url: str, database_url: str | None = None, **extra: Any
 ) -> Settings:
+    extra = {**TEST_LIMITS, **extra}
     return Settings(
         home_dir=tmp_path / ".tasklab",
         redis_url=redis_url,

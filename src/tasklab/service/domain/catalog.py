@@ -9,7 +9,12 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tasklab.service.domain.catalog_cache import CatalogCache, list_key
+from tasklab.service.domain.catalog_cache import (
+    CatalogCache,
+    Uncacheable,
+    is_canonical,
+    list_key,
+)
 from tasklab.service.domain.errors import NotFound
 from tasklab.service.domain.models import Product, table
 from tasklab.service.domain.paging import Page, money, offset_of
@@ -26,13 +31,17 @@ _ORDER: dict[str, tuple[Any, ...]] = {
 
 
 def product_dict(row: Any) -> dict[str, Any]:
+    return {**static_dict(row), "stock": row.stock}
+
+
+def static_dict(row: Any) -> dict[str, Any]:
+    """What changes only with the catalog (cached long); stock is apart (see catalog_cache)."""
     return {
         "id": row.id,
         "name": row.name,
         "category": row.category,
         "price": money(row.price_cents),
         "price_cents": row.price_cents,
-        "stock": row.stock,
     }
 
 
@@ -45,22 +54,36 @@ class Catalog:
 
     async def get(self, product_id: int) -> dict[str, Any]:
         if self.cache is None:
-            found = await self._load(product_id)
-        else:
-            found = await self.cache.product(product_id, lambda: self._load(product_id))
-        if found is None:
-            raise NotFound("product", product_id)
-        return found
+            row = await self._row(product_id)
+            if row is None:
+                raise NotFound("product", product_id)
+            return product_dict(row)
 
-    async def _load(self, product_id: int) -> dict[str, Any] | None:
+        async def load_static() -> dict[str, Any]:
+            row = await self._row(product_id)
+            if row is None:
+                raise NotFound("product", product_id)  # not cached: ids are the caller's
+            return static_dict(row)
+
+        static = await self.cache.product(product_id, load_static)
+        stock = await self.cache.stock(product_id, lambda: self._stock(product_id))
+        return {**static, "stock": stock}
+
+    async def _row(self, product_id: int) -> Any:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(sa.select(*_COLUMNS).where(Product.id == product_id))).first()
-        return None if row is None else product_dict(row)
+            return (
+                await conn.execute(sa.select(*_COLUMNS).where(Product.id == product_id))
+            ).first()
+
+    async def _stock(self, product_id: int) -> int:
+        async with self.engine.connect() as conn:
+            found = await conn.execute(sa.select(Product.stock).where(Product.id == product_id))
+            return int(found.scalar_one_or_none() or 0)
 
     async def page(
         self, *, page: int, page_size: int, category: str | None = None, sort: ProductSort = "id"
     ) -> dict[str, Any]:
-        """``{"items", "page", "page_size", "total"}``."""
+        """``{"items", "page", "page_size", "total"}``; canonical pages through the cache."""
 
         async def load() -> dict[str, Any]:
             found = await self._load_page(
@@ -68,10 +91,31 @@ class Catalog:
             )
             return found.to_dict()
 
-        if self.cache is None:
+        if self.cache is None or not is_canonical(page=page, page_size=page_size):
             return await load()
-        key = list_key(category=category, sort=sort, page=page, page_size=page_size)
-        return await self.cache.page(key, load)
+
+        async def load_static() -> dict[str, Any]:
+            found = await load()
+            static = {**found, "items": [_without_stock(i) for i in found["items"]]}
+            if not found["items"]:
+                raise Uncacheable(static)  # an unknown category or a page past the end
+            return static
+
+        version = await self.cache.listing_version()
+        key = list_key(
+            version=version, category=category, sort=sort, page=page, page_size=page_size
+        )
+        cached = await self.cache.page(key, load_static)
+        ids = [item["id"] for item in cached["items"]]
+        stock = await self.cache.page_stock(key, lambda: self._stocks(ids)) if ids else {}
+        items = [{**item, "stock": stock.get(str(item["id"]), 0)} for item in cached["items"]]
+        return {**cached, "items": items}
+
+    async def _stocks(self, product_ids: list[int]) -> dict[str, int]:
+        stmt = sa.select(Product.id, Product.stock).where(Product.id.in_(product_ids))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return {str(r.id): int(r.stock) for r in rows}
 
     async def _load_page(
         self, *, page: int, page_size: int, category: str | None, sort: ProductSort
@@ -89,6 +133,10 @@ class Catalog:
             rows = (await conn.execute(rows_stmt)).all()
             total = (await conn.execute(total_stmt)).scalar_one()
         return Page([product_dict(r) for r in rows], page, page_size, int(total))
+
+
+def _without_stock(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if k != "stock"}
 
 
 # Built once: constructing the statement per order cost more than running it.

@@ -1,9 +1,17 @@
-"""Product detail and listing pages cached in ``TieredCache`` (L1 per process + Redis).
+"""The catalog cached in ``TieredCache`` (L1 per process + Redis), built to hold under orders.
 
-Stock changes when a worker settles an order: the settlement registers an invalidation that
-runs after its transaction commits (never before, or a reader could cache the old stock
-again), deleting the products' detail keys and every listing page. ``tasklab seed`` clears the
-whole cache. Points balances are never cached.
+* **Stock is kept apart.** Product details and listing pages are cached without it (name,
+  category, price: they change only when the catalog does); stock is cached under keys of
+  its own for ``STOCK_TTL_S``. A paid order deletes its products' stock keys after its
+  transaction commits (never before, or a reader could cache the old stock again) and
+  touches nothing else, so order traffic leaves the catalog in the cache. A listing's stock
+  may lag a paid order by ``STOCK_TTL_S``; settlement checks the real stock anyway.
+* **Bounded keys.** Only canonical listing pages are cached (page sizes in
+  ``CANONICAL_PAGE_SIZES``, pages up to ``MAX_CACHED_PAGE``, never an empty page, so an unknown
+  category costs a query but no key); an unknown product id is not cached either.
+* **O(1) invalidation.** Listing keys carry a version token; ``invalidate_listings`` stores a
+  new token (one key), and pages of the old one are never read again (they expire by TTL).
+  ``tasklab seed`` clears the whole cache. Points balances are never cached.
 
 Each process has one ``CatalogCache``: the API's lifespan registers its own; a Celery worker
 builds a Redis-only one (nothing to keep in L1) on its first invalidation.
@@ -12,6 +20,7 @@ builds a Redis-only one (nothing to keep in L1) on its first invalidation.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +34,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tasklab.service.cache")
 CACHE_NAME = "products"
-LISTS_TAG = "product-lists"
 TTL_S = 60.0
+STOCK_TTL_S = 2.0
+VERSION_KEY = "list-version"
+VERSION_TTL_S = 24 * 3600.0  # outlives every page; if it expires, a new token is drawn
+CANONICAL_PAGE_SIZES = frozenset({10, 20, 50, 100})
+MAX_CACHED_PAGE = 50
 
 _process_cache: CatalogCache | None = None
 
@@ -35,8 +48,28 @@ def detail_key(product_id: int) -> str:
     return f"product:{product_id}"
 
 
-def list_key(*, category: str | None, sort: str, page: int, page_size: int) -> str:
-    return f"list:{sort}:{page}:{page_size}:{'' if category is None else category}"
+def stock_key(product_id: int) -> str:
+    return f"stock:{product_id}"
+
+
+def list_key(*, version: str, category: str | None, sort: str, page: int, page_size: int) -> str:
+    return f"list:{version}:{sort}:{page}:{page_size}:{'' if category is None else category}"
+
+
+def is_canonical(*, page: int, page_size: int) -> bool:
+    return page_size in CANONICAL_PAGE_SIZES and page <= MAX_CACHED_PAGE
+
+
+class Uncacheable(Exception):
+    """Raised by a loader whose result must not be stored (an empty page); carries it."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("not cached")
+        self.value = value
+
+
+def _new_version() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 class CatalogCache:
@@ -55,25 +88,57 @@ class CatalogCache:
         )
 
     async def product(
-        self, product_id: int, loader: Callable[[], Awaitable[dict[str, Any] | None]]
-    ) -> dict[str, Any] | None:
-        value: dict[str, Any] | None = await self.cache.aget_or_set(
+        self, product_id: int, loader: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """A product without its stock; ``loader`` raises for an unknown id (not cached)."""
+        value: dict[str, Any] = await self.cache.aget_or_set(
             detail_key(product_id), loader, ttl_s=TTL_S
+        )
+        return value
+
+    async def stock(self, product_id: int, loader: Callable[[], Awaitable[int]]) -> int:
+        value: int = await self.cache.aget_or_set(stock_key(product_id), loader, ttl_s=STOCK_TTL_S)
+        return value
+
+    async def listing_version(self) -> str:
+        value: str = await self.cache.aget_or_set(
+            VERSION_KEY, _async_value(_new_version), ttl_s=VERSION_TTL_S
         )
         return value
 
     async def page(
         self, key: str, loader: Callable[[], Awaitable[dict[str, Any]]]
     ) -> dict[str, Any]:
-        value: dict[str, Any] = await self.cache.aget_or_set(
-            key, loader, ttl_s=TTL_S, tags=[LISTS_TAG]
+        """A listing page without stock; a loader raising ``Uncacheable`` is not stored."""
+        try:
+            value: dict[str, Any] = await self.cache.aget_or_set(key, loader, ttl_s=TTL_S)
+        except Uncacheable as e:
+            return dict(e.value)
+        return value
+
+    async def page_stock(
+        self, key: str, loader: Callable[[], Awaitable[dict[str, int]]]
+    ) -> dict[str, int]:
+        """{product id (as a string): stock} for a listing page, kept ``STOCK_TTL_S``."""
+        value: dict[str, int] = await self.cache.aget_or_set(
+            "stock:" + key, loader, ttl_s=STOCK_TTL_S
         )
         return value
 
     def invalidate(self, product_ids: Iterable[int]) -> None:
+        """After a paid order: its products' stock, nothing else."""
+        for product_id in product_ids:
+            self.cache.delete(stock_key(product_id))
+
+    def invalidate_listings(self) -> None:
+        """After a catalog change (names, prices, products added): every listing page, O(1)."""
+        self.cache.set(VERSION_KEY, _new_version(), ttl_s=VERSION_TTL_S)
+
+    def invalidate_products(self, product_ids: Iterable[int]) -> None:
         for product_id in product_ids:
             self.cache.delete(detail_key(product_id))
-        self.cache.delete_tag(LISTS_TAG)
+            self.cache.delete(stock_key(product_id))
+        self.invalidate_listings()
 
     def clear(self) -> None:
         self.cache.clear()
@@ -83,6 +148,13 @@ class CatalogCache:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def _async_value(make: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
+    async def load() -> Any:
+        return make()
+
+    return load
 
 
 def use_in_this_process(cache: CatalogCache | None) -> None:
@@ -104,6 +176,16 @@ def invalidate_after_commit(session: Session, product_ids: list[int]) -> None:
             log.exception("catalog cache invalidation failed for %s", product_ids)
 
     event.listen(session, "after_commit", after_commit, once=True)
+
+
+def invalidate_stock_now(product_ids: list[int]) -> None:
+    """For a change already committed (a refund): drop the products' stock now."""
+    cache = _cache_for_this_process()
+    if cache is not None and product_ids:
+        try:
+            cache.invalidate(product_ids)
+        except Exception:  # the TTL bounds staleness
+            log.exception("catalog cache invalidation failed for %s", product_ids)
 
 
 def _cache_for_this_process() -> CatalogCache | None:
