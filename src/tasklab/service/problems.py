@@ -25,6 +25,7 @@ from tasklab.service.domain.errors import (
     IdempotencyConflict,
     InvalidField,
     NotFound,
+    OrderNotCancellable,
     RateLimited,
     SchemaMissing,
     ShopError,
@@ -175,6 +176,8 @@ async def _shop(request: Request, exc: Exception) -> Response:
         return problem(404, str(exc))
     if isinstance(exc, IdempotencyConflict):
         return problem(409, str(exc), slug="idempotency-conflict")
+    if isinstance(exc, OrderNotCancellable):
+        return problem(409, str(exc), slug="not-cancellable")
     if isinstance(exc, RateLimited):
         return rate_limited(exc)
     if isinstance(exc, Unauthorized):

@@ -113,7 +113,7 @@ class ExpiringPoints(BaseModel):
 class OrderAccepted(BaseModel):
     order_id: int
     job_id: str | None
-    status: Literal["pending", "paid", "rejected"]
+    status: Literal["pending", "paid", "rejected", "cancelled", "refunded"]
 
 
 class OrderLine(BaseModel):
@@ -124,7 +124,7 @@ class OrderLine(BaseModel):
 
 class Order(BaseModel):
     id: int
-    status: Literal["pending", "paid", "rejected"]
+    status: Literal["pending", "paid", "rejected", "cancelled", "refunded"]
     reason: Literal["out_of_stock", "insufficient_points", "settlement_failed"] | None = Field(
         description="Why a rejected order was rejected: out of stock, not enough points, or "
         "its settlement job gave up (dead or cancelled; nothing was taken, and retrying that "

@@ -59,3 +59,14 @@ class QuotaExceeded(RateLimited):
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message, retry_after_s=retry_after_s, slug="quota-exceeded")
+
+
+class OrderNotCancellable(ShopError):
+    """A rejected order took nothing: there is nothing to cancel or refund."""
+
+    def __init__(self, order_id: int, status: str) -> None:
+        self.order_id = order_id
+        self.status = status
+        super().__init__(
+            f"order {order_id} is {status}: only pending or paid orders can be taken back"
+        )

@@ -4,8 +4,10 @@
   quantities of paid orders);
 - for every user, balance == sum of their ledger, and never negative;
 - every points change of an order is one ledger row: a paid order that used points has exactly
-  one row of ``-use_points``, an unpaid order has none;
-- every order is pending, paid or rejected, and none stays pending longer than a threshold;
+  one row of ``-use_points``, a refunded one that row and its ``refund`` (netting 0), any
+  other order none;
+- every order is pending, paid, rejected, cancelled or refunded, and none stays pending longer
+  than a threshold;
 - no order is pending once its settlement job is over (SUCCEEDED, DEAD or CANCELLED) or gone:
   nothing would settle it (a job that gives up rejects it, ``settlement_failed``, in the same
   transaction), and no order rejected with ``settlement_failed`` has a job that SUCCEEDED (a
@@ -136,11 +138,19 @@ def _order_points(conn: Connection) -> list[str]:
         Order.use_points > 0,
         sa.or_(spent.c.n.is_(None), spent.c.n != 1, spent.c.total != -Order.use_points),
     )
-    wrong_unpaid = sa.and_(sa.not_(paid), spent.c.n.is_not(None))
+    refunded = Order.status == OrderStatus.REFUNDED.value
+    # a refunded order that used points: its spend and its refund, netting 0
+    wrong_refunded = sa.and_(
+        refunded,
+        Order.use_points > 0,
+        sa.or_(spent.c.n.is_(None), spent.c.n != 2, spent.c.total != 0),
+    )
+    used_none = sa.or_(sa.not_(refunded), Order.use_points == 0)
+    wrong_unpaid = sa.and_(sa.not_(paid), used_none, spent.c.n.is_not(None))
     rows = conn.execute(
         sa.select(Order.id, Order.status, Order.use_points, spent.c.total, spent.c.n)
         .outerjoin(spent, spent.c.order_id == Order.id)
-        .where(sa.or_(wrong_paid, wrong_unpaid))
+        .where(sa.or_(wrong_paid, wrong_refunded, wrong_unpaid))
         .order_by(Order.id)
     )
     return _listed(

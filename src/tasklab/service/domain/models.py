@@ -24,6 +24,8 @@ class OrderStatus(enum.StrEnum):
     PENDING = "pending"
     PAID = "paid"
     REJECTED = "rejected"
+    CANCELLED = "cancelled"  # by its owner while pending: nothing was taken
+    REFUNDED = "refunded"  # by its owner once paid: stock and points given back
 
 
 class RejectReason(enum.StrEnum):
@@ -37,6 +39,8 @@ class RejectReason(enum.StrEnum):
 class LedgerKind(enum.StrEnum):
     GRANT = "grant"
     SPEND = "spend"
+    REFUND = "refund"  # a refunded order's points, back (order_id set)
+    EXPIRE = "expire"  # what was left of grants past their expiry (expires_at: theirs)
 
 
 class User(Base):

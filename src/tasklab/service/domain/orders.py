@@ -18,8 +18,10 @@ from sqlalchemy.exc import IntegrityError
 
 from tasklab.database import SqlRunner
 from tasklab.jobs import JobManager
+from tasklab.service.domain.catalog_cache import invalidate_stock_now
 from tasklab.service.domain.errors import IdempotencyConflict, NotFound, QuotaExceeded
 from tasklab.service.domain.jobs import process_order
+from tasklab.service.domain.lifecycle import take_back
 from tasklab.service.domain.models import Order, OrderItem, OrderStatus
 from tasklab.service.domain.paging import Page, at, money, offset_of
 from tasklab.service.domain.placement import Line, NewOrder, Placement
@@ -116,6 +118,16 @@ class Orders:
                 f"{pending} of your orders are still pending (the most is {self.in_flight_max}):"
                 " wait until they are settled"
             )
+
+    async def take_back(
+        self, order_id: int, *, user_id: int, admin: bool = False
+    ) -> dict[str, Any]:
+        """Cancel a pending order or refund a paid one (idempotent); the order as it is now."""
+        restocked = await self.sql.write(
+            lambda conn: take_back(conn, order_id, user_id=user_id, admin=admin)
+        )
+        invalidate_stock_now(restocked)
+        return await self.get(order_id, user_id=user_id, admin=admin)
 
     async def _by_key(self, user_id: int, key: str) -> Any:
         stmt = sa.select(Order.id, Order.status, Order.job_id, Order.request_hash).where(

@@ -52,7 +52,9 @@ async def list_orders(
     user: CurrentUser,
     page: PageNo = 1,
     page_size: PageSize = 20,
-    status: Annotated[Literal["pending", "paid", "rejected"] | None, Query()] = None,
+    status: Annotated[
+        Literal["pending", "paid", "rejected", "cancelled", "refunded"] | None, Query()
+    ] = None,
 ) -> Any:
     result = await services.orders.page(user.user_id, page=page, page_size=page_size, status=status)
     return result.to_dict()
@@ -63,3 +65,12 @@ async def get_order(
     services: ServicesDep, user: CurrentUser, order_id: Annotated[int, Path(ge=1, le=MAX_ID)]
 ) -> Any:
     return await services.orders.get(order_id, user_id=user.user_id, admin=user.is_admin)
+
+
+@router.post("/{order_id}/cancel", response_model=Order, responses=documented(404, 409))
+async def cancel_order(
+    services: ServicesDep, user: CurrentUser, order_id: Annotated[int, Path(ge=1, le=MAX_ID)]
+) -> Any:
+    """Cancel a pending order (``cancelled``), or refund a paid one (``refunded``: its stock
+    and points back). Asking again answers the same order; a rejected one is a 409."""
+    return await services.orders.take_back(order_id, user_id=user.user_id, admin=user.is_admin)
