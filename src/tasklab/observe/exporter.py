@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from celery import Celery
 from prometheus_client import start_http_server
@@ -19,7 +22,14 @@ from tasklab.celery_app import make_celery
 from tasklab.database import make_engine
 from tasklab.errors import ConfigError
 from tasklab.observe.events import TaskEvents
-from tasklab.observe.queues import QueueGauges, QueueProbe
+from tasklab.observe.metrics import EXPORTER_LAST_SUCCESS, EXPORTER_REFRESH_SUCCESS
+from tasklab.observe.queues import (
+    QueueGauges,
+    QueueProbe,
+    QueueSnapshot,
+    jobs_by_status,
+    oldest_waiting_ages,
+)
 from tasklab.observe.registry import exporter_registry
 from tasklab.observe.workers import WorkerMonitor
 from tasklab.settings import Settings
@@ -28,6 +38,7 @@ DEFAULT_PORT = 9810
 DEFAULT_INTERVAL_S = 5.0
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,16 +72,43 @@ class Exporter:
         self.workers.listeners.append(self.events.on_event)
 
     def refresh(self) -> None:
-        """One round; a failing source is logged and the other gauges still update."""
-        try:
-            self.gauges.record(self.queues.snapshot())
-        except Exception as e:  # broker or database down: keep serving the last values
-            log.warning("queue refresh failed: %s: %s", type(e).__name__, e)
-        try:
-            self.workers.snapshot().record()
-        except Exception as e:
-            log.warning("worker refresh failed: %s: %s", type(e).__name__, e)
+        """One round, each source on its own: a source that fails is logged, its figures are
+        dropped (absent, never the last values as if fresh) and its
+        ``tasklab_exporter_refresh_success{source}`` reads 0; the others still update."""
+        broker = self._attempt("broker", self.queues.broker_depths)
+        database = None
+        if self._engine is not None:
+            engine = self._engine
+            database = self._attempt(
+                "database",
+                lambda: (
+                    oldest_waiting_ages(engine, strict=True),
+                    jobs_by_status(engine, strict=True),
+                ),
+            )
+        if broker is None:
+            self.gauges.forget_broker()
+        depths, unacked = broker if broker is not None else ({}, None)
+        ages, statuses = database if database is not None else ({}, {})
+        self.gauges.record(QueueSnapshot(depths, unacked, ages, statuses))
+        if database is None and self._engine is not None:
+            self.gauges.forget_database()  # record() set 0s for queues it knew
+        snapshot = self._attempt("workers", self.workers.snapshot)
+        if snapshot is not None:
+            snapshot.record()
+        if not self.workers.receiving:  # no events: heartbeats and task counts are not fresh
+            _mark("workers", ok=False)
         self.events.expire_workers()
+
+    def _attempt(self, source: str, read: Callable[[], T]) -> T | None:
+        try:
+            value = read()
+        except Exception as e:  # broker or database down: this source has no data this round
+            log.warning("%s refresh failed: %s: %s", source, type(e).__name__, e)
+            _mark(source, ok=False)
+            return None
+        _mark(source, ok=True)
+        return value
 
     def close(self) -> None:
         self.workers.stop()
@@ -79,6 +117,12 @@ class Exporter:
             self._engine.dispose()
         if self.app is None:  # the caller's app is the caller's to close
             self._celery.close()
+
+
+def _mark(source: str, *, ok: bool) -> None:
+    EXPORTER_REFRESH_SUCCESS.labels(source).set(1 if ok else 0)
+    if ok:
+        EXPORTER_LAST_SUCCESS.labels(source).set(time.time())
 
 
 def app_queues(app: Celery) -> tuple[str, ...]:

@@ -189,6 +189,21 @@ BEAT_LAST_TICK = Gauge(
     multiprocess_mode="max",
 )
 
+# Freshness of the exporter's figures, per source (broker, database, workers). A failed
+# source's gauges are dropped, not kept at their last values.
+EXPORTER_REFRESH_SUCCESS = Gauge(
+    "tasklab_exporter_refresh_success",
+    "1 if the exporter's last refresh of this source succeeded, 0 if it failed.",
+    ["source"],
+    multiprocess_mode="max",
+)
+EXPORTER_LAST_SUCCESS = Gauge(
+    "tasklab_exporter_last_success_timestamp_seconds",
+    "When the exporter last refreshed this source successfully.",
+    ["source"],
+    multiprocess_mode="max",
+)
+
 # --- Celery events, any Celery app (exporter; tasklab.observe.events) -----------------------
 # Names and labels as celery-exporter's, so its dashboards work; every label is bounded there.
 _CELERY_TASK_LABELS = ["name", "hostname", "queue_name"]

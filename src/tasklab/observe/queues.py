@@ -240,7 +240,9 @@ def _close_quietly(channel: Any) -> None:
         log.debug("channel close failed", exc_info=True)
 
 
-def oldest_waiting_ages(engine: Engine, *, now: float | None = None) -> dict[str, float]:
+def oldest_waiting_ages(
+    engine: Engine, *, now: float | None = None, strict: bool = False
+) -> dict[str, float]:
     """Seconds the oldest due job of each queue has waited since it became due; {} if no job
     table yet."""
     now = time.time() if now is None else now
@@ -254,25 +256,32 @@ def oldest_waiting_ages(engine: Engine, *, now: float | None = None) -> dict[str
         .where(_jobs.c.status.in_(WAITING_STATUSES), due)
         .group_by(_jobs.c.queue)
     )
-    rows = _rows_if_table(engine, query)
+    rows = _rows_if_table(engine, query, strict=strict)
     return {
         str(queue): max(0.0, now - float(oldest)) for queue, oldest in rows if oldest is not None
     }
 
 
-def jobs_by_status(engine: Engine) -> dict[str, int]:
+def jobs_by_status(engine: Engine, *, strict: bool = False) -> dict[str, int]:
     """Job records per status; {} if no job table yet."""
     query = sa.select(_jobs.c.status, sa.func.count()).group_by(_jobs.c.status)
-    return {str(status): int(count) for status, count in _rows_if_table(engine, query)}
+    rows = _rows_if_table(engine, query, strict=strict)
+    return {str(status): int(count) for status, count in rows}
 
 
-def _rows_if_table(engine: Engine, query: sa.Select[Any]) -> list[tuple[Any, ...]]:
+def _rows_if_table(
+    engine: Engine, query: sa.Select[Any], *, strict: bool = False
+) -> list[tuple[Any, ...]]:
+    """The rows, [] without the table; a failing database gives [] too, or raises when
+    ``strict`` (the exporter must know its figures are not fresh)."""
     try:
         with engine.connect() as conn:
             if not sa.inspect(conn).has_table(JOBS_TABLE):
                 return []
             return [tuple(row) for row in conn.execute(query)]
     except SQLAlchemyError as e:  # table being migrated, database down: no data this round
+        if strict:
+            raise
         log.warning("job-table query failed: %s", type(e).__name__)
         return []
 
@@ -353,6 +362,18 @@ class QueueGauges:
             QUEUE_OLDEST_AGE, snapshot.oldest_age_s, self._aged_queues | set(snapshot.depths)
         )
         self._statuses = _set_all(JOBS_BY_STATUS, snapshot.jobs_by_status, self._statuses)
+
+    def forget_broker(self) -> None:
+        """Drop every broker figure: a refresh that failed must not leave the last values
+        served as if fresh (alerts on them would stay as they were)."""
+        for gauge in (QUEUE_DEPTH, QUEUE_DEPTH_BY_PRIORITY, QUEUE_UNACKED, QUEUE_CONSUMERS):
+            gauge.clear()
+
+    def forget_database(self) -> None:
+        """Drop the figures read from the job records (database unreachable)."""
+        for gauge in (QUEUE_OLDEST_AGE, JOBS_BY_STATUS):
+            gauge.clear()
+        self._aged_queues, self._statuses = set(), set()
 
 
 def _set_or_remove(gauge: Gauge, label: str, value: int | None) -> None:

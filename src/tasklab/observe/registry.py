@@ -42,6 +42,8 @@ EXPORTER_METRICS: tuple[MetricWrapperBase, ...] = (
     metrics.WORKER_PROCESSES,
     metrics.WORKER_RSS,
     metrics.WORKER_HEARTBEAT_AGE,
+    metrics.EXPORTER_REFRESH_SUCCESS,
+    metrics.EXPORTER_LAST_SUCCESS,
     *metrics.CELERY_TASK_COUNTERS.values(),
     metrics.CELERY_TASK_RUNTIME,
     metrics.CELERY_TASK_QUEUE_WAIT,

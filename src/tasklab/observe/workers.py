@@ -91,6 +91,7 @@ class WorkerMonitor:
         self._last_pools: dict[str, _PoolStats] = {}
         # Further consumers of every event (tasklab.observe.events), called in the thread.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.receiving = False  # connected to the broker's event exchange right now
 
     # --- events --------------------------------------------------------------------------
     def start(self) -> WorkerMonitor:
@@ -114,8 +115,11 @@ class WorkerMonitor:
                     self._receiver = self.app.events.Receiver(conn, handlers={"*": self.on_event})
                     if self._stop.is_set():
                         return
+                    conn.ensure_connection(max_retries=1)
+                    self.receiving = True
                     self._receiver.capture(limit=None, timeout=None, wakeup=True)
             except Exception as e:  # broker restarts: reconnect, never kill the exporter
+                self.receiving = False
                 log.warning("event receiver: %s: %s; reconnecting", type(e).__name__, e)
                 self._stop.wait(RECONNECT_DELAY_S)
 
