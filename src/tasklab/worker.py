@@ -30,6 +30,8 @@ def build_worker_app(settings: Settings) -> Celery:
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
+    from tasklab.service.domain import scheduled
+
     return {
         "tasklab-purge-finished-jobs": {
             "task": "tasklab.jobs.purge",
@@ -37,6 +39,7 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "options": {"queue": "scheduled"},
         },
         **beat.beat_schedule_entries(),
+        **scheduled.beat_entries(),  # points expiry, hot products warm-up
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasklab.jobs import JobContext, JobSpec, job
+from tasklab.service.domain import scheduled  # noqa: F401  (registers beat's shop tasks)
 from tasklab.service.domain.settlement import gave_up, order_lines, settle_order
 from tasklab.service.domain.sync import run_sync
 
