@@ -290,6 +290,10 @@ def _register_part_commands() -> None:
 
     app.command("seed")(service.seed)
     app.command("check-invariants")(service.check_invariants)
+    tokens_app = typer.Typer(help="The service's bearer tokens.", no_args_is_help=True)
+    tokens_app.command("issue")(service.tokens_issue)
+    tokens_app.command("revoke")(service.tokens_revoke)
+    app.add_typer(tokens_app, name="tokens")
     from tasklab import stack_commands as stack
 
     for name in ("stop", "restart", "logs", "ps"):

@@ -86,3 +86,44 @@ def db_upgrade(ctx: typer.Context) -> None:
     settings = _settings(ctx)
     migrate(settings)
     console.print(f"database at {schema_head(settings)}")
+
+
+def tokens_issue(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="The user's name or id.")],
+    ttl_days: Annotated[
+        float | None,
+        typer.Option(min=0.0001, help="Days until the token expires (default: never)."),
+    ] = None,
+) -> None:
+    """Issue a new token for a user, replacing theirs; prints one JSON line with it."""
+    import orjson
+
+    from tasklab.service.domain.token_admin import UnknownUser, issue
+
+    try:
+        issued = issue(_settings(ctx), user, ttl_s=None if ttl_days is None else ttl_days * 86_400)
+    except UnknownUser as e:
+        err_console.print(f"error: {e}", highlight=False)
+        raise typer.Exit(2) from e
+    line = {
+        "user_id": issued.user_id,
+        "name": issued.name,
+        "token": issued.token,
+        "expires_at": issued.expires_at,
+    }
+    print(orjson.dumps(line).decode())
+
+
+def tokens_revoke(
+    ctx: typer.Context, user: Annotated[str, typer.Argument(help="The user's name or id.")]
+) -> None:
+    """Revoke a user's token (a running API stops accepting it within 10 s)."""
+    from tasklab.service.domain.token_admin import UnknownUser, revoke
+
+    try:
+        user_id = revoke(_settings(ctx), user)
+    except UnknownUser as e:
+        err_console.print(f"error: {e}", highlight=False)
+        raise typer.Exit(2) from e
+    console.print(f"revoked the token of user {user_id}")
