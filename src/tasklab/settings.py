@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=0, le=65535)
     api_workers: int = Field(1, ge=1, le=64)
     exporter_port: int = Field(9810, ge=0, le=65535)  # 0: `tasklab up` runs no exporter
+
+    # `tasklab up` gives up on a part that exits this many times in a row, each time within
+    # the window after its start (systemd's StartLimitBurst), instead of restarting it for ever.
+    supervisor_start_limit: int = Field(3, ge=1, le=1000)
+    supervisor_start_window_s: float = Field(10.0, gt=0, le=3600)
     # Console (/console; docs/console.md): admins operate it; these users (by name) may
     # only read it. Everyone else is refused.
     console_viewers: list[str] = Field(default_factory=list)

@@ -238,6 +238,8 @@ def _run_locked(settings: Settings, opts: StackOptions, console: Console) -> str
             console=None if opts.background else console,
             logs=logs,
             on_change=recorder.update,
+            start_limit=settings.supervisor_start_limit,
+            start_window_s=settings.supervisor_start_window_s,
         )
         recorder.supervisor = supervisor
         on_stop_signals(supervisor.request_stop)

@@ -58,8 +58,16 @@ def given_options(ctx: click.Context | typer.Context, *, skip: set[str]) -> list
 def detach_up(ctx: typer.Context) -> None:
     """``tasklab up --detach``: the same ``up`` in the background."""
     args = given_options(ctx, skip={"detach", "background"})
-    home_dir = _settings(ctx).home_dir
-    raise typer.Exit(stack_control.detach(home_dir, args, notice=notice, say=say, err=complain))
+    settings = _settings(ctx)
+    code = stack_control.detach(
+        settings.home_dir,
+        args,
+        start_window_s=settings.supervisor_start_window_s,
+        notice=notice,
+        say=say,
+        err=complain,
+    )
+    raise typer.Exit(code)
 
 
 def stop(ctx: typer.Context) -> None:

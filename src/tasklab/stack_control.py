@@ -24,11 +24,11 @@ from tasklab.stack_record import (
     record_path,
     running_stack,
 )
-from tasklab.supervisor import GIVE_UP_MARK, START_WINDOW_S, tasklab_argv
+from tasklab.supervisor import GIVE_UP_MARK, tasklab_argv
 
 Notice = Callable[[str], None]
 Say = Callable[[str], None]
-READY_TIMEOUT_S = 90.0  # a cold start (migrations, imports) on a busy machine
+READY_TIMEOUT_S = 60.0  # beyond the start window: a cold start on a busy machine
 STOP_TIMEOUT_S = 30.0  # the supervisor stops its parts within 10 s; then the tree is killed
 RESTART_TIMEOUT_S = 60.0
 TAIL_BYTES = 256_000
@@ -42,7 +42,15 @@ def require_stack(home_dir: Path, *, notice: Notice) -> StackRecord:
 
 
 # --- up --detach --------------------------------------------------------------------------------
-def detach(home_dir: Path, up_args: list[str], *, notice: Notice, say: Say, err: Say) -> int:
+def detach(
+    home_dir: Path,
+    up_args: list[str],
+    *,
+    start_window_s: float,
+    notice: Notice,
+    say: Say,
+    err: Say,
+) -> int:
     """Start ``tasklab up`` in the background with its output in ``<home>/logs``; wait until
     it is ready (``_wait_ready``). Return the exit code: 0, or the stack's own code when it
     stopped during its start (what it said then goes to ``err``)."""
@@ -61,7 +69,7 @@ def detach(home_dir: Path, up_args: list[str], *, notice: Notice, say: Say, err:
             stderr=out,
             start_new_session=True,  # out of the terminal's process group: Ctrl-C, hangup
         )
-    record = _wait_ready(proc, home_dir)
+    record = _wait_ready(proc, home_dir, start_window_s)
     output = _read_from(out_path, offset).splitlines()
     if record is None:
         code = proc.poll()
@@ -71,7 +79,8 @@ def detach(home_dir: Path, up_args: list[str], *, notice: Notice, say: Say, err:
             err(line)
         if code is None:
             err(
-                f"the stack (pid {proc.pid}) is not ready after {READY_TIMEOUT_S:.0f} s; it runs on"
+                f"the stack (pid {proc.pid}) is not ready after its start window and "
+                f"{READY_TIMEOUT_S:.0f} s more; it runs on (`tasklab ps`, `tasklab logs`)"
             )
             return 1
         return code
@@ -88,22 +97,29 @@ def detach(home_dir: Path, up_args: list[str], *, notice: Notice, say: Say, err:
     return 0
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], home_dir: Path) -> StackRecord | None:
+def _wait_ready(
+    proc: subprocess.Popen[bytes], home_dir: Path, start_window_s: float
+) -> StackRecord | None:
     """The stack's record once its API answers and every part has run past the supervisor's
     start window (a part that fails at its start does so within it), else None."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    deadline = time.monotonic() + start_window_s + READY_TIMEOUT_S
     while time.monotonic() < deadline and proc.poll() is None:
         record = _own_record(home_dir, proc.pid)
-        if record and record.state == "running" and _settled(record) and _answers(record.api_url):
+        if (
+            record
+            and record.state == "running"
+            and _settled(record, start_window_s)
+            and _answers(record.api_url)
+        ):
             return record
         time.sleep(0.2)
     return None
 
 
-def _settled(record: StackRecord) -> bool:
+def _settled(record: StackRecord, start_window_s: float) -> bool:
     now = time.time()
     return all(
-        part.state == "running" and now - part.started_at >= START_WINDOW_S
+        part.state == "running" and now - part.started_at >= start_window_s
         for part in record.parts.values()
     )
 
