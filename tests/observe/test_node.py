@@ -113,3 +113,37 @@ def test_a_node_gets_a_fresh_folder_of_its_own_unless_its_parent_prepared_one(
     assert list(again.glob("*.db")) == []
     monkeypatch.setenv(multiproc.ENV_VAR, str(tmp_path / "stack"))
     assert multiproc.prepare_node_env(settings, "a@host") == tmp_path / "stack"
+
+
+@pytest.mark.slow
+def test_recycled_pool_childrens_files_are_compacted_and_their_counts_kept(
+    settings: Settings, worker_factory: type[WorkerProcess]
+) -> None:
+    recycling = settings.model_copy(update={"worker_max_tasks_per_child": 1})
+    migrate(recycling)
+    port = free_port_on("127.0.0.1")
+    worker = worker_factory(recycling, concurrency=1, name="recycler")
+    worker.argv += ["--metrics-port", str(port)]
+    worker.start()
+    jm = JobManager(recycling)
+    try:
+        ids = [jm.submit(probe_jobs.noop).id for _ in range(5)]
+        assert all(jm.wait(i, timeout_s=60).status is JobStatus.SUCCEEDED for i in ids)
+        labels = {"task": "tasklab.probe_job.noop", "queue": "default", "status": "succeeded"}
+        wait_until(
+            lambda: scrape(port),
+            lambda s: value(s, "tasklab_jobs_finished_total", **labels) == 5,
+            timeout_s=30,
+            what="5 finished jobs on the node's /metrics",
+        )
+    finally:
+        jm.close()
+
+    folder = multiproc.node_dir_for(recycling, f"recycler@{socket.gethostname()}")
+    assert worker.process is not None
+    live = {worker.process.pid, *worker.child_pids()}
+    left = multiproc.pids_in(folder)
+    assert left <= live, f"files of dead children left: {sorted(left - live)}"
+    assert (folder / "counter_archive.db").exists()
+    # a second scrape reads the archive and counts the same
+    assert value(scrape(port), "tasklab_jobs_finished_total", **labels) == 5

@@ -95,10 +95,11 @@ JOB_RECOVERIES = Counter(
 BROKER_PUBLISH_FAILURES = Counter(
     "tasklab_broker_publish_failures_total", "Publishes the broker did not accept.", ["reason"]
 )
+# livemax / livemin: a process that dies with its circuit open leaves no stale value behind.
 FALLBACK_ACTIVE = Gauge(
     "tasklab_fallback_active",
     "1 while the publish circuit is open and jobs run locally.",
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 # livemin: 0 while any live process of a host finds the link dead; a process that dies with
 # its link down leaves no stale 0 behind.
@@ -279,7 +280,7 @@ CACHE_REDIS_AVAILABLE = Gauge(
     "tasklab_cache_redis_available",
     "1 while the L2 circuit is closed.",
     ["cache"],
-    multiprocess_mode="min",
+    multiprocess_mode="livemin",
 )
 
 # --- SQL --------------------------------------------------------------------------------------

@@ -24,11 +24,14 @@ were SIGKILLed are caught by ``reap_dead_processes`` when ``/metrics`` is scrape
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +197,83 @@ def start_node_metrics(
 
     wish = PortWish(port, chosen_by=chosen_by)
     return serve_node_metrics(path, os.getpid(), host=host or settings.api_host, wish=wish)
+
+
+# --- compaction of dead processes' files --------------------------------------------------------
+# Pool children are recycled (worker_max_tasks_per_child); each leaves its counter, histogram
+# and gauge files behind, and every scrape reads every file. Dead processes' files are merged
+# into one archive per kind (``counter_archive.db``...), which MultiProcessCollector reads as
+# any other file. Live gauges are not archived (mark_process_dead drops them), nor ``all``
+# gauges (their pid label is their meaning).
+ARCHIVE = "archive"
+LOCK_FILE = "compact.lock"  # not *.db
+_DEAD_FILE = re.compile(r"^(counter|histogram|summary|gauge_(?:min|max|sum|mostrecent))_(\d+)\.db$")
+
+
+@contextlib.contextmanager
+def folder_lock(path: Path) -> Iterator[None]:
+    """Exclusive over the processes that read or compact ``path`` (several uvicorn workers
+    serve one folder): a scrape never sees a file both archived and still in place."""
+    with (path / LOCK_FILE).open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def compact_dead_processes(path: Path) -> list[int]:
+    """Merge the files of processes that are gone into the folder's archives; return their
+    pids. Call it under ``folder_lock``. Values add up (counters, histograms, ``sum``
+    gauges), or keep the extreme (``min``/``max``) or the latest (``mostrecent``)."""
+    groups: dict[str, list[Path]] = {}
+    dead: set[int] = set()
+    for entry in path.glob("*.db"):
+        match = _DEAD_FILE.match(entry.name)
+        if match is None:
+            continue
+        pid = int(match.group(2))
+        if pid == os.getpid() or psutil.pid_exists(pid):
+            continue
+        groups.setdefault(match.group(1), []).append(entry)
+        dead.add(pid)
+    for kind, files in groups.items():
+        _merge_into_archive(path / f"{kind}_{ARCHIVE}.db", files, kind)
+    return sorted(dead)
+
+
+def _merge_into_archive(archive: Path, files: list[Path], kind: str) -> None:
+    from prometheus_client.mmap_dict import MmapedDict
+
+    merged: dict[str, tuple[float, float]] = {}
+    for source in [archive, *files] if archive.exists() else files:
+        values = MmapedDict.read_all_values_from_file(str(source))  # type: ignore[no-untyped-call]
+        for key, value, timestamp, _pos in values:
+            merged[key] = _merge(kind, merged.get(key), (value, timestamp))
+    temporary = archive.with_name(archive.name + ".tmp")  # not *.db: not read meanwhile
+    temporary.unlink(missing_ok=True)
+    out = MmapedDict(str(temporary))  # type: ignore[no-untyped-call]
+    try:
+        for key, (value, timestamp) in merged.items():
+            out.write_value(key, value, timestamp)  # type: ignore[no-untyped-call]
+    finally:
+        out.close()  # type: ignore[no-untyped-call]
+    # A crash between these two steps would count the merged files twice until the next
+    # start (prepare_dir empties the folder); the other order would lose them instead.
+    os.replace(temporary, archive)
+    for source in files:
+        source.unlink(missing_ok=True)
+
+
+def _merge(
+    kind: str, old: tuple[float, float] | None, new: tuple[float, float]
+) -> tuple[float, float]:
+    if old is None:
+        return new
+    if kind == "gauge_min":
+        return min(old, new)
+    if kind == "gauge_max":
+        return max(old, new)
+    if kind == "gauge_mostrecent":
+        return max(old, new, key=lambda pair: pair[1])
+    return (old[0] + new[0], max(old[1], new[1]))

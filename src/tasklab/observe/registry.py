@@ -73,15 +73,19 @@ class ExcludingCollector(Collector):
 
 
 class LiveMultiProcessCollector(Collector):
-    """``MultiProcessCollector`` that first drops the live gauges of processes gone missing."""
+    """``MultiProcessCollector`` that first drops the live gauges of processes gone missing
+    and merges the other files of dead processes into the folder's archives, so a scrape
+    reads a bounded number of files however many pool children have come and gone."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._inner = MultiProcessCollector(None, path=str(path))  # type: ignore[no-untyped-call]
 
     def collect(self) -> Iterable[Metric]:
-        multiproc.reap_dead_processes(self._path)
-        families: Iterable[Metric] = self._inner.collect()  # type: ignore[no-untyped-call]
+        with multiproc.folder_lock(self._path):
+            multiproc.reap_dead_processes(self._path)
+            multiproc.compact_dead_processes(self._path)
+            families: Iterable[Metric] = list(self._inner.collect())  # type: ignore[no-untyped-call]
         return families
 
     def describe(self) -> Iterable[Metric]:
