@@ -361,6 +361,17 @@ def test_past_the_budget_the_jobs_not_started_are_handed_back(jm: JobManager) ->
     assert effect_counts(jm) == {ids[0]: 1}
 
 
+def test_a_bundle_of_two_hands_back_its_second_job_past_the_budget(jm: JobManager) -> None:
+    ids = insert(jm, probe_jobs.effect, [{"hold_s": 1.0}, {}])
+    hand_backs = HandBacks()
+    outcomes = executor(jm, hand_backs, budget_s=0.4).run_bundle(
+        probe_jobs.effect, ids, queue="default", priority=4
+    )
+    assert hand_backs.calls == [(EFFECT, ids[1:], "default", 4)]
+    assert [o.status for o in outcomes] == ["succeeded"]
+    assert jm.get(ids[1]).status is JobStatus.PENDING
+
+
 def test_jobs_the_broker_does_not_take_back_run_here(jm: JobManager) -> None:
     ids = insert(jm, probe_jobs.effect, [{"hold_s": 1.0}, {}, {}, {}])
     hand_backs = HandBacks(BrokerUnavailable("broker circuit is open"))

@@ -113,9 +113,12 @@ def test_a_renewal_that_finds_the_row_taken_back_stops_the_attempt(
 
     assert keeper.lost(job_id, 1)
     assert "lost its lease" in caplog.text
-    with pytest.raises(StaleAttempt):
+    with pytest.raises(StaleAttempt, match=f"job {job_id} attempt 1 lost its lease"):
         ctx.progress(1, 2)
-    with pytest.raises(StaleAttempt), ctx.transaction() as session:
+    with (
+        pytest.raises(StaleAttempt, match="lost its claim; effects rolled back"),
+        ctx.transaction() as session,
+    ):
         session.execute(store.jobs.update().where(store.jobs.c.id == job_id).values(owner="z"))
     assert jm.get(job_id).owner == ""  # the zombie's write was rolled back
     assert jm.get(job_id).status is JobStatus.PENDING

@@ -681,3 +681,52 @@ def test_progress_records_its_message_cut_to_500_characters(jm: JobManager) -> N
     assert jm.get(short).progress_message == "halfway"
     assert jm.get(long).progress_message == "y" * 500
     assert (jm.get(short).progress_current, jm.get(short).progress_total) == (2, 2)
+
+
+@job(name="tests.state.steps", bind=True)
+def steps(ctx: JobContext) -> list[Any]:
+    """Three quick steps of progress and one without a total, reading the row after each."""
+    seen: list[Any] = []
+    for i, word in enumerate(("one", "two", "three"), start=1):
+        ctx.progress(i, 3, word)
+        with ctx.engine.connect() as conn:
+            row = conn.execute(*store.select_job(ctx.id)).one()
+        seen.append([row.progress_current, row.progress_message])
+    return seen
+
+
+def test_progress_is_written_at_most_every_half_second_but_always_at_the_end(
+    jm: JobManager,
+) -> None:
+    job_id = inserted(jm, steps)
+    assert executor(jm).run(steps, job_id) == Outcome("succeeded")
+    # the second step came within PROGRESS_MIN_INTERVAL_S of the first: not written
+    assert jm.get(job_id).result == [[1, "one"], [1, "one"], [3, "three"]]
+
+
+@job(name="tests.state.counts_without_a_total", bind=True)
+def counts_without_a_total(ctx: JobContext) -> int | None:
+    ctx.progress(7)
+    return ctx.attempt
+
+
+def test_progress_without_a_total_is_recorded(jm: JobManager) -> None:
+    job_id = inserted(jm, counts_without_a_total)
+    assert executor(jm).run(counts_without_a_total, job_id) == Outcome("succeeded")
+    j = jm.get(job_id)
+    assert (j.progress_current, j.progress_total, j.result) == (7, None, 1)
+
+
+@job(name="tests.state.outlives_its_lease", bind=True)
+def outlives_its_lease(ctx: JobContext) -> str:
+    with writing(ctx.engine) as conn:  # a reaper took the job back while it ran
+        conn.execute(store.jobs.update().where(store.jobs.c.id == ctx.id).values(status="PENDING"))
+    assert ctx.leases is not None and ctx.leases.renew_now() == 0  # the keeper notices
+    return "a result nobody may record"
+
+
+def test_an_attempt_whose_lease_was_lost_drops_its_result(jm: JobManager) -> None:
+    job_id = inserted(jm, outlives_its_lease)
+    assert executor(jm).run(outlives_its_lease, job_id) == Outcome("stale")
+    j = jm.get(job_id)
+    assert (j.status, j.result, j.finished_at) == (JobStatus.PENDING, None, None)
