@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import Response
 
+from tasklab.service.conditional import NOT_MODIFIED, conditional_json
 from tasklab.service.deps import CurrentUser, PageNo, PageSize, ServicesDep
 from tasklab.service.domain.catalog import ProductSort
 from tasklab.service.problems import documented
@@ -16,8 +18,9 @@ router = APIRouter(
 )
 
 
-@router.get("", response_model=Page[Product])
+@router.get("", response_model=Page[Product], responses=NOT_MODIFIED)
 async def list_products(
+    request: Request,
     services: ServicesDep,
     _user: CurrentUser,
     page: PageNo = 1,
@@ -27,11 +30,19 @@ async def list_products(
     ] = None,
     sort: Annotated[ProductSort, Query(description="price, -price, name, -name or id")] = "id",
 ) -> Any:
-    return await services.catalog.page(page=page, page_size=page_size, category=category, sort=sort)
+    """A page of the catalog, with an ETag (304 on a matching ``If-None-Match``)."""
+    found = await services.catalog.page(
+        page=page, page_size=page_size, category=category, sort=sort
+    )
+    return conditional_json(request, found)
 
 
-@router.get("/{product_id}", response_model=Product, responses=documented(404))
+@router.get("/{product_id}", response_model=Product, responses={**documented(404), **NOT_MODIFIED})
 async def get_product(
-    services: ServicesDep, _user: CurrentUser, product_id: Annotated[int, Path(ge=1, le=MAX_ID)]
-) -> Any:
-    return await services.catalog.get(product_id)
+    request: Request,
+    services: ServicesDep,
+    _user: CurrentUser,
+    product_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+) -> Response:
+    """One product, with an ETag (304 on a matching ``If-None-Match``)."""
+    return conditional_json(request, await services.catalog.get(product_id))
