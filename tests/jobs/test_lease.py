@@ -160,19 +160,21 @@ def ends_of_a_forked_keeper(jm: JobManager, job_id: str) -> int:
     return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
 
 
-def test_a_pool_process_ends_while_it_runs_a_job_cancelled_with_terminate(
+def test_a_pool_process_ends_only_while_it_runs_a_job_cancelled_with_terminate(
     jm: JobManager,
 ) -> None:
-    job_id = claimed(jm, 30.0)
-    cancel_with_terminate(jm, job_id)
-    assert ends_of_a_forked_keeper(jm, job_id) == signal.SIGKILL
-
-
-def test_a_pool_process_whose_job_was_taken_back_lives_on(jm: JobManager) -> None:
-    job_id = claimed(jm, -1.0)  # the reaper takes it back: lost, but not cancelled
+    taken_back = claimed(jm, -1.0)  # the reaper takes it back: lost, but not cancelled
     with writing(jm.engine) as conn:
-        assert conn.execute(store.release_expired(job_id, 1, time.time(), dead=False)).first()
-    assert ends_of_a_forked_keeper(jm, job_id) == 0
+        assert conn.execute(store.release_expired(taken_back, 1, time.time(), dead=False)).first()
+    keeper = LeaseKeeper(jm.engine, terminate_self=True)
+    keeper.hold(taken_back, 1, 30.0)
+    assert keeper.renew_now() == 0
+    assert keeper.lost(taken_back, 1)  # a zombie here, and this process lives on
+    keeper.release(taken_back)
+
+    cancelled = claimed(jm, 30.0)
+    cancel_with_terminate(jm, cancelled)
+    assert ends_of_a_forked_keeper(jm, cancelled) == signal.SIGKILL
 
 
 def test_a_renewal_counts_the_leases_still_held_and_extends_each(jm: JobManager) -> None:

@@ -20,14 +20,16 @@ import sqlalchemy as sa
 
 from tasklab.database import writing
 from tasklab.embedded import EmbeddedRedis
+from tasklab.errors import JobError, JobStateError
 from tasklab.jobs import JobContext, JobManager, JobStatus, job, store
 from tasklab.jobs.carriers import redis_list
-from tasklab.jobs.execution import Executor, Outcome
+from tasklab.jobs.execution import Executor, Outcome, current_job
 from tasklab.jobs.hooks import Ended
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.publisher import BUNDLE_TASK
 from tasklab.jobs.records import effects
-from tasklab.jobs.recovery import BATCH, Reaper, _epoch_start
+from tasklab.jobs.recovery import BATCH, Reaper, _epoch_start, start_reaper
+from tasklab.jobs.worker_side import WorkerRuntime
 from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
@@ -730,3 +732,83 @@ def test_an_attempt_whose_lease_was_lost_drops_its_result(jm: JobManager) -> Non
     assert executor(jm).run(outlives_its_lease, job_id) == Outcome("stale")
     j = jm.get(job_id)
     assert (j.status, j.result, j.finished_at) == (JobStatus.PENDING, None, None)
+
+
+# --- retry, idempotency, hand-back, the reaper's thread, current_job ----------------------------
+
+
+def test_a_dead_job_retried_gets_fresh_attempts_and_a_clean_record(jm: JobManager) -> None:
+    job_id = inserted(jm, flaky)
+    run = executor(jm)
+    run.run(flaky, job_id), run.run(flaky, job_id)
+    assert jm.get(job_id).status is JobStatus.DEAD
+    again = jm.retry(job_id)
+    assert again.status is JobStatus.QUEUED  # published at once
+    assert (again.attempt, again.max_attempts) == (2, 2 + flaky.retry.max_attempts)
+    assert (again.error, again.traceback, again.finished_at) == (None, None, None)
+    assert run.run(flaky, job_id).status == "retrying"  # attempt 3 of 4 runs
+    with pytest.raises(JobStateError, match="only DEAD or CANCELLED"):
+        jm.retry(job_id)
+
+
+def test_the_same_owner_and_key_submit_one_job(jm: JobManager) -> None:
+    a = jm.submit(probe_jobs.noop, queue="low", idempotency_key="k", owner="u1")
+    b = jm.submit(probe_jobs.noop, queue="low", idempotency_key="k", owner="u1")
+    c = jm.submit(probe_jobs.noop, queue="low", idempotency_key="k", owner="u2")
+    d = jm.submit(probe_jobs.noop, queue="low", idempotency_key="other", owner="u1")
+    assert a.id == b.id and len({a.id, c.id, d.id}) == 3
+    assert jm.list(owner="u1")[1] == 2
+
+
+def test_handed_back_jobs_are_carried_by_their_new_bundle(
+    jm: JobManager, state_settings: Settings, broker: EmbeddedRedis
+) -> None:
+    runtime = WorkerRuntime(state_settings)
+    try:
+        waiting = [inserted(jm, probe_jobs.effect, status="QUEUED") for _ in range(2)]
+        claimed = running(jm, probe_jobs.effect, lease_s=60)  # a worker took it meanwhile
+        before = time.time()
+        bundle_id = runtime.hand_back(probe_jobs.effect.name, [*waiting, claimed], "low", 5)
+        for job_id in waiting:
+            j = jm.get(job_id)
+            assert (j.message_id, j.publish_count) == (bundle_id, 1)
+            assert j.queued_at is not None and before <= j.queued_at  # its wait starts now
+        assert jm.get(claimed).message_id != bundle_id
+        assert jm.get(claimed).publish_count == 0
+    finally:
+        runtime.publisher.close()
+        runtime.engine.dispose()
+
+
+def test_the_reaper_thread_finishes_old_cancels_then_ticks_until_stopped(
+    jm: JobManager, state_settings: Settings
+) -> None:
+    cancelled = inserted(jm, probe_jobs.noop, status="QUEUED", cancel_requested=True)
+    stranded = inserted(jm, probe_jobs.noop, created_at=time.time() - 60)
+    settings = state_settings.model_copy(update={"reaper_interval_s": 0.1})
+    thread = start_reaper(settings, jm.engine, jm.publisher)
+    try:
+        deadline = time.monotonic() + 10
+        while jm.get(stranded).status is JobStatus.PENDING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert jm.get(stranded).status is JobStatus.QUEUED
+        assert jm.get(cancelled).status is JobStatus.CANCELLED
+        assert thread.is_alive() and thread.daemon and thread.interval_s == 0.1
+    finally:
+        thread.stop()
+        thread.join(5)
+        thread.reaper.close()
+    assert not thread.is_alive()
+
+
+@job(name="tests.state.knows_itself", bind=True)
+def knows_itself(ctx: JobContext) -> bool:
+    return current_job() is ctx
+
+
+def test_a_running_job_finds_itself_as_the_current_job(jm: JobManager) -> None:
+    job_id = inserted(jm, knows_itself)
+    assert executor(jm).run(knows_itself, job_id) == Outcome("succeeded")
+    assert jm.get(job_id).result is True
+    with pytest.raises(JobError, match="outside a running tasklab job"):
+        current_job()
