@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := check
-.PHONY: check demo test lint format install clean
+.PHONY: check demo test lint format install clean mutate
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "tasklab needs Python >= 3.11"'
@@ -26,6 +26,14 @@ test: $(STAMP)
 	eval "$$($(BIN)/python scripts/detect_services.py)" && \
 	  bash scripts/test_prereqs.sh && \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 $(PYTEST_ARGS)
+
+# On demand, not in CI: mutation testing of the job state machine (docs/jobs.md, "Mutation
+# testing"). Mutants live in a copy under mutants/; src/ is never rewritten. Niced, two at
+# a time, so the machine stays usable; MUTATE_ARGS names mutants to re-run.
+mutate: $(STAMP)
+	eval "$$($(BIN)/python scripts/detect_services.py)" && \
+	  nice -n 10 $(BIN)/mutmut run --max-children 2 $(MUTATE_ARGS); \
+	  $(BIN)/python scripts/mutation_score.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

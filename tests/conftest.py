@@ -19,6 +19,16 @@ from tasklab.embedded import EmbeddedRedis
 from tasklab.settings import Settings
 from tests.support.worker import WorkerProcess
 
+# Fixtures that start a worker subprocess: their tests are marked ``worker`` (``make mutate``
+# leaves them out; the subprocess would run the unmutated package).
+WORKER_FIXTURES = frozenset({"worker_factory", "live_settings"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.worker)
+
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
