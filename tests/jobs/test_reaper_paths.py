@@ -171,8 +171,10 @@ def test_jobs_left_waiting_with_a_cancel_end_cancelled_with_their_hook(
 ) -> None:
     job_id = inserted(jm, gives_up, status="QUEUED", cancel_requested=True)
     other = inserted(jm, gives_up, status="QUEUED")
+    ended = inserted(jm, gives_up, status="CANCELLED", cancel_requested=True, finished_at=3.0)
     before = time.time()
     reaper.finish_old_cancels()
+    assert jm.get(ended).finished_at == 3.0  # a job that ended is left as it ended
     j = jm.get(job_id)
     assert j.status is JobStatus.CANCELLED
     assert j.finished_at is not None and before <= j.finished_at
