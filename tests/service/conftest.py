@@ -57,6 +57,7 @@ TEST_LIMITS: dict[str, Any] = {
     "rate_limit_per_address": "1000000/minute",
     "rate_limit_failed_auth_per_address": "100000/minute",
     "orders_in_flight_max": 10_000,
+    "data_sync_jobs_in_flight_max": 10_000,
 }
 
 

@@ -1,8 +1,11 @@
 """Property-based run over the whole OpenAPI schema against a real server, authenticated:
-no 5xx, responses conform to the schema (status codes, content types, headers, bodies)."""
+no 5xx, responses conform to the schema (status codes, content types, headers, bodies). Once
+as the admin (who may call everything) and once as a plain user, who must get 403 from every
+administrators' operation however the request is made."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from tasklab.settings import Settings
 from tests.service.conftest import ApiServer, make_settings, read_tokens
 
 MAX_EXAMPLES = 15
+Api = tuple[str, dict[str, str], dict[str, str]]  # base URL, admin's headers, a user's
 
 
 def _openapi() -> dict[str, Any]:
@@ -42,30 +46,20 @@ CONFIG = schemathesis.Config.from_dict(
 )
 OPENAPI = _openapi()
 schema = schemathesis.openapi.from_dict(OPENAPI, config=CONFIG)
-
-
-@pytest.fixture(scope="module")
-def live_api(
-    tmp_path_factory: pytest.TempPathFactory, embedded_redis: EmbeddedRedis
-) -> Iterator[tuple[str, dict[str, str]]]:
-    """A seeded API served by uvicorn; (base URL, the admin's Authorization header: the
-    admin may call every operation, the metrics views included)."""
-    home: Path = tmp_path_factory.mktemp("schemathesis")
-    api_settings = make_settings(home, embedded_redis.url)
-    seed(api_settings, users=2, products=5, stock=10_000, points=1000)
-    user = next(a for a in read_tokens(api_settings.home_dir / "tokens.jsonl") if a.admin)
-    server = ApiServer(api_settings).start()
-    yield server.url, user.headers
-    server.stop()
-
-
-def test_the_server_serves_the_schema_under_test(live_api: tuple[str, dict[str, str]]) -> None:
-    url, _ = live_api
-    assert httpx.get(f"{url}/openapi.json").json() == OPENAPI
-
-
-@schema.parametrize()
-@settings(
+# A plain user meets 403 on the administrators' operations: a documented answer there.
+USER_CONFIG = schemathesis.Config.from_dict(
+    {
+        "generation": {"allow-extra-parameters": False},
+        "checks": {
+            "positive_data_acceptance": {
+                "expected-statuses": ["2xx", "401", "403", "404", "409", "422"]
+            }
+        },
+    }
+)
+user_schema = schemathesis.openapi.from_dict(OPENAPI, config=USER_CONFIG)
+ADMIN_ONLY = re.compile(r"^/api/v1/(metrics/|data-sync/sync-)")
+HYPOTHESIS = settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
     suppress_health_check=[
@@ -74,12 +68,54 @@ def test_the_server_serves_the_schema_under_test(live_api: tuple[str, dict[str, 
         HealthCheck.filter_too_much,
     ],
 )
+
+
+@pytest.fixture(scope="module")
+def live_api(
+    tmp_path_factory: pytest.TempPathFactory, embedded_redis: EmbeddedRedis
+) -> Iterator[tuple[str, dict[str, str], dict[str, str]]]:
+    """A seeded API served by uvicorn; (base URL, the admin's Authorization header, a plain
+    user's)."""
+    home: Path = tmp_path_factory.mktemp("schemathesis")
+    api_settings = make_settings(home, embedded_redis.url)
+    seed(api_settings, users=2, products=5, stock=10_000, points=1000)
+    accounts = read_tokens(api_settings.home_dir / "tokens.jsonl")
+    admin = next(a for a in accounts if a.admin)
+    user = next(a for a in accounts if not a.admin)
+    server = ApiServer(api_settings).start()
+    yield server.url, admin.headers, user.headers
+    server.stop()
+
+
+def test_the_server_serves_the_schema_under_test(live_api: Api) -> None:
+    url, _, _ = live_api
+    assert httpx.get(f"{url}/openapi.json").json() == OPENAPI
+
+
+def _positive(case: schemathesis.Case) -> bool:
+    return case.meta is not None and case.meta.generation.mode.is_positive
+
+
+@schema.parametrize()
+@HYPOTHESIS
 def test_every_operation_conforms_to_the_schema_and_never_answers_5xx(
-    case: schemathesis.Case, live_api: tuple[str, dict[str, str]]
+    case: schemathesis.Case, live_api: Api
 ) -> None:
-    url, headers = live_api
+    url, headers, _ = live_api
     response = case.call_and_validate(base_url=url, headers=headers)
-    positive = case.meta is not None and case.meta.generation.mode.is_positive
-    if positive and "security" in case.operation.definition.raw:
+    if _positive(case) and "security" in case.operation.definition.raw:
         # negative cases may drop the token on purpose; valid ones always carry it
         assert response.status_code != 401, response.text
+
+
+@user_schema.parametrize()
+@HYPOTHESIS
+def test_as_a_plain_user_every_operation_conforms_and_admin_ones_answer_403(
+    case: schemathesis.Case, live_api: Api
+) -> None:
+    url, _, headers = live_api
+    response = case.call_and_validate(base_url=url, headers=headers)
+    if _positive(case) and ADMIN_ONLY.match(case.operation.path):
+        assert response.status_code == 403, response.text
+    elif _positive(case) and "security" in case.operation.definition.raw:
+        assert response.status_code not in (401, 403), response.text
