@@ -238,3 +238,60 @@ def test_logs_of_an_unknown_part_name_the_parts_that_have_logs(tmp_path: Path) -
     assert out.stderr.strip().splitlines() == [
         f"error: no log {tmp_path}/logs/nope.log; parts with logs: api, worker"
     ]
+
+
+@pytest.mark.slow
+def test_up_with_nodes_runs_separate_worker_nodes_that_share_the_work(tmp_path: Path) -> None:
+    import importlib
+
+    import sqlalchemy as sa
+
+    from tasklab.celery_app import make_celery
+    from tasklab.jobs.manager import JobManager
+    from tasklab.jobs.records import jobs
+    from tasklab.lab.faults import lease_pid
+    from tasklab.settings import Settings
+
+    importlib.import_module("tasklab.lab.probe_jobs")  # registers the probe jobs
+    home = tmp_path / "home"
+    rec = up_detached(home, "--nodes", "2", "--exporter-port", "0")
+    try:
+        parts = rec["parts"]
+        assert {"worker1", "worker2"} <= parts.keys() and "worker" not in parts
+        # each node: its own home folder (its metrics folder) and its own /metrics port
+        for name in ("worker1", "worker2"):
+            assert (home / "nodes" / name / "prometheus-multiproc").is_dir()
+            metrics = httpx.get(f"http://127.0.0.1:{parts[name]['port']}/metrics", timeout=5)
+            assert "tasklab_worker_node_processes" in metrics.text
+        settings = Settings(home_dir=home, redis_url=rec["redis_url"])
+        control = make_celery(settings).control
+        names: set[str] = set()
+        deadline = time.monotonic() + 30
+        while not {"worker1", "worker2"} <= names and time.monotonic() < deadline:
+            names |= {n.split("@")[0] for reply in control.ping(timeout=2) or [] for n in reply}
+        assert {"worker1", "worker2"} <= names
+        jm = JobManager(settings)  # the stack's database: the nodes share it
+        try:
+            ids = [jm.submit("tasklab.probe_job.effect", hold_s=0.3).id for _ in range(16)]
+            jm.flush()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with jm.engine.connect() as conn:
+                    rows = conn.execute(
+                        sa.select(jobs.c.status, jobs.c.result).where(jobs.c.id.in_(ids))
+                    ).all()
+                if all(status == "SUCCEEDED" for status, _ in rows):
+                    break
+                time.sleep(0.3)
+        finally:
+            jm.close()
+        assert [status for status, _ in rows] == ["SUCCEEDED"] * len(ids)
+        ran_on = {lease_pid(result["ran_on"]) for _, result in rows}
+        by_node = {
+            name: {c.pid for c in psutil.Process(parts[name]["pid"]).children(recursive=True)}
+            for name in ("worker1", "worker2")
+        }
+        assert ran_on & by_node["worker1"] and ran_on & by_node["worker2"]
+    finally:
+        stopped = tasklab(home, "stop")
+        assert stopped.returncode == 0, stopped.stderr

@@ -165,6 +165,12 @@ def up(
     ] = None,
     workers: Annotated[int | None, typer.Option(min=1, max=64, help="uvicorn workers")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Celery processes")] = None,
+    nodes: Annotated[
+        int,
+        typer.Option(
+            min=1, max=16, help="Worker nodes, each its own process tree, home and metrics port"
+        ),
+    ] = 1,
     no_beat: Annotated[bool, typer.Option("--no-beat")] = False,
     exporter_port: Annotated[
         int | None, typer.Option(min=0, max=65535, help="0: no exporter; default 9810 or free")
@@ -195,6 +201,7 @@ def up(
         exporter_port=exporter_port,
         flower=flower,
         background=background,
+        nodes=nodes,
     )
     if run_stack(settings, opts) is not None:
         raise typer.Exit(1)  # a part kept failing at its start; the supervisor said why

@@ -51,6 +51,9 @@ class StackOptions:
     exporter: PortWish | None = None  # None: no exporter
     flower: PortWish | None = None  # None: no Flower
     background: bool = False  # detached: output goes to the log files only
+    # worker nodes: one is the stack's "worker"; more are "worker1".."workerN", each with its
+    # own node name, home folder and metrics port, sharing only the broker and the database
+    nodes: int = 1
 
 
 def stack_options(
@@ -64,6 +67,7 @@ def stack_options(
     exporter_port: int | None,
     flower: bool,
     background: bool = False,
+    nodes: int = 1,
 ) -> StackOptions:
     """What ``tasklab up`` was asked for: options win over settings, both count as chosen."""
 
@@ -84,6 +88,7 @@ def stack_options(
         exporter=wish(exporter_port, "--exporter-port", "exporter_port") if exporter_on else None,
         flower=PortWish(FLOWER_PORT) if flower else None,
         background=background,
+        nodes=nodes,
     )
 
 
@@ -98,14 +103,12 @@ def embedded_redis(settings: Settings, stack: ExitStack, console: Console) -> Em
     return server
 
 
-def components(opts: StackOptions, ports: dict[str, int]) -> list[Component]:
+def components(
+    opts: StackOptions, ports: dict[str, int], settings: Settings | None = None
+) -> list[Component]:
     api_argv = ["api", "--host", opts.host, "--port", str(ports["api"])]
     comps = [
-        # The API serves the stack's one multiprocess folder, workers' metrics included.
-        Component(
-            "worker",
-            tasklab_argv("worker", "--concurrency", str(opts.concurrency), "--metrics-port", "0"),
-        ),
+        *worker_nodes(opts, ports, settings),
         Component(
             "api",
             tasklab_argv(*api_argv, "--workers", str(opts.api_workers)),
@@ -123,9 +126,51 @@ def components(opts: StackOptions, ports: dict[str, int]) -> list[Component]:
     return comps
 
 
+def worker_nodes(
+    opts: StackOptions, ports: dict[str, int], settings: Settings | None
+) -> list[Component]:
+    """One worker whose metrics the API serves (the stack's one multiprocess folder), or
+    ``opts.nodes`` workers that stand for separate machines: each its own node name, home
+    folder (its metrics folder, its logs) and metrics port; the database and the broker
+    shared (an embedded SQLite by its path, since it lives in the stack's home)."""
+    concurrency = str(opts.concurrency)
+    if opts.nodes == 1 or settings is None:
+        argv = tasklab_argv("worker", "--concurrency", concurrency, "--metrics-port", "0")
+        return [Component("worker", argv)]
+    shared = {}
+    if settings.database_url is None:
+        shared["DATABASE_URL"] = f"sqlite:///{settings.sqlite_path.resolve()}"
+    nodes = []
+    for i in range(1, opts.nodes + 1):
+        name = f"worker{i}"
+        home = (settings.home_dir / "nodes" / name).resolve()
+        argv = tasklab_argv(
+            "worker",
+            "--concurrency",
+            concurrency,
+            "--hostname",
+            f"{name}@%h",
+            "--metrics-port",
+            str(ports[name]),
+            "--metrics-host",
+            opts.host,
+        )
+        env = {**shared, "TASKLAB_HOME_DIR": str(home), **node_metrics_env(settings, home)}
+        nodes.append(Component(name, argv, port=ports[name], env=env))
+    return nodes
+
+
+def node_metrics_env(settings: Settings, home: Path) -> dict[str, str]:
+    """A node's own, fresh multiprocess folder (the stack's belongs to the API)."""
+    return prepare_dir(settings.model_copy(update={"home_dir": home}))
+
+
 def plan_ports(opts: StackOptions, console: Console) -> tuple[dict[str, int], list[str]]:
     notes: list[str] = []
     ports = {"api": take_port(opts.host, "API", opts.api, notes)}
+    if opts.nodes > 1:  # each node's /metrics: free ports, never a default
+        for i in range(1, opts.nodes + 1):
+            ports[f"worker{i}"] = take_port(opts.host, f"worker{i} metrics", PortWish(0), notes)
     if opts.exporter is not None:
         ports["exporter"] = take_port(opts.host, "exporter", opts.exporter, notes)
     if opts.flower is not None:
@@ -229,7 +274,7 @@ def _run_locked(settings: Settings, opts: StackOptions, console: Console) -> str
             recorder.add_redis(server)
         # Every process writes metrics into one fresh multiprocess directory.
         env = child_env({**extra, **prepare_dir(settings)})
-        comps = components(opts, ports)
+        comps = components(opts, ports, settings)
         logs = PartLogs(log_dir(settings.home_dir), [c.name for c in comps], combined=True)
         stack.callback(logs.close)
         supervisor = Supervisor(

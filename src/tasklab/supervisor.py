@@ -47,6 +47,7 @@ class Component:
     name: str
     argv: list[str]
     port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0  # monotonic
     started_wall: float = 0.0  # epoch, for uptimes shown to people
@@ -122,7 +123,7 @@ class Supervisor:
     def start(self, comp: Component) -> None:
         comp.process = subprocess.Popen(
             comp.argv,
-            env=self.env,
+            env={**self.env, **comp.env} if comp.env else self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
