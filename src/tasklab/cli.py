@@ -219,6 +219,11 @@ def exporter(
     ] = None,
 ) -> None:
     """Serve queue, worker, beat and Celery task metrics for Prometheus on their own port."""
+    from tasklab.observe import multiproc
+
+    # The exporter serves its own registry only; in a stack's shared folder its gauges could
+    # not drop a series (prometheus_client cannot remove labels in multiprocess mode).
+    os.environ.pop(multiproc.ENV_VAR, None)
     from tasklab.observe.exporter import load_app, run_exporter
 
     settings = settings_of(ctx)
@@ -301,6 +306,10 @@ def _register_part_commands() -> None:
     tokens_app.command("issue")(service.tokens_issue)
     tokens_app.command("revoke")(service.tokens_revoke)
     app.add_typer(tokens_app, name="tokens")
+    from tasklab.service.console import commands as console_commands
+
+    app.command("console")(console_commands.serve)
+    app.command("console-bench")(console_commands.bench)
     from tasklab import stack_commands as stack
 
     for name in ("stop", "restart", "logs", "ps"):

@@ -101,7 +101,9 @@ def test_a_node_gets_a_fresh_folder_of_its_own_unless_its_parent_prepared_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings(home_dir=tmp_path / "home")
-    monkeypatch.delenv(multiproc.ENV_VAR, raising=False)
+    # recorded first, so undone last: prepare_node_env sets the variable in os.environ
+    monkeypatch.setenv(multiproc.ENV_VAR, "")
+    monkeypatch.delenv(multiproc.ENV_VAR)
     first = multiproc.prepare_node_env(settings, "a@host")
     (first / "counter_1.db").write_bytes(b"left by a previous run")
     monkeypatch.delenv(multiproc.ENV_VAR)
@@ -119,7 +121,8 @@ def test_a_node_gets_a_fresh_folder_of_its_own_unless_its_parent_prepared_one(
 def test_recycled_pool_childrens_files_are_compacted_and_their_counts_kept(
     settings: Settings, worker_factory: type[WorkerProcess]
 ) -> None:
-    recycling = settings.model_copy(update={"worker_max_tasks_per_child": 1})
+    # one job per message, so each job runs in a child of its own that is then replaced
+    recycling = settings.model_copy(update={"worker_max_tasks_per_child": 1, "bundle_max": 1})
     migrate(recycling)
     port = free_port_on("127.0.0.1")
     worker = worker_factory(recycling, concurrency=1, name="recycler")
@@ -127,8 +130,9 @@ def test_recycled_pool_childrens_files_are_compacted_and_their_counts_kept(
     worker.start()
     jm = JobManager(recycling)
     try:
-        ids = [jm.submit(probe_jobs.noop).id for _ in range(5)]
-        assert all(jm.wait(i, timeout_s=60).status is JobStatus.SUCCEEDED for i in ids)
+        for _ in range(5):
+            job = jm.submit(probe_jobs.noop)
+            assert jm.wait(job.id, timeout_s=60).status is JobStatus.SUCCEEDED
         labels = {"task": "tasklab.probe_job.noop", "queue": "default", "status": "succeeded"}
         wait_until(
             lambda: scrape(port),
@@ -141,9 +145,10 @@ def test_recycled_pool_childrens_files_are_compacted_and_their_counts_kept(
 
     folder = multiproc.node_dir_for(recycling, f"recycler@{socket.gethostname()}")
     assert worker.process is not None
+    assert (folder / "counter_archive.db").exists()
+    # once a scrape has run after a child's exit, only live processes keep files of their own
+    again = scrape(port)
     live = {worker.process.pid, *worker.child_pids()}
     left = multiproc.pids_in(folder)
     assert left <= live, f"files of dead children left: {sorted(left - live)}"
-    assert (folder / "counter_archive.db").exists()
-    # a second scrape reads the archive and counts the same
-    assert value(scrape(port), "tasklab_jobs_finished_total", **labels) == 5
+    assert value(again, "tasklab_jobs_finished_total", **labels) == 5

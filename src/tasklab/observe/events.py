@@ -107,9 +107,12 @@ class TaskEvents:
             counter.labels(**labels, exception=self._exception(_exception_type(task))).inc()
         else:
             counter.labels(**labels).inc()
-        if kind == "task-started":
+        # task-sent (from the producer) may arrive after the worker's task-started: observe
+        # the wait at whichever of the two comes second
+        if kind == "task-started" or (kind == "task-sent" and task.started is not None):
             wait_s = _queue_wait_s(task)
             if wait_s is not None:
+                labels["hostname"] = self._host(task.worker.hostname if task.worker else None)
                 CELERY_TASK_QUEUE_WAIT.labels(**labels).observe(wait_s)
         elif kind == "task-succeeded" and task.runtime is not None:
             CELERY_TASK_RUNTIME.labels(**labels).observe(float(task.runtime))
