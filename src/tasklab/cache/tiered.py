@@ -17,27 +17,37 @@ Trust rules, all tested:
 * A loaded value is stored only if nothing changed the key since the load began: deletes leave a
   tombstone for ``lock_ttl_s`` and the store is a compare-and-set against what was seen.
 * Redis trouble never raises to the caller; a value that cannot be serialized does.
+
+The class keeps the public API, lookups and writes; fenced loads live in ``loading``, the
+invalidation channel and recovery in ``coherence``, the small records in ``plans``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
+import functools
 import logging
-import os
 import re
 import threading
 import time
 import uuid
-import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
 
+from tasklab.cache import coherence, loading
 from tasklab.cache.backends.memory import CacheEntry, MemoryBackend
 from tasklab.cache.backends.redis import UNLESS_DELETED, RedisBackend, StoredItem
 from tasklab.cache.errors import CacheConfigError, CacheSerializationError, L2Unavailable
-from tasklab.cache.invalidation import InvalidationListener, Notice, encode_clear, encode_notice
+from tasklab.cache.invalidation import InvalidationListener, encode_clear, encode_notice
+from tasklab.cache.plans import (
+    Mode,
+    PendingWrites,
+    Plan,
+    Seen,
+    check_options,
+    chunks,
+    ms,
+    resolve_mode,
+)
 from tasklab.cache.serialization import Codec, Envelope, Serializer, serializer_for
 from tasklab.cache.singleflight import AsyncSingleFlight, SingleFlight
 from tasklab.cache.stats import CacheCounters
@@ -45,66 +55,9 @@ from tasklab.settings import Settings
 
 logger = logging.getLogger("tasklab.cache")
 T = TypeVar("T")
-Mode = Literal["tiered", "l1", "l2"]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # part of Redis keys and client names
-LOCK_POLL_MIN_S = 0.002  # waiting for another process's loader: first poll of L2
-LOCK_POLL_MAX_S = 0.02
 WARM_BATCH = 500  # keys per pipeline in warm()
-PENDING_MAX_KEYS = 10_000  # failed writes remembered for replay; beyond, the namespace is cleared
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """How to store what a loader returns."""
-
-    ttl_s: float | None
-    l1_ttl_s: float | None
-    tags: tuple[str, ...]
-    negative_ttl_s: float | None
-    lock: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Seen:
-    """What a read of L2 found: a usable entry, and the raw bytes (None: absent, or Redis down)
-    that a later store must still find there."""
-
-    entry: CacheEntry | None
-    raw: bytes | None
-
-
-_UNSEEN = _Seen(None, None)
-
-
-class _PendingWrites:
-    """Keys and tags whose write or delete could not reach Redis, replayed as deletes later."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.keys: set[str] = set()
-        self.tags: set[str] = set()
-        self.everything = False
-
-    def __len__(self) -> int:
-        return len(self.keys) + len(self.tags) + self.everything
-
-    def add(
-        self, keys: Iterable[str] = (), tags: Iterable[str] = (), everything: bool = False
-    ) -> None:
-        with self._lock:
-            self.keys.update(keys)
-            self.tags.update(tags)
-            if everything or len(self.keys) > PENDING_MAX_KEYS:
-                self.everything = True
-                self.keys.clear()
-                self.tags.clear()
-
-    def take(self) -> tuple[set[str], set[str], bool]:
-        with self._lock:
-            taken = (self.keys, self.tags, self.everything)
-            self.keys, self.tags, self.everything = set(), set(), False
-        return taken
 
 
 class TieredCache:
@@ -140,9 +93,9 @@ class TieredCache:
         if not NAME_PATTERN.fullmatch(name):
             raise CacheConfigError(f"cache name {name!r} must match {NAME_PATTERN.pattern}")
         self.name = name
-        self.mode: Mode = _resolve_mode(mode, settings.redis_url, l1_max)
+        self.mode: Mode = resolve_mode(mode, settings.redis_url, l1_max)
         self.default_ttl_s = settings.cache_default_ttl_s if ttl_s is None else ttl_s
-        _check_options(self.default_ttl_s, negative_ttl_s, lock_ttl_s, early_refresh)
+        check_options(self.default_ttl_s, negative_ttl_s, lock_ttl_s, early_refresh)
         self.negative_ttl_s = negative_ttl_s
         self.lock = lock
         self.lock_ttl_s = lock_ttl_s
@@ -161,18 +114,18 @@ class TieredCache:
                 failure_threshold=breaker_threshold,
                 reset_s=breaker_reset_s,
             )
-            self.l2.on_recovered = self._l2_recovered
+            self.l2.on_recovered = functools.partial(coherence.l2_recovered, self)
         self._closed = False
         self._warned_decode = False
         self._init_process_state(start_listener=True)
-        _reset_in_forked_children(self)
+        coherence.reset_in_forked_children(self)
 
     def _init_process_state(self, *, start_listener: bool) -> None:
         """State a forked child must not share: identity, locks, flights, the listener."""
         self._sender = uuid.uuid4().hex[:16]
         self._flights = SingleFlight()
         self._aflights = AsyncSingleFlight()
-        self._pending = _PendingWrites()
+        self._pending = PendingWrites()
         self._listener: InvalidationListener | None = None
         self._listener_lock = threading.Lock()
         self._coherent = self.mode == "l1"
@@ -180,7 +133,7 @@ class TieredCache:
         if self._coherent:
             self._coherent_event.set()
         if start_listener and self.mode == "tiered":
-            self._start_listener()
+            coherence.start_listener(self)
 
     # --- public, sync ---------------------------------------------------------------------------
     def get(self, key: str) -> Any:
@@ -257,12 +210,12 @@ class TieredCache:
         and are not cached.
         """
         entry = self._lookup(key)
-        if entry is not None and not self._refresh_due(entry, early_refresh):
+        if entry is not None and not loading.refresh_due(self, entry, early_refresh):
             return cast(T, entry.value)
         plan = self._plan(ttl_s, l1_ttl_s, tags, negative_ttl_s, lock)
         if entry is not None:
-            return self._refresh(key, entry, loader, plan)
-        return self._flights.do(key, lambda: self._load(key, loader, plan))
+            return loading.refresh(self, key, entry, loader, plan)
+        return self._flights.do(key, lambda: loading.load(self, key, loader, plan))
 
     def warm(
         self,
@@ -281,7 +234,7 @@ class TieredCache:
         """
         plan = self._plan(ttl_s, l1_ttl_s, tags, None, False)
         stored = 0
-        for chunk in _chunks(items, WARM_BATCH):
+        for chunk in chunks(items, WARM_BATCH):
             stored += self._warm_chunk([self._prepare(k, v, plan) for k, v in chunk])
         return stored
 
@@ -341,12 +294,12 @@ class TieredCache:
     ) -> T:
         """``get_or_set`` for coroutines: ``loader`` is an async callable."""
         entry = await self._alookup(key)
-        if entry is not None and not self._refresh_due(entry, early_refresh):
+        if entry is not None and not loading.refresh_due(self, entry, early_refresh):
             return cast(T, entry.value)
         plan = self._plan(ttl_s, l1_ttl_s, tags, negative_ttl_s, lock)
         if entry is not None:
-            return await self._arefresh(key, entry, loader, plan)
-        return await self._aflights.do(key, lambda: self._aload(key, loader, plan))
+            return await loading.arefresh(self, key, entry, loader, plan)
+        return await self._aflights.do(key, lambda: loading.aload(self, key, loader, plan))
 
     # --- state, lifecycle -----------------------------------------------------------------------
     @property
@@ -357,7 +310,7 @@ class TieredCache:
     def wait_coherent(self, timeout_s: float = 5.0) -> bool:
         """Wait until the invalidation subscription is up (L1 in use). False on timeout."""
         if self.mode == "tiered" and self._listener is None:
-            self._start_listener()
+            coherence.start_listener(self)
         return self._coherent_event.wait(timeout_s)
 
     def stats(self) -> dict[str, Any]:
@@ -419,7 +372,7 @@ class TieredCache:
         if self._coherent:
             return True
         if self._listener is None:  # first use in a forked child
-            self._start_listener()
+            coherence.start_listener(self)
         return self.l2 is not None and not self.l2.available
 
     def _lookup(self, key: str) -> CacheEntry | None:
@@ -481,7 +434,7 @@ class TieredCache:
         )
         return entry
 
-    def _fetch_l2(self, key: str) -> _Seen:
+    def _fetch_l2(self, key: str) -> Seen:
         """Read ``key`` from Redis, filling L1 if it is trusted. Raises L2Unavailable."""
         assert self.l2 is not None
         token = self._begin_fill(key)
@@ -492,7 +445,7 @@ class TieredCache:
             raise
         return self._seen(key, token, raw)
 
-    async def _afetch_l2(self, key: str) -> _Seen:
+    async def _afetch_l2(self, key: str) -> Seen:
         assert self.l2 is not None
         token = self._begin_fill(key)
         try:
@@ -502,10 +455,10 @@ class TieredCache:
             raise
         return self._seen(key, token, raw)
 
-    def _seen(self, key: str, token: object | None, raw: bytes | None) -> _Seen:
+    def _seen(self, key: str, token: object | None, raw: bytes | None) -> Seen:
         entry = self._decode_entry(raw)
         self._end_fill(key, token, entry)
-        return _Seen(entry, raw)
+        return Seen(entry, raw)
 
     def _begin_fill(self, key: str) -> object | None:
         return self.l1.begin_fill(key) if self.l1 is not None and self._coherent else None
@@ -540,9 +493,9 @@ class TieredCache:
     # --- writes ---------------------------------------------------------------------------------
     def _write_plan(
         self, value: Any, ttl_s: float | None, l1_ttl_s: float | None, tags: Sequence[str]
-    ) -> _Plan:
+    ) -> Plan:
         negative_ttl_s = ttl_s if value is None else None
-        return _Plan(ttl_s, l1_ttl_s, tuple(tags), negative_ttl_s, False)
+        return Plan(ttl_s, l1_ttl_s, tuple(tags), negative_ttl_s, False)
 
     def _plan(
         self,
@@ -551,17 +504,17 @@ class TieredCache:
         tags: Sequence[str],
         negative_ttl_s: float | None,
         lock: bool | None,
-    ) -> _Plan:
-        return _Plan(
+    ) -> Plan:
+        return Plan(
             ttl_s, l1_ttl_s, tuple(tags), negative_ttl_s, self.lock if lock is None else lock
         )
 
-    def _ttl_for(self, value: Any, plan: _Plan) -> float:
+    def _ttl_for(self, value: Any, plan: Plan) -> float:
         if value is None:
             return self.negative_ttl_s if plan.negative_ttl_s is None else plan.negative_ttl_s
         return self.default_ttl_s if plan.ttl_s is None else plan.ttl_s
 
-    def _prepare(self, key: str, value: Any, plan: _Plan) -> tuple[StoredItem, CacheEntry]:
+    def _prepare(self, key: str, value: Any, plan: Plan) -> tuple[StoredItem, CacheEntry]:
         """Encode once for Redis; L1 keeps the decoded copy, so every level returns equal values
         (a tuple comes back as a list everywhere) and later mutation of ``value`` is harmless."""
         ttl_s = self._ttl_for(value, plan)
@@ -570,12 +523,12 @@ class TieredCache:
         l1_ttl_s = ttl_s if plan.l1_ttl_s is None else min(plan.l1_ttl_s, ttl_s)
         raw = self._codec.encode(value, written_at=self.clock(), ttl_s=ttl_s, l1_ttl_s=l1_ttl_s)
         entry = self._entry(self._codec.decode(raw), plan.tags)
-        return StoredItem(key, raw, _ms(ttl_s), plan.tags), entry
+        return StoredItem(key, raw, ms(ttl_s), plan.tags), entry
 
     def _tombstone(self) -> dict[str, Any]:
         return {
             "tombstone": Codec.tombstone(written_at=self.clock()),
-            "ttl_ms": _ms(self.lock_ttl_s),
+            "ttl_ms": ms(self.lock_ttl_s),
         }
 
     def _l2_set(self, item: StoredItem) -> bool | None:
@@ -640,384 +593,6 @@ class TieredCache:
         if self.l1 is not None:
             self.l1.delete_many(keys)
         return len(prepared)
-
-    # --- loading --------------------------------------------------------------------------------
-    # A load is fenced: L2 is read (``_Seen``) before the loader starts, and its result is
-    # stored only if L2 still holds exactly that (compare-and-set), and kept in L1 only if no
-    # write or invalidation of the key overlapped it here (write token). A delete during the
-    # load leaves a tombstone, so the slower, older read never overwrites the newer state.
-
-    def _refresh_due(self, entry: CacheEntry, override: float | None) -> bool:
-        ratio = self.early_refresh if override is None else override
-        return ratio is not None and entry.refresh_due(ratio, self.clock())
-
-    def _load(self, key: str, loader: Callable[[], T], plan: _Plan) -> T:
-        entry = self._recheck_l1(key)
-        if entry is not None:
-            return cast(T, entry.value)
-        if plan.lock and self.l2 is not None and self.l2.available:
-            return self._load_locked(key, loader, plan)
-        seen = self._observe(key)
-        if seen.entry is not None:
-            return cast(T, seen.entry.value)
-        return self._load_and_store(key, loader, plan, seen)
-
-    def _recheck_l1(self, key: str) -> CacheEntry | None:
-        """Inside the flight: did the flight that just ended store it? (Not counted.)"""
-        if self.l1 is not None and self._l1_readable():
-            return self.l1.get(key)
-        return None
-
-    def _observe(self, key: str) -> _Seen:
-        if self.l2 is None:
-            return _UNSEEN
-        try:
-            return self._fetch_l2(key)
-        except L2Unavailable:
-            return _UNSEEN
-
-    def _load_and_store(self, key: str, loader: Callable[[], T], plan: _Plan, seen: _Seen) -> T:
-        token = self._begin_write(key)
-        entry: CacheEntry | None = None
-        stored: bool | None = False
-        try:
-            start = time.perf_counter()
-            try:
-                value = loader()
-            finally:
-                self.counters.load(time.perf_counter() - start)
-            if value is not None or self._ttl_for(None, plan) > 0:  # else: negative caching off
-                item, entry = self._prepare(key, value, plan)
-                stored = self._l2_store(item, seen)
-            return value
-        finally:
-            self._finish_write(key, token, entry, stored)
-
-    def _l2_store(self, item: StoredItem, seen: _Seen) -> bool | None:
-        """Compare-and-set after a load: True stored, False fenced off, None unreachable."""
-        if self.l2 is None:
-            return True
-        try:
-            return self.l2.store(
-                item, condition=seen.raw or b"", notice=encode_notice(self._sender, [item.key])
-            )
-        except L2Unavailable:
-            return None
-
-    async def _al2_store(self, item: StoredItem, seen: _Seen) -> bool | None:
-        if self.l2 is None:
-            return True
-        try:
-            return await self.l2.astore(
-                item, condition=seen.raw or b"", notice=encode_notice(self._sender, [item.key])
-            )
-        except L2Unavailable:
-            return None
-
-    def _load_locked(self, key: str, loader: Callable[[], T], plan: _Plan) -> T:
-        """Load under the Redis lock, or wait for the process holding it to store the value."""
-        assert self.l2 is not None
-        deadline = time.monotonic() + self.lock_ttl_s
-        delay_s = LOCK_POLL_MIN_S
-        while True:
-            try:
-                token = self.l2.try_lock(key, _ms(self.lock_ttl_s))
-            except L2Unavailable:
-                return self._load_and_store(key, loader, plan, _UNSEEN)
-            seen = self._observe(key)  # holder: what must still be there when we store
-            if seen.entry is not None or token is not None:
-                return self._load_holding(key, token, loader, plan, seen)
-            if time.monotonic() >= deadline:  # the holder is stuck or gone: stop waiting
-                return self._load_and_store(key, loader, plan, seen)
-            time.sleep(delay_s)
-            delay_s = min(delay_s * 2, LOCK_POLL_MAX_S)
-
-    def _load_holding(
-        self, key: str, token: str | None, loader: Callable[[], T], plan: _Plan, seen: _Seen
-    ) -> T:
-        assert self.l2 is not None
-        try:
-            if seen.entry is not None:
-                return cast(T, seen.entry.value)
-            return self._load_and_store(key, loader, plan, seen)
-        finally:
-            if token is not None:
-                self.l2.unlock(key, token)
-
-    def _refresh(self, key: str, entry: CacheEntry, loader: Callable[[], T], plan: _Plan) -> T:
-        """Early refresh: one caller reloads; everyone else gets the current value meanwhile."""
-        ran, value = self._flights.do_if_idle(
-            key, lambda: self._refresh_now(key, entry, loader, plan)
-        )
-        return cast(T, value if ran else entry.value)
-
-    def _refresh_now(self, key: str, entry: CacheEntry, loader: Callable[[], T], plan: _Plan) -> T:
-        token = None
-        if plan.lock and self.l2 is not None:
-            try:
-                token = self.l2.try_lock(key, _ms(self.lock_ttl_s))
-            except L2Unavailable:
-                token = None
-            if token is None:  # another process is refreshing it
-                return cast(T, entry.value)
-        try:
-            return self._load_and_store(key, loader, plan, self._observe(key))
-        except Exception:
-            logger.warning(
-                "cache %r: early refresh of %r failed; serving the current value",
-                self.name,
-                key,
-                exc_info=True,
-            )
-            return cast(T, entry.value)
-        finally:
-            if token is not None and self.l2 is not None:
-                self.l2.unlock(key, token)
-
-    # --- loading, asyncio -------------------------------------------------------------------------
-    async def _aload(self, key: str, loader: Callable[[], Awaitable[T]], plan: _Plan) -> T:
-        entry = self._recheck_l1(key)
-        if entry is not None:
-            return cast(T, entry.value)
-        if plan.lock and self.l2 is not None and self.l2.available:
-            return await self._aload_locked(key, loader, plan)
-        seen = await self._aobserve(key)
-        if seen.entry is not None:
-            return cast(T, seen.entry.value)
-        return await self._aload_and_store(key, loader, plan, seen)
-
-    async def _aobserve(self, key: str) -> _Seen:
-        if self.l2 is None:
-            return _UNSEEN
-        try:
-            return await self._afetch_l2(key)
-        except L2Unavailable:
-            return _UNSEEN
-
-    async def _aload_and_store(
-        self, key: str, loader: Callable[[], Awaitable[T]], plan: _Plan, seen: _Seen
-    ) -> T:
-        token = self._begin_write(key)
-        entry: CacheEntry | None = None
-        stored: bool | None = False
-        try:
-            start = time.perf_counter()
-            try:
-                value = await loader()
-            finally:
-                self.counters.load(time.perf_counter() - start)
-            if value is not None or self._ttl_for(None, plan) > 0:
-                item, entry = self._prepare(key, value, plan)
-                stored = await self._al2_store(item, seen)
-            return value
-        finally:
-            self._finish_write(key, token, entry, stored)
-
-    async def _aload_locked(self, key: str, loader: Callable[[], Awaitable[T]], plan: _Plan) -> T:
-        assert self.l2 is not None
-        deadline = time.monotonic() + self.lock_ttl_s
-        delay_s = LOCK_POLL_MIN_S
-        while True:
-            try:
-                token = await self.l2.atry_lock(key, _ms(self.lock_ttl_s))
-            except L2Unavailable:
-                return await self._aload_and_store(key, loader, plan, _UNSEEN)
-            seen = await self._aobserve(key)
-            if seen.entry is not None or token is not None:
-                return await self._aload_holding(key, token, loader, plan, seen)
-            if time.monotonic() >= deadline:
-                return await self._aload_and_store(key, loader, plan, seen)
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, LOCK_POLL_MAX_S)
-
-    async def _aload_holding(
-        self,
-        key: str,
-        token: str | None,
-        loader: Callable[[], Awaitable[T]],
-        plan: _Plan,
-        seen: _Seen,
-    ) -> T:
-        assert self.l2 is not None
-        try:
-            if seen.entry is not None:
-                return cast(T, seen.entry.value)
-            return await self._aload_and_store(key, loader, plan, seen)
-        finally:
-            if token is not None:
-                await self.l2.aunlock(key, token)
-
-    async def _arefresh(
-        self, key: str, entry: CacheEntry, loader: Callable[[], Awaitable[T]], plan: _Plan
-    ) -> T:
-        ran, value = await self._aflights.do_if_idle(
-            key, lambda: self._arefresh_now(key, entry, loader, plan)
-        )
-        return cast(T, value if ran else entry.value)
-
-    async def _arefresh_now(
-        self, key: str, entry: CacheEntry, loader: Callable[[], Awaitable[T]], plan: _Plan
-    ) -> T:
-        token = None
-        if plan.lock and self.l2 is not None:
-            try:
-                token = await self.l2.atry_lock(key, _ms(self.lock_ttl_s))
-            except L2Unavailable:
-                token = None
-            if token is None:
-                return cast(T, entry.value)
-        try:
-            return await self._aload_and_store(key, loader, plan, await self._aobserve(key))
-        except Exception:
-            logger.warning(
-                "cache %r: early refresh of %r failed; serving the current value",
-                self.name,
-                key,
-                exc_info=True,
-            )
-            return cast(T, entry.value)
-        finally:
-            if token is not None and self.l2 is not None:
-                await self.l2.aunlock(key, token)
-
-    # --- coherence and recovery ---------------------------------------------------------------
-    def _start_listener(self) -> None:
-        with self._listener_lock:
-            if self._closed or self._listener is not None:
-                return
-            self._listener = InvalidationListener(
-                self._redis_url,
-                cache=self.name,
-                sender=self._sender,
-                on_notice=self._on_notice,
-                on_connected=self._on_connected,
-                on_lost=self._on_lost,
-            )
-            self._listener.start()
-
-    def _on_notice(self, notice: Notice) -> None:
-        self.counters.invalidation()
-        if self.l1 is None:
-            return
-        if notice.keys is None:
-            self.l1.clear()
-        else:
-            self.l1.delete_many(notice.keys)
-
-    def _on_connected(self, reconnected: bool) -> None:
-        if reconnected:
-            logger.warning("cache %r: invalidation channel is back; L1 in use again", self.name)
-        if self.l2 is not None:
-            self.l2.mark_reachable()  # the SUBSCRIBE just answered: close an open circuit
-        self._replay_pending()
-        if self.l1 is not None:
-            self.l1.clear()  # anything in it was stored while notices could be missed
-        self._coherent = True
-        self._coherent_event.set()
-
-    def _on_lost(self, error: BaseException) -> None:
-        if self._closed:
-            return
-        was_coherent, self._coherent = self._coherent, False
-        self._coherent_event.clear()
-        # Only a trusted L1 holds entries that missed notices could make stale; before the
-        # first subscription it holds at most suspect entries, dropped when Redis is back.
-        dropped = self.l1.clear() if self.l1 is not None and was_coherent else 0
-        logger.warning(
-            "cache %r: invalidation channel down (%s); cleared %d L1 entries, L1 is "
-            "bypassed until it reconnects",
-            self.name,
-            error,
-            dropped,
-        )
-
-    def _l2_recovered(self) -> None:
-        """First Redis success after failures: drop suspect L1 entries, replay failed writes."""
-        if self.l1 is not None:
-            self.l1.drop_suspect()
-        self._replay_pending()
-
-    def _replay_pending(self) -> None:
-        if self.l2 is None or not len(self._pending):
-            return
-        keys, tags, everything = self._pending.take()
-        try:
-            if everything:
-                self.l2.clear(notice=encode_clear(self._sender))
-            elif keys:
-                ordered = sorted(keys)
-                self.l2.delete(
-                    ordered, notice=encode_notice(self._sender, ordered), **self._tombstone()
-                )
-            for tag in () if everything else tags:
-                self.l2.delete_tag(tag, sender=self._sender, **self._tombstone())
-        except L2Unavailable:
-            self._pending.add(keys, tags, everything)
-            return
-        logger.info(
-            "cache %r: replayed %s failed writes as deletes",
-            self.name,
-            "all" if everything else len(keys) + len(tags),
-        )
-
-    def _reset_after_fork(self) -> None:
-        if self.l1 is not None:
-            self.l1 = MemoryBackend(max_entries=self.l1.max_entries, name=self.name)
-        if self.l2 is not None:
-            self.l2.reset_after_fork()
-        self.counters.reset_after_fork()
-        # No thread may start inside a fork handler: the listener starts on first use.
-        self._init_process_state(start_listener=False)
-
-
-def _resolve_mode(mode: Mode | None, redis_url: str | None, l1_max_entries: int) -> Mode:
-    if mode is None:
-        mode = "l1" if not redis_url else "l2" if l1_max_entries == 0 else "tiered"
-    if mode not in ("tiered", "l1", "l2"):
-        raise CacheConfigError(f"unknown cache mode {mode!r}; expected tiered, l1 or l2")
-    if mode != "l1" and not redis_url:
-        raise CacheConfigError(f"cache mode {mode!r} needs redis_url")
-    if mode != "l2" and l1_max_entries < 1:
-        raise CacheConfigError(f"cache mode {mode!r} needs cache_l1_max_entries >= 1")
-    return mode
-
-
-def _check_options(
-    ttl_s: float, negative_ttl_s: float, lock_ttl_s: float, early_refresh: float | None
-) -> None:
-    if ttl_s <= 0:
-        raise CacheConfigError(f"ttl_s must be > 0, got {ttl_s}")
-    if negative_ttl_s < 0:
-        raise CacheConfigError(f"negative_ttl_s must be >= 0 (0 disables), got {negative_ttl_s}")
-    if lock_ttl_s <= 0:
-        raise CacheConfigError(f"lock_ttl_s must be > 0, got {lock_ttl_s}")
-    if early_refresh is not None and not 0 < early_refresh <= 1:
-        raise CacheConfigError(
-            f"early_refresh is a fraction of the TTL in (0, 1], got {early_refresh}"
-        )
-
-
-def _ms(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
-
-
-def _chunks(items: Iterable[tuple[str, Any]], size: int) -> Iterator[list[tuple[str, Any]]]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
-
-
-def _reset_in_forked_children(cache: TieredCache) -> None:
-    """A forked child (Celery prefork, gunicorn --preload) gets its own L1, identity and
-    listener; without this it would inherit an L1 nobody keeps coherent."""
-    ref = weakref.ref(cache)
-
-    def reset() -> None:
-        instance = ref()
-        if instance is not None:
-            instance._reset_after_fork()
-
-    os.register_at_fork(after_in_child=reset)
 
 
 __all__ = ["Mode", "TieredCache"]
