@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
-from tasklab.cache import TieredCache
+from tasklab.cache import TieredCache, warm_from
 from tasklab.settings import Settings
 from tests.cache.conftest import CacheFactory
 
@@ -82,3 +83,28 @@ async def test_an_async_load_is_fenced_off_by_a_delete_too(make_cache: CacheFact
     assert await other.aget("k") is None
     await loading.aclose()
     await other.aclose()
+
+
+def test_warm_leaves_a_value_stored_after_its_source_began_reading(
+    make_cache: CacheFactory,
+) -> None:
+    warmer, writer = make_cache(), make_cache()
+    writer.set("k", "old")
+
+    def source() -> list[tuple[str, str]]:
+        read = [("k", "what the job read"), ("other", "warm")]
+        writer.delete("k")  # the product changed while the job was reading...
+        writer.set("k", "fresh")  # ...and a reader stored the new state
+        return read
+
+    report = warm_from(warmer, source)
+    assert report.keys == 2
+    assert writer.get("k") == "fresh" and writer.get("other") == "warm"
+    assert warmer.get("k") == "fresh"
+
+
+def test_warm_still_refreshes_values_older_than_its_read(make_cache: CacheFactory) -> None:
+    warmer, reader = make_cache(), make_cache()
+    reader.set("k", "old")
+    warmer.warm([("k", "new")], read_at=time.time() + 1)
+    assert reader.get("k") == "new"

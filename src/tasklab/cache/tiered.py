@@ -35,7 +35,7 @@ from typing import Any, TypeVar, cast
 
 from tasklab.cache import coherence, loading
 from tasklab.cache.backends.memory import CacheEntry, MemoryBackend
-from tasklab.cache.backends.redis import UNLESS_DELETED, RedisBackend, StoredItem
+from tasklab.cache.backends.redis import RedisBackend, StoredItem, written_before
 from tasklab.cache.errors import CacheConfigError, CacheSerializationError, L2Unavailable
 from tasklab.cache.invalidation import InvalidationListener, encode_clear, encode_notice
 from tasklab.cache.plans import (
@@ -224,18 +224,21 @@ class TieredCache:
         ttl_s: float | None = None,
         l1_ttl_s: float | None = None,
         tags: Sequence[str] = (),
+        read_at: float | None = None,
     ) -> int:
         """Store ``(key, value)`` pairs in Redis (batched) for every process to read.
 
         Other processes' L1 copies of these keys are invalidated; this process's L1 is not
-        filled (warming a large set must not push the hot set out). A key deleted while the
-        values were being read (tombstone present) is skipped. In ``l1`` mode the values go to
-        L1. Returns how many values were sent (0 while Redis is unreachable).
+        filled (warming a large set must not push the hot set out). ``read_at`` is when the
+        values were read (default: now, which suits a lazy iterable): a key deleted since
+        (tombstone present), or stored since by anyone, keeps what it has. In ``l1`` mode the
+        values go to L1. Returns how many values were sent (0 while Redis is unreachable).
         """
+        condition = written_before(self.clock() if read_at is None else read_at)
         plan = self._plan(ttl_s, l1_ttl_s, tags, None, False)
         stored = 0
         for chunk in chunks(items, WARM_BATCH):
-            stored += self._warm_chunk([self._prepare(k, v, plan) for k, v in chunk])
+            stored += self._warm_chunk([self._prepare(k, v, plan) for k, v in chunk], condition)
         return stored
 
     # --- public, asyncio ------------------------------------------------------------------------
@@ -575,7 +578,7 @@ class TieredCache:
         self.l1.delete_many(keys)
         return len(set(keys) | set(self.l1.delete_tag(tag)))
 
-    def _warm_chunk(self, prepared: list[tuple[StoredItem, CacheEntry]]) -> int:
+    def _warm_chunk(self, prepared: list[tuple[StoredItem, CacheEntry]], condition: str) -> int:
         if self.l2 is None:
             assert self.l1 is not None
             for item, entry in prepared:
@@ -586,7 +589,7 @@ class TieredCache:
             self.l2.set_many(
                 [item for item, _ in prepared],
                 notice=encode_notice(self._sender, keys),
-                condition=UNLESS_DELETED,
+                condition=condition,
             )
         except L2Unavailable:
             return 0

@@ -42,9 +42,11 @@ class WarmReport:
 def warm_from(
     cache: TieredCache, source: WarmSource, *, ttl_s: float | None = None, tags: Sequence[str] = ()
 ) -> WarmReport:
-    """Store every pair ``source()`` yields in ``cache`` (batched); never raises for Redis."""
+    """Store every pair ``source()`` yields in ``cache`` (batched); never raises for Redis.
+    A key stored or deleted after ``source()`` began keeps that newer state."""
     start = time.perf_counter()
-    stored = cache.warm(source(), ttl_s=ttl_s, tags=tags)
+    read_at = cache.clock()  # before the source reads: anything stored since is newer
+    stored = cache.warm(source(), ttl_s=ttl_s, tags=tags, read_at=read_at)
     report = WarmReport(cache.name, stored, time.perf_counter() - start)
     logger.info("cache %r: warmed %d keys in %.3fs", cache.name, stored, report.duration_s)
     return report

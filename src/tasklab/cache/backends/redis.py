@@ -40,14 +40,21 @@ logger = logging.getLogger("tasklab.cache")
 T = TypeVar("T")
 
 # KEYS[1] value key, KEYS[2..] tag sets. ARGV: condition, payload, ttl_ms, member, channel,
-# notice. Condition: '*' always; '!t' unless a tombstone is there (a delete raced us); any other
-# string: only if the current value is exactly that ('' = absent) - compare-and-set.
+# notice. Condition: '*' always; '!t' unless a tombstone is there (a delete raced us); '<T'
+# unless a tombstone is there or the value there was written at or after T (epoch seconds,
+# the header's written_at: a newer value); any other string: only if the current value is
+# exactly that ('' = absent) - compare-and-set.
 STORE_LUA = """
 local cond = ARGV[1]
 if cond ~= '*' then
   local cur = redis.call('GET', KEYS[1])
   if cond == '!t' then
     if cur and string.sub(cur, 1, 1) == 't' then return 0 end
+  elseif string.sub(cond, 1, 1) == '<' then
+    if cur and (string.sub(cur, 1, 1) == 't'
+        or struct.unpack('>d', string.sub(cur, 2, 9)) >= tonumber(string.sub(cond, 2))) then
+      return 0
+    end
   elseif (cur or '') ~= cond then
     return 0
   end
@@ -63,6 +70,13 @@ return 1
 """
 ALWAYS = "*"
 UNLESS_DELETED = "!t"
+
+
+def written_before(at: float) -> str:
+    """The condition of a store that must not replace a value or a delete newer than ``at``."""
+    return f"<{at!r}"
+
+
 # Error prefixes Redis answers with while it cannot serve writes (not a bad command).
 SERVER_STATE_ERRORS = frozenset(
     {"READONLY", "OOM", "LOADING", "MASTERDOWN", "MISCONF", "NOREPLICAS", "BUSY", "CLUSTERDOWN"}
@@ -446,4 +460,4 @@ def _server_state_error(error: redis.ResponseError) -> bool:
     return bool(words & SERVER_STATE_ERRORS)
 
 
-__all__ = ["ALWAYS", "UNLESS_DELETED", "RedisBackend", "StoredItem"]
+__all__ = ["ALWAYS", "UNLESS_DELETED", "RedisBackend", "StoredItem", "written_before"]
