@@ -21,6 +21,8 @@ from tasklab.jobs.records import Job, JobStatus, jobs
 
 PAGE_SIZE = 50
 ERROR_KEY_CHARS = 120  # dead letters group by the error's first characters (ids differ after)
+# Literal SQL, the very expression migration 0005 indexes: a bound 1 or 120 would not match it.
+ERROR_KEY_SQL = f"substr(coalesce(error, ''), 1, {ERROR_KEY_CHARS})"
 GROUP_ACTION_MAX = 1000  # one group action touches at most this many jobs
 
 actions = sa.Table(
@@ -126,44 +128,48 @@ class DeadGroup:
     task: str
     error: str  # the first ERROR_KEY_CHARS characters
     count: int
-    newest_at: float
     sample_ids: list[str]
 
 
 def _error_key() -> Any:
-    return sa.func.substr(sa.func.coalesce(jobs.c.error, ""), 1, ERROR_KEY_CHARS)
+    return sa.literal_column(ERROR_KEY_SQL)
 
 
-def dead_groups(conn: Connection) -> list[DeadGroup]:
-    key = _error_key().label("error_key")
+def dead_groups(conn: Connection, *, limit: int = 100) -> list[DeadGroup]:
+    """The largest ``limit`` groups, each with a few of its job ids; read from the index
+    alone (no table row is visited to count)."""
+    key = _error_key()
     stmt = (
-        sa.select(
-            jobs.c.task,
-            key,
-            sa.func.count().label("n"),
-            sa.func.max(jobs.c.finished_at).label("newest"),
-        )
+        sa.select(jobs.c.task, key, sa.func.count().label("n"))
         .where(jobs.c.status == JobStatus.DEAD.value)
         .group_by(jobs.c.task, key)
         .order_by(sa.desc("n"))
-        .limit(200)
+        .limit(limit)
     )
     groups = []
-    for task, error, count, newest in conn.execute(stmt):
-        sample = dead_ids(conn, task=task, error=error, limit=5)
-        groups.append(DeadGroup(task, error, int(count), float(newest or 0), sample))
+    for task, error, count in conn.execute(stmt):
+        sample = dead_ids(conn, task=task, error=error, limit=5, newest_first=False)
+        groups.append(DeadGroup(task, error, int(count), sample))
     return groups
 
 
 def dead_ids(
-    conn: Connection, *, task: str, error: str, limit: int = GROUP_ACTION_MAX
+    conn: Connection,
+    *,
+    task: str,
+    error: str,
+    limit: int = GROUP_ACTION_MAX,
+    newest_first: bool = True,
 ) -> list[str]:
+    """The group's jobs, newest first; without that order (a page's few samples) the scan
+    stops at the first ``limit`` matches instead of sorting the whole group."""
     stmt = (
         sa.select(jobs.c.id)
         .where(jobs.c.status == JobStatus.DEAD.value, jobs.c.task == task, _error_key() == error)
-        .order_by(jobs.c.finished_at.desc())
         .limit(limit)
     )
+    if newest_first:
+        stmt = stmt.order_by(jobs.c.finished_at.desc())
     return [str(i) for i in conn.execute(stmt).scalars()]
 
 

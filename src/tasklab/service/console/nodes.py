@@ -11,18 +11,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from sqlalchemy import Engine
 
 from tasklab.celery_app import make_celery
 from tasklab.observe.queues import QueueDepth, QueueProbe, oldest_waiting_ages
 from tasklab.observe.workers import _is_local, _local_rss
+from tasklab.service.console import data
 from tasklab.settings import Settings
 
 POLL_S = 2.0
+BACKLOG_POLL_S = 1.0
 INSPECT_TIMEOUT_S = 0.8
 CONTROL_TIMEOUT_S = 1.5
 
@@ -59,64 +62,96 @@ class Fleet:
     error: str | None = None
 
 
-class Nodes:
-    """One per app: a Celery control client, a queue probe and the polling thread."""
+@dataclass(frozen=True)
+class Backlog:
+    """What waits, from the broker and from the job records, as of ``taken_at``."""
 
-    def __init__(self, settings: Settings, engine: Any) -> None:
+    depths: dict[str, QueueDepth]
+    unacked: int | None  # over all queues; None: the broker cannot tell
+    broker_error: str | None
+    oldest_age_s: dict[str, float]
+    waiting: dict[str, int]  # job records waiting per queue
+    running_locally: int
+    taken_at: float
+
+
+class Nodes:
+    """One per app: a Celery control client, a queue probe and two polling threads (the
+    fleet every ``POLL_S``, the backlog every ``BACKLOG_POLL_S``), so that no page waits for
+    a broadcast or scans the waiting jobs: pages read the last answers."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.celery: Celery = make_celery(settings, include=[], for_publishing=True)
         self.probe = QueueProbe(settings)
-        self.engine = engine  # sync engine, for the oldest waiting job of each queue
+        self.engine = engine  # sync engine: the waiting jobs' figures
         self.fleet = Fleet()
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._backlog: Backlog | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> Nodes:
-        self._thread = threading.Thread(target=self._run, name="tasklab-console", daemon=True)
-        self._thread.start()
+        for name, interval_s, fn in (
+            ("tasklab-console-fleet", POLL_S, self.poll),
+            ("tasklab-console-backlog", BACKLOG_POLL_S, self.take_backlog),
+        ):
+            thread = threading.Thread(
+                target=self._every, args=(interval_s, fn), name=name, daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def close(self) -> None:
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(INSPECT_TIMEOUT_S * 4)
+        for thread in self._threads:
+            thread.join(INSPECT_TIMEOUT_S * 4)
         self.probe.close()
         self.celery.close()
 
-    def _run(self) -> None:
+    def _every(self, interval_s: float, fn: Callable[[], object]) -> None:
         while not self._stop.is_set():
-            self.poll()
-            self._wake.wait(POLL_S)
-            self._wake.clear()
+            try:
+                fn()
+            except Exception:  # database or broker gone this round: the next one tries again
+                log.warning("console poll failed", exc_info=True)
+            self._stop.wait(interval_s)
 
     def poll(self) -> Fleet:
         try:
             fleet = Fleet(_inspect(self.celery), time.time())
         except Exception as e:  # broker down: keep the last nodes, say why
             fleet = Fleet(self.fleet.nodes, self.fleet.polled_at, f"{type(e).__name__}: {e}")
-        with self._lock:
-            self.fleet = fleet
+        self.fleet = fleet  # one reference swap: readers see the old or the new one
         return fleet
 
-    # --- reads (blocking: run them in a thread) ---------------------------------------------
-    def queues(self) -> tuple[list[QueueRow], int | None, str | None]:
-        """(a row per queue, unacked over all queues, the broker's error or None)."""
+    def take_backlog(self) -> Backlog:
         error = None
         try:
             depths, unacked = self.probe.broker_depths()
         except Exception as e:  # the page still shows what SQL knows
             depths, unacked, error = {}, None, f"{type(e).__name__}: {e}"
         ages = oldest_waiting_ages(self.engine)
+        with self.engine.connect() as conn:
+            waiting = data.waiting_by_queue(conn)
+            local = data.running_locally(conn)
+        self._backlog = Backlog(depths, unacked, error, ages, waiting, local, time.time())
+        return self._backlog
+
+    # --- reads (blocking the first time only: run them in a thread) ----------------------------
+    def backlog(self) -> Backlog:
+        return self._backlog or self.take_backlog()
+
+    def queues(self) -> list[QueueRow]:
+        backlog = self.backlog()
         nodes = list(self.fleet.nodes.values())
         rows = []
         for queue in self.probe.queues:
             by = tuple(n.name for n in nodes if queue in n.queues)
             paused = tuple(n.name for n in nodes if n.queues and queue not in n.queues)
-            rows.append(QueueRow(queue, depths.get(queue), ages.get(queue), by, paused))
-        return rows, unacked, error
+            depth, age = backlog.depths.get(queue), backlog.oldest_age_s.get(queue)
+            rows.append(QueueRow(queue, depth, age, by, paused))
+        return rows
 
     # --- controls (blocking) -----------------------------------------------------------------
     def pause(self, queue: str) -> list[str]:

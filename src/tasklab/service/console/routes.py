@@ -138,21 +138,17 @@ async def _overview(request: Request) -> dict[str, Any]:
     console = console_of(request)
     settings = console.services.settings
     now = time.time()
-    rows, unacked, broker_error = await run_in_threadpool(console.nodes.queues)
+    rows = await run_in_threadpool(console.nodes.queues)
+    backlog = console.nodes.backlog()
     finished = await console.sql.read(lambda c: data.finished_last_minute(c, now=now))
     series = await console.sql.read(lambda c: data.throughput_per_minute(c, now=now))
-    local = await console.sql.read(data.running_locally)
-    waiting = await console.sql.read(data.waiting_by_queue)
     breaker = console.services.jobs.publisher.breaker
     return {
         "rows": rows,
-        "unacked": unacked,
-        "broker_error": broker_error,
+        "backlog": backlog,
         "finished": finished,
-        "waiting": waiting,
         "fleet": console.nodes.fleet,
         "breaker": breaker.state.value,
-        "running_locally": local,
         "broker_url": mask_url(settings.effective_broker_url),
         "database_url": mask_url(settings.sync_database_url),
         "chart": line_chart(
@@ -205,15 +201,18 @@ async def jobs_list(request: Request, operator: Reader) -> Response:
 
 
 def _time_param(value: str | None, name: str) -> float | None:
-    """Epoch seconds, or minutes ago as ``-30m``/``-2h``."""
+    """Epoch seconds, or a time ago: ``-30m``, ``-2h``, ``-7d``."""
     if not value:
         return None
     try:
-        if value.startswith("-") and value[-1] in "mh":
-            return time.time() - float(value[1:-1]) * (60 if value[-1] == "m" else 3600)
+        if value.startswith("-") and value[-1] in _UNIT_S:
+            return time.time() - float(value[1:-1]) * _UNIT_S[value[-1]]
         return float(value)
     except ValueError:
-        raise Refused(400, f"{name}: epoch seconds or -30m / -2h, not {value!r}") from None
+        raise Refused(400, f"{name}: epoch seconds or -30m / -2h / -7d, not {value!r}") from None
+
+
+_UNIT_S = {"m": 60, "h": 3600, "d": 86400}
 
 
 @router.get("/jobs/{job_id}")
