@@ -299,7 +299,8 @@ def _run_locked(settings: Settings, opts: StackOptions, console: Console) -> str
 
 
 def _banner(opts: StackOptions, ports: dict[str, int], notes: list[str]) -> str:
-    text = f"tasklab up: API on http://{opts.host}:{ports['api']}"
+    api = f"http://{opts.host}:{ports['api']}"
+    text = f"tasklab up: API on {api}, console on {api}/console"
     if "exporter" in ports:
         text += f", metrics exporter on :{ports['exporter']}"
     if "flower" in ports:
