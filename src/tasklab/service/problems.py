@@ -53,6 +53,7 @@ _TITLES = {
 _SLUGS = {
     400: "malformed",
     401: "unauthorized",
+    403: "forbidden",
     404: "not-found",
     405: "method-not-allowed",
     409: "conflict",
