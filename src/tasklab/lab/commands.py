@@ -289,8 +289,11 @@ def load(
     users: Annotated[int, typer.Option(min=1, max=10_000, help="Concurrent Locust users.")] = 20,
     spawn_rate: Annotated[float, typer.Option(min=0.1, help="Users started per second.")] = 10.0,
     duration: Annotated[
-        float, typer.Option("--duration", min=1, max=3600, help="Seconds of load.")
-    ] = 20.0,
+        float | None,
+        typer.Option(
+            "--duration", min=1, max=3600, help="Seconds of load (20; open loop: 10 a step)."
+        ),
+    ] = None,
     user_class: Annotated[
         list[str] | None,
         typer.Option(
@@ -304,15 +307,66 @@ def load(
     tokens: Annotated[
         Path | None, typer.Option(help="Its users: the JSON lines `tasklab seed` wrote.")
     ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            "--rate", min=0.1, help="Open loop: requests/s on a fixed schedule (not users)."
+        ),
+    ] = None,
+    find_capacity: Annotated[
+        bool,
+        typer.Option(
+            "--find-capacity",
+            help="Open loop, rising rate: the highest rate within the SLO with the workers "
+            "keeping up.",
+        ),
+    ] = False,
+    endpoint: Annotated[str, typer.Option(help="Open loop: orders or points.")] = "orders",
+    slo_p99_ms: Annotated[
+        float, typer.Option("--slo-p99-ms", min=1, help="Open loop: the P99 a step must keep.")
+    ] = 500.0,
+    start_rate: Annotated[
+        float, typer.Option("--start-rate", min=0.1, help="--find-capacity: the first step.")
+    ] = 25.0,
+    step_factor: Annotated[
+        float, typer.Option("--step-factor", min=1.05, help="--find-capacity: rate x per step.")
+    ] = 1.5,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", min=1, max=50, help="--find-capacity: at most.")
+    ] = 12,
     target: TargetOpt = None,
 ) -> None:
     """Locust, headless, against the reference service (seeded, with its API and workers, or
-    --url): RPS, P50/P95/P99 and failures by reason per endpoint, then the invariants."""
+    --url): RPS, P50/P95/P99 and failures by reason per endpoint, then the invariants.
+    With --rate or --find-capacity: an open-loop load instead (latency from each request's
+    due time, the workers' backlog, the capacity knee)."""
     from dataclasses import replace
 
     from tasklab.lab.load import DEFAULT_CLASSES, LoadSizes, run_load
 
-    sizes = replace(LoadSizes(), users=users, spawn_rate=spawn_rate, duration_s=duration)
+    if rate is not None or find_capacity:
+        from tasklab.lab.capacity import OpenLoadSizes, run_open_load
+
+        open_sizes = OpenLoadSizes(
+            rate_per_s=rate or OpenLoadSizes().rate_per_s,
+            duration_s=duration or OpenLoadSizes().duration_s,
+            endpoint=endpoint,
+            slo_p99_ms=slo_p99_ms,
+            start_rate_per_s=start_rate,
+            step_factor=step_factor,
+            max_steps=max_steps,
+        )
+        result = run_open_load(
+            _settings(ctx),
+            sizes=open_sizes,
+            find_capacity=find_capacity,
+            url=url,
+            tokens=tokens,
+            targets=target or [],
+            console=console,
+        )
+        raise typer.Exit(0 if result.passed else 1)
+    sizes = replace(LoadSizes(), users=users, spawn_rate=spawn_rate, duration_s=duration or 20.0)
     result = run_load(
         _settings(ctx),
         sizes=sizes,

@@ -47,6 +47,7 @@ from tasklab.lab.shop import (
     invariant_violations,
     order_outcomes,
     seed_shop,
+    unlimited,
     wait_orders_settled,
 )
 from tasklab.lab.stats import quantile
@@ -230,6 +231,9 @@ def locust_argv(
         f"{max(1, round(sizes.duration_s))}s",
         "--stop-timeout",
         str(STOP_TIMEOUT_S),
+        # The figures start once every user is running: the ramp and each user's setup
+        # requests (on_start) are left out.
+        "--reset-stats",
         "--csv",
         str(out / "locust"),
         "--html",
@@ -449,10 +453,14 @@ def _load_own_service(
 ) -> None:
     with LabStack(settings, worker=worker) as stack:
         load.result.servers = stack.server_versions()
-        load.result.params.update(worker=stack.worker_config.as_dict(), broker=stack.broker_label)
+        load.result.params.update(
+            worker=stack.worker_config.as_dict(), broker=stack.broker_label, rate_limits="off"
+        )
         tokens = seed_shop(stack.settings, load.sizes.shop)
+        # The lab measures the service, not its abuse limits: one client address sending
+        # hundreds of requests a second would only measure the limiter.
         api = ApiProcess(
-            stack.settings,
+            unlimited(stack.settings),
             log_path=stack.lab_dir / "logs" / f"api-{stack.run_id}.log",
             workers=settings.api_workers,
         )

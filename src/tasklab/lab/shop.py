@@ -73,6 +73,11 @@ def seed_shop(settings: Settings, sizes: ShopSizes) -> Path:
     return report.tokens_out
 
 
+def unlimited(settings: Settings) -> Settings:
+    """The settings with the API's rate limits off (for the lab's own load runs)."""
+    return settings.model_copy(update={"rate_limits_enabled": False})
+
+
 def read_tokens(path: Path) -> list[Account]:
     """The users of a tokens file (``{"user_id", "token"}`` per line), admins left out."""
     try:
