@@ -342,3 +342,71 @@ def test_a_fork_waits_while_a_thread_works_in_sqlite() -> None:
     thread.join(10)
     assert waited >= 0.25  # the fork waited for the thread to leave SQLite
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_thread_waiting_behind_another_of_its_process_gives_up_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    from tasklab.database import WriteGate
+    from tasklab.errors import DatabaseBusy
+
+    gate = WriteGate(str(tmp_path / "db.gate"), wait_s=0.3)
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with gate.hold():
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DatabaseBusy), gate.hold():
+            pass
+        assert 0.25 < time.monotonic() - started < 3
+    finally:
+        release.set()
+        thread.join()
+    with gate.hold():  # free again once the holder let go
+        pass
+
+
+def test_a_forked_child_takes_the_gate_once_the_parents_thread_lets_go(tmp_path: Path) -> None:
+    """The child must not inherit the parent's in-process lock as held by a thread it
+    does not have: it would wait for ever."""
+    from tasklab.database import WriteGate
+
+    gate = WriteGate(str(tmp_path / "db.gate"), wait_s=5)
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with gate.hold():
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    _register(gate)
+    pid = os.fork()
+    if pid == 0:  # the child: the gate once the parent's holder lets go, within its bound
+        code = 1
+        try:
+            with gate.hold():
+                code = 0
+        finally:
+            os._exit(code)
+    time.sleep(0.3)
+    release.set()
+    thread.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _register(gate: Any) -> None:
+    """Put ``gate`` where the fork hook finds the gates of this process."""
+    from tasklab import database
+
+    database._gates[gate.path] = gate

@@ -83,6 +83,8 @@ def fork_guard() -> contextlib.AbstractContextManager[Any]:
 def _fork_lock_in_child() -> None:
     global _fork_lock
     _fork_lock = threading.RLock()  # the child's only thread is the one that forked
+    for gate in _gates.values():  # a lock held by a parent's thread would be held for ever
+        gate._in_process = threading.Lock()
 
 
 os.register_at_fork(
@@ -369,6 +371,10 @@ class WriteGate:
         self.path = path
         self.wait_s = wait_s
         self._local = threading.local()
+        # The threads of one process queue here first, so that only one of them at a time
+        # waits for the flock: a wait behind a thread of one's own is a futex, not a helper
+        # thread's hand-off (a submit behind its relay, a claim behind the lease keeper).
+        self._in_process = threading.Lock()
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -380,17 +386,26 @@ class WriteGate:
             finally:
                 handle.depth -= 1
             return
-        self._acquire(handle)
-        handle.depth = 1
+        started = time.monotonic()
+        if not self._in_process.acquire(timeout=self.wait_s):
+            self._busy()
         try:
-            yield
+            self._acquire(handle, self.wait_s - (time.monotonic() - started))
+            handle.depth = 1
+            try:
+                yield
+            finally:
+                handle.depth = 0
+                fcntl.flock(handle.fd, fcntl.LOCK_UN)
         finally:
-            handle.depth = 0
-            fcntl.flock(handle.fd, fcntl.LOCK_UN)
+            self._in_process.release()
 
-    def _acquire(self, handle: _GateHandle) -> None:
-        if not handle.acquire(self.wait_s):
-            raise DatabaseBusy(
+    def _acquire(self, handle: _GateHandle, wait_s: float) -> None:
+        if not handle.acquire(max(0.0, wait_s)):
+            self._busy()
+
+    def _busy(self) -> None:
+        raise DatabaseBusy(
                 f"waited {self.wait_s:g} s for the SQLite write lock of "
                 f"{self.path.removesuffix(GATE_SUFFIX)}: another writer holds it "
                 "(a long job.transaction() block, or a stopped process); keep "

@@ -81,7 +81,9 @@ def test_jobs_run_on_a_real_worker_and_record_their_result(live: JobManager) -> 
     jobs = [manager.submit(probe_jobs.effect) for _ in range(20)]
     done = [manager.wait(j.id, timeout_s=60) for j in jobs]
     assert {j.status for j in done} == {JobStatus.SUCCEEDED}
-    assert all(j.result == {"attempt": 1} and j.finished_at for j in done)
+    assert all(j.result and j.result["attempt"] == 1 and j.finished_at for j in done)
+    # where each ran: a worker's pool process, as its lease owner names it
+    assert all(str((j.result or {})["ran_on"]).rsplit(":", 1)[-1].isdigit() for j in done)
     counts = effect_counts(manager)
     assert [counts.get(j.id) for j in jobs] == [1] * 20
 

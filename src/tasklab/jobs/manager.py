@@ -97,6 +97,7 @@ class JobManager:
             reschedule=self.publisher.reschedule,
         )
         self._owns_async_engine = async_engine is None
+        self._known_queues: set[str] = set()
         _live.add(self)
 
     def _after_fork_in_child(self) -> None:
@@ -138,9 +139,12 @@ class JobManager:
         if countdown_s < 0:
             raise JobError("countdown_s must be >= 0")
         queue = queue or spec.queue
-        known = (*QUEUES, *self.settings.extra_queues)
-        if not any(fnmatch.fnmatchcase(queue, k) for k in known):  # nobody would consume it
-            raise UnknownQueue(queue, known)
+        if queue not in self._known_queues:  # a match is remembered: this runs per submit
+            known = (*QUEUES, *self.settings.extra_queues)
+            if not any(fnmatch.fnmatchcase(queue, k) for k in known):  # nobody consumes it
+                raise UnknownQueue(queue, known)
+            if len(self._known_queues) < 1024:
+                self._known_queues.add(queue)
         now = time.time()
         values = {
             "job_id": store.new_job_id(),
