@@ -275,3 +275,30 @@ def waiting_by_queue(conn: Connection) -> dict[str, int]:
         .group_by(jobs.c.queue)
     )
     return {str(queue): int(n) for queue, n in conn.execute(stmt)}
+
+
+WAIT_SAMPLE_ROWS = 2000  # the newest finished jobs the wait chart reads, at most
+
+
+def queue_wait_per_minute(
+    conn: Connection, *, now: float, minutes: int = 60
+) -> dict[str, list[tuple[float, float]]]:
+    """ "p50"/"p95" -> [(minutes ago, seconds from queued to started)] per minute, from the
+    newest ``WAIT_SAMPLE_ROWS`` jobs finished in the last ``minutes``."""
+    c = jobs.c
+    stmt = (
+        sa.select(c.finished_at, c.started_at - c.queued_at)
+        .where(c.finished_at >= now - minutes * 60, c.started_at.is_not(None))
+        .where(c.queued_at.is_not(None))
+        .order_by(c.finished_at.desc())
+        .limit(WAIT_SAMPLE_ROWS)
+    )
+    by_minute: dict[int, list[float]] = {}
+    for finished, wait in conn.execute(stmt):
+        by_minute.setdefault(int((now - finished) / 60), []).append(max(0.0, float(wait)))
+    out: dict[str, list[tuple[float, float]]] = {"p50": [], "p95": []}
+    for ago in sorted(by_minute, reverse=True):
+        waits = sorted(by_minute[ago])
+        out["p50"].append((-float(ago), waits[len(waits) // 2]))
+        out["p95"].append((-float(ago), waits[min(len(waits) - 1, int(len(waits) * 0.95))]))
+    return out

@@ -142,6 +142,7 @@ async def _overview(request: Request) -> dict[str, Any]:
     backlog = console.nodes.backlog()
     finished = await console.sql.read(lambda c: data.finished_last_minute(c, now=now))
     series = await console.sql.read(lambda c: data.throughput_per_minute(c, now=now))
+    waits = await console.sql.read(lambda c: data.queue_wait_per_minute(c, now=now))
     breaker = console.services.jobs.publisher.breaker
     return {
         "rows": rows,
@@ -156,6 +157,13 @@ async def _overview(request: Request) -> dict[str, Any]:
             sorted(series.items()),
             x_label="minutes ago",
             y_label="jobs / min",
+            log_x=False,
+        ),
+        "wait_chart": line_chart(
+            "queue wait (queued to started) per minute, last hour",
+            [(name, points) for name, points in waits.items() if points],
+            x_label="minutes ago",
+            y_label="seconds",
             log_x=False,
         ),
     }
