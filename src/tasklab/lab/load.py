@@ -390,7 +390,9 @@ def print_load(result: LabResult, console: Console) -> None:
         console.print(by_reason)
     checked = {c.figure for c in result.slos}
     shown = {
-        k: v for k, v in result.figures.items() if k in checked or k.startswith(("shop.", "all."))
+        k: v
+        for k, v in result.figures.items()
+        if k in checked or k.startswith(("shop.", "all.", "machine."))
     }
     slos = [c.to_dict() for c in result.slos]
     print_result(

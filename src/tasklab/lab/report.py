@@ -22,6 +22,7 @@ from rich.table import Table
 
 from tasklab.lab import charts
 from tasklab.lab.errors import LabError
+from tasklab.lab.noise import noise_line
 from tasklab.lab.results import format_value, load_result
 from tasklab.settings import Settings
 
@@ -56,6 +57,8 @@ _LOWER_IS_BETTER = (
 def direction(figure: str) -> int | None:
     """+1 when more is better, -1 when less is better, None when a change is not a verdict
     (counts, sizes, CPU share)."""
+    if figure.startswith("machine."):  # the rest of the machine, not the system under test
+        return None
     name = figure.rsplit(".", 1)[-1]
     if name.endswith(_HIGHER_IS_BETTER) or name.startswith("speedup_"):
         return 1
@@ -270,6 +273,9 @@ def _meta(result: Mapping[str, Any]) -> str:
         f"Python {escape(str(machine.get('python', '')))}; "
         f"took {float(result.get('duration_s', 0)):.1f} s"
     )
+    noise = noise_line(result.get("figures") or {}, machine.get("load_avg_at_start") or ())
+    if noise:
+        line += f"; {escape(noise)}"
     details = escape(
         json.dumps(
             {"params": params, "versions": versions, "settings": result.get("settings")},

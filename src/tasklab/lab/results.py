@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tasklab.lab.errors import LabError, TargetError
+from tasklab.lab.noise import CpuWatch, is_noisy, noise_line
 from tasklab.settings import PLAIN_ENV, Settings, mask_url
 
 SCHEMA = "tasklab.lab.result/1"
@@ -142,6 +143,8 @@ class LabResult:
     path: Path | None = None  # where write_result put it
     # How busy the machine was before the run started (other work shows in the tails).
     load_avg_at_start: list[float] = field(default_factory=lambda: _load_avg())
+    # What the rest of the machine took while the command ran (frozen when written).
+    cpu: CpuWatch = field(default_factory=CpuWatch, repr=False, compare=False)
 
     def add_figures(self, prefix: str, figures: Mapping[str, float]) -> None:
         for name, value in figures.items():
@@ -154,6 +157,19 @@ class LabResult:
     @property
     def passed(self) -> bool:
         return all(c.passed is not False for c in self.slos)
+
+    @property
+    def noisy(self) -> bool:
+        return is_noisy(self.figures)
+
+    def record_noise(self) -> None:
+        """The machine's other CPU load over the run, as ``machine.*`` figures (and a note
+        when it makes the run noisy)."""
+        if "machine.other_cpu_pct" in self.figures:
+            return
+        self.add_figures("machine", self.cpu.figures())
+        if self.noisy:
+            self.notes.append(noise_line(self.figures, self.load_avg_at_start))
 
 
 # --- targets --------------------------------------------------------------------------------------
@@ -290,6 +306,7 @@ def write_result(result: LabResult, settings: Settings) -> Path:
     """Write the envelope to ``settings.results_dir``; return the file's path."""
     if result.finished_at is None:
         result.finished_at = time.time()
+    result.record_noise()
     directory = settings.results_dir
     directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.fromtimestamp(result.started_at, UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -367,22 +384,25 @@ def results_table(
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")
     table.add_column("pass")
+    noisy = is_noisy(figures)
     for name in [*figures, *(n for n in by_figure if n not in figures)]:
         checks = by_figure.get(name) or [{}]
         if compact and name not in by_figure and not _worth_a_row(name, figures.get(name)):
             continue
         for slo in checks:
             target = f"{slo['op']} {format_value(slo['target'])}" if slo else ""
-            table.add_row(name, format_value(figures.get(name)), target, _verdict(slo))
+            table.add_row(name, format_value(figures.get(name)), target, _verdict(slo, noisy))
     return table
 
 
-def _verdict(slo: Mapping[str, Any]) -> str:
+def _verdict(slo: Mapping[str, Any], noisy: bool = False) -> str:
     if not slo:
         return ""
     if slo.get("pass") is None:
         return "[yellow]not measured[/]"
-    return "[green]pass[/]" if slo["pass"] else "[bold red]FAIL[/]"
+    if not slo["pass"]:
+        return "[bold red]FAIL[/]"
+    return "[yellow]pass (noisy run)[/]" if noisy else "[green]pass[/]"
 
 
 def print_result(
@@ -399,6 +419,10 @@ def print_result(
         }
     )
     console.print(results_table(data["figures"], data["slos"], title=f"tasklab {data['command']}"))
+    load_avg = result.load_avg_at_start if isinstance(result, LabResult) else ()
+    line = noise_line(data["figures"], load_avg)
+    if line and not any(n.startswith("NOISY run") for n in data.get("notes", [])):
+        console.print(f"[dim]machine:[/] {line}", highlight=False)
     for note in data.get("notes", []):
         console.print(f"[dim]note:[/] {note}", highlight=False)
     if path is not None:
