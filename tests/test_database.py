@@ -410,3 +410,32 @@ def _register(gate: Any) -> None:
     from tasklab import database
 
     database._gates[gate.path] = gate
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_postgres_writes_wait_for_the_wal_flush_unless_told_not_to(
+    postgres_url: str, tmp_path: Path, mode: str
+) -> None:
+    import asyncio
+
+    settings = Settings(
+        home_dir=tmp_path, database_url=postgres_url, postgres_synchronous_commit=mode
+    )
+    engine = make_engine(settings)
+    try:
+        for e in (engine, one_statement(engine)):  # transactions, and one-statement submits
+            with e.connect() as conn:
+                assert conn.execute(sa.text("SHOW synchronous_commit")).scalar_one() == mode
+    finally:
+        engine.dispose()
+
+    async def shown() -> str:
+        aengine = make_async_engine(settings)
+        try:
+            async with aengine.connect() as conn:
+                return str((await conn.execute(sa.text("SHOW synchronous_commit"))).scalar_one())
+        finally:
+            await aengine.dispose()
+
+    assert asyncio.run(shown()) == mode

@@ -191,6 +191,9 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         _relaxed_twins[engine] = relaxed
         for e in (twin, relaxed):
             instrument(e, slow_query_ms=settings.slow_query_ms)
+        if settings.postgres_synchronous_commit == "off":  # every write, submits included
+            for e in (engine, twin):
+                event.listen(e, "connect", _no_wal_wait)
     instrument(engine, slow_query_ms=settings.slow_query_ms)
     return engine
 
@@ -256,6 +259,8 @@ def make_async_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
             pool_recycle=POOL_RECYCLE_S,
             **kwargs,
         )
+        if settings.postgres_synchronous_commit == "off":
+            event.listen(engine.sync_engine, "connect", _no_wal_wait)
     instrument(engine.sync_engine, slow_query_ms=settings.slow_query_ms)
     return engine
 

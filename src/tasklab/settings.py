@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     # NORMAL: a committed job survives a crash of any process, not a power loss of the machine
     # (the last commits may be lost); FULL: it survives that too, one fsync per commit.
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    # on: a submit returns once PostgreSQL flushed the job to its WAL (it survives any crash);
+    # off: once PostgreSQL has it (it survives a crash of the submitter, not of PostgreSQL or
+    # its host within ~0.6 s: wal_writer_delay x 3), without waiting for a disk flush.
+    postgres_synchronous_commit: Literal["on", "off"] = "on"
     slow_query_ms: float = Field(100.0, ge=0)
 
     # Celery worker
