@@ -90,9 +90,7 @@ class JobPage:
     next: Cursor | None
 
 
-def job_page(
-    conn: Connection, where: JobFilter, *, after: Cursor | None = None, limit: int = PAGE_SIZE
-) -> JobPage:
+def job_page_statement(where: JobFilter, *, after: Cursor | None, limit: int) -> sa.Select[Any]:
     c = jobs.c
     conds = where.conditions()
     if after is not None:
@@ -102,12 +100,14 @@ def job_page(
                 sa.and_(c.created_at == after.created_at, c.id < after.id),
             )
         )
-    stmt = (
-        sa.select(jobs)
-        .where(*conds)
-        .order_by(c.created_at.desc(), c.id.desc())
-        .limit(limit + 1)  # one more tells whether a next page exists
-    )
+    return sa.select(jobs).where(*conds).order_by(c.created_at.desc(), c.id.desc()).limit(limit)
+
+
+def job_page(
+    conn: Connection, where: JobFilter, *, after: Cursor | None = None, limit: int = PAGE_SIZE
+) -> JobPage:
+    # one more row than shown tells whether a next page exists
+    stmt = job_page_statement(where, after=after, limit=limit + 1)
     found = [Job.from_row(r) for r in conn.execute(stmt)]
     more = len(found) > limit
     found = found[:limit]
