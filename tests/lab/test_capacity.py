@@ -87,7 +87,7 @@ def test_finding_capacity_steps_the_rate_up_and_names_the_knee(
     f = data["figures"]
     assert f["capacity.steps"] == 1 and f["capacity.knee_per_s"] == 0
     assert slo(data, "capacity.knee_per_s")["pass"] is False
-    assert "SLO" in data["tables"]["steps"][0]["verdict"]
+    assert data["tables"]["steps"][0]["verdict"].startswith("stop: P99")
     assert any("stopped at 10/s" in n for n in data["notes"])
 
     result = run_open_load(

@@ -61,13 +61,16 @@ def test_an_unqualified_override_replaces_every_default_of_that_figure() -> None
     assert verdicts == {"fast.throughput_per_s": True, "long.throughput_per_s": False}
 
 
-def test_defaults_for_figures_not_measured_are_left_out_but_overrides_are_reported() -> None:
+def test_a_target_whose_figure_was_not_measured_fails_within_what_the_run_set_out_to_do() -> None:
     targets = resolve_targets(DEFAULTS, ["ghost_ms=1"])
-    checks = evaluate({"fast.throughput_per_s": 150.0}, targets)
-    assert [(c.figure, c.passed) for c in checks] == [
-        ("fast.throughput_per_s", True),
-        ("ghost_ms", None),
+    checks = evaluate({"fast.throughput_per_s": 150.0}, targets, scope=["fast"])
+    assert [(c.figure, c.value, c.passed) for c in checks] == [
+        ("fast.throughput_per_s", 150.0, True),
+        ("fast.submit_ms_p95", None, False),
+        ("ghost_ms", None, False),
     ]
+    everything = evaluate({"fast.throughput_per_s": 150.0}, targets)
+    assert ("long.success_pct", False) in [(c.figure, c.passed) for c in everything]
 
 
 def test_the_envelope_has_machine_versions_masked_settings_figures_and_slos(
@@ -84,7 +87,7 @@ def test_the_envelope_has_machine_versions_masked_settings_figures_and_slos(
         figures={"fast.throughput_per_s": 123.4, "fast.lost": 0.0},
     )
     result.series.append(Series("chart", "fast", "cdf", "ms", "fraction", [(1.0, 0.5), (2.0, 1.0)]))
-    finish(result, settings, targets=DEFAULTS, console=console)
+    finish(result, settings, targets=DEFAULTS[:1], console=console)
 
     assert result.path is not None and result.path.parent == settings.results_dir
     assert result.path.name.startswith("stress-") and result.path.suffix == ".json"

@@ -6,7 +6,8 @@ import psutil
 from rich.console import Console
 
 from tasklab.lab.report import run_report
-from tasklab.lab.stress import SCENARIOS, StressSizes, run_stress
+from tasklab.lab.results import LabResult, resolve_targets
+from tasklab.lab.stress import DEFAULT_TARGETS, SCENARIOS, StressSizes, flag_leak, run_stress
 from tasklab.settings import Settings
 from tests.lab.helpers import printed, read_json, slo
 
@@ -74,3 +75,12 @@ def test_stress_runs_every_scenario_as_durable_jobs_proves_the_ledger_and_cleans
     report = run_report(lab_settings, console=console)
     html = report.read_text()
     assert html.count('<svg class="chart"') >= 5 and "failures.ledger_lost" in html
+
+
+def test_the_leak_flag_follows_the_rss_growth_target_in_force() -> None:
+    result = LabResult("stress", figures={"leak.rss_growth_mb": 20.0, "leak.leak_flagged": 0.0})
+    flag_leak(result, resolve_targets(DEFAULT_TARGETS, []))
+    assert result.figures["leak.leak_flagged"] == 0.0
+    flag_leak(result, resolve_targets(DEFAULT_TARGETS, ["rss_growth_mb=10"]))
+    assert result.figures["leak.leak_flagged"] == 1.0
+    assert result.params["leak_threshold_mb"] == 10.0

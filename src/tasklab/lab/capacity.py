@@ -206,7 +206,7 @@ class OpenLoad:
         for rate in self.sizes.rates():
             outcome, figures = self.step(rate, console)
             reasons = self._reasons(figures)
-            rows.append({**self._row(figures), "verdict": "; ".join(reasons) or "sustained"})
+            rows.append({**self._row(figures), "verdict": _verdict(reasons)})
             if reasons:
                 self.result.notes.append(f"capacity: stopped at {rate:g}/s: {'; '.join(reasons)}")
                 break
@@ -264,6 +264,14 @@ class OpenLoad:
                 self.result.series.append(
                     Series(name, key, "line", "offered requests/s", unit, points)
                 )
+
+
+def _verdict(reasons: Sequence[str]) -> str:
+    """A step's verdict in a word or two (the notes have the reasons in full)."""
+    if not reasons:
+        return "sustained"
+    words = {"SLO": "P99", "errors": "errors", "behind": "backlog", "generator": "generator"}
+    return "stop: " + ", ".join(w for key, w in words.items() if any(key in r for r in reasons))
 
 
 def _rounded(value: float | None) -> float | None:

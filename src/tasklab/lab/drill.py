@@ -107,7 +107,7 @@ BROKER_DRILLS = {
     "outage": BROKER_FAULTS,
     "api": ("stop", "outage"),
     "flush": ("stop",),  # the broker must come back empty
-    SOAK: ("stop",),  # reads the Redis broker's lists for its ledger
+    SOAK: ("stop", "outage"),  # stop on the lab's own Redis; outage through a proxy else
 }
 # Figures whose failure means data was lost or corrupted (the rest are about speed).
 CORRECTNESS = ("lost", "duplicate_effects", "missing_effects", "stuck", "invariant_violations")
@@ -538,7 +538,7 @@ def run_drill(
     # (the soak's own are in params.soak.production), or, for the soak alone, as given.
     knobbed = [s for s in scenarios if s not in UNKNOBBED]
     used = knobs.apply(settings) if knobbed else settings
-    return finish(result, used, targets=slos, console=console)
+    return finish(result, used, targets=slos, console=console, scope=scenarios)
 
 
 def check_drills(settings: Settings, scenarios: Sequence[str], fault: str) -> None:
@@ -556,10 +556,12 @@ def check_drills(settings: Settings, scenarios: Sequence[str], fault: str) -> No
         known = ", ".join(BROKER_DRILLS[wrong[0]])
         raise LabError(f"drill {wrong[0]} cannot make a broker {fault}; it makes: {known}")
     own = settings.broker_url is None and settings.redis_url is None
-    stopping = [s for s in taking if s not in ("outage", "api") or fault == "stop"]
+    # the soak picks its own fault (stop on the lab's Redis, else outage): not --fault's
+    picks = ("outage", "api", SOAK)
+    stopping = [s for s in taking if s not in picks or (fault == "stop" and s != SOAK)]
     if stopping and not own:
         raise LabError(
             f"drill {', '.join(stopping)} stops and restarts the broker: it needs the lab's "
-            "embedded Redis (unset REDIS_URL and BROKER_URL); the outage and api drills "
-            "cut the link to any broker instead (--fault outage)"
+            "embedded Redis (unset REDIS_URL and BROKER_URL); the outage, api and soak "
+            "drills cut the link to any broker instead (--fault outage)"
         )

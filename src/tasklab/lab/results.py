@@ -100,7 +100,7 @@ class SloCheck:
     value: float | None
     target: float
     op: str
-    passed: bool | None  # None: the figure was not measured in this run
+    passed: bool | None  # False also when the figure was not measured (value None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,8 +150,10 @@ class LabResult:
         for name, value in figures.items():
             self.figures[f"{prefix}.{name}" if prefix else name] = float(value)
 
-    def check(self, targets: Sequence[Target]) -> list[SloCheck]:
-        self.slos = evaluate(self.figures, targets)
+    def check(
+        self, targets: Sequence[Target], *, scope: Iterable[str] | None = None
+    ) -> list[SloCheck]:
+        self.slos = evaluate(self.figures, targets, scope=scope)
         return self.slos
 
     @property
@@ -212,17 +214,26 @@ def resolve_targets(defaults: Sequence[Target], overrides: Iterable[str]) -> lis
     return targets
 
 
-def evaluate(figures: Mapping[str, float], targets: Sequence[Target]) -> list[SloCheck]:
-    """One check per (target, matching figure). Defaults whose figure was not measured are
-    left out; an override that matches nothing is reported as not measured."""
+def evaluate(
+    figures: Mapping[str, float],
+    targets: Sequence[Target],
+    *,
+    scope: Iterable[str] | None = None,
+) -> list[SloCheck]:
+    """One check per (target, matching figure). A target whose figure was not measured
+    fails: a figure missing is no evidence of a pass. ``scope`` names the prefixes (the
+    scenarios, dimensions, endpoints) the run set out to measure; a default target of a
+    prefix it did not run is left out."""
+    ran = None if scope is None else set(scope)
     checks: list[SloCheck] = []
     for target in targets:
         names = [n for n in figures if target.applies_to(n)]
         for name in names:
             value = figures[name]
             checks.append(SloCheck(name, value, target.value, target.op, target.check(value)))
-        if not names and "." not in target.figure:
-            checks.append(SloCheck(target.figure, None, target.value, target.op, None))
+        prefix = target.figure.split(".", 1)[0] if "." in target.figure else None
+        if not names and (ran is None or prefix is None or prefix in ran):
+            checks.append(SloCheck(target.figure, None, target.value, target.op, False))
     return checks
 
 
@@ -321,10 +332,15 @@ def write_result(result: LabResult, settings: Settings) -> Path:
 
 
 def finish(
-    result: LabResult, settings: Settings, *, targets: Sequence[Target], console: Console
+    result: LabResult,
+    settings: Settings,
+    *,
+    targets: Sequence[Target],
+    console: Console,
+    scope: Iterable[str] | None = None,
 ) -> LabResult:
     """Check the targets, write the JSON, print the results table: how every command ends."""
-    result.check(targets)
+    result.check(targets, scope=scope)
     result.finished_at = time.time()
     write_result(result, settings)
     print_result(result, console, path=result.path)
@@ -398,8 +414,8 @@ def results_table(
 def _verdict(slo: Mapping[str, Any], noisy: bool = False) -> str:
     if not slo:
         return ""
-    if slo.get("pass") is None:
-        return "[yellow]not measured[/]"
+    if slo.get("value") is None:
+        return "[bold red]FAIL (not measured)[/]"
     if not slo["pass"]:
         return "[bold red]FAIL[/]"
     return "[yellow]pass (noisy run)[/]" if noisy else "[green]pass[/]"
