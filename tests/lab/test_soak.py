@@ -200,6 +200,34 @@ def test_the_soak_loses_nothing_repeats_nothing_and_every_fault_happened(
     settings = Settings(
         home_dir=tmp_path / ".tasklab", worker_concurrency=2, database_url=database_url
     )
+    _soak_holds(settings, console)
+
+
+@pytest.mark.slow
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(300)
+def test_the_soak_on_rabbitmq_cuts_its_link_and_loses_nothing(
+    postgres_url: str, tmp_path: Path, console: Console
+) -> None:
+    import os
+
+    from tests.support.rabbitmq import own_vhost
+
+    amqp = os.environ.get("TEST_RABBITMQ_URL")
+    if not amqp:
+        pytest.skip("TEST_RABBITMQ_URL is not set (make test sets it when RabbitMQ answers)")
+    with own_vhost(amqp) as url:
+        settings = Settings(
+            home_dir=tmp_path / ".tasklab",
+            worker_concurrency=2,
+            database_url=postgres_url,
+            broker_url=url,
+        )
+        data = _soak_holds(settings, console)
+    assert data["params"]["links"], "the outage went through the proxy"
+
+
+def _soak_holds(settings: Settings, console: Console) -> dict[str, Any]:
     before = alive_children()
     sizes = replace(DrillSizes(), soak=SoakSizes.tiny())
     # Knobs given for the other drills must not reach the soak: it runs the defaults.
@@ -260,6 +288,7 @@ def test_the_soak_loses_nothing_repeats_nothing_and_every_fault_happened(
     assert data["settings"]["lease_s"] == Settings.model_fields["lease_s"].default
     assert data["settings"]["worker_prefetch_multiplier"] == 4
     assert alive_children() <= before, "a worker, the submitter or Redis outlived the soak"
+    return data
 
 
 def test_soak_is_a_drill_of_its_own_and_of_all_with_its_targets() -> None:
@@ -281,9 +310,12 @@ def test_soak_is_a_drill_of_its_own_and_of_all_with_its_targets() -> None:
     assert "soak" in output and "--short" in output
 
 
-def test_the_soak_refuses_a_broker_it_does_not_own(tmp_path: Path, console: Console) -> None:
+def test_with_a_broker_it_does_not_own_the_soak_runs_and_flush_is_refused(
+    tmp_path: Path, console: Console
+) -> None:
+    """It picks its own: stop on the lab's Redis, else outage through the stack's proxy."""
     from tasklab.lab.errors import LabError
 
     settings = Settings(home_dir=tmp_path / ".tasklab", redis_url="redis://127.0.0.1:9/0")
-    with pytest.raises(LabError, match="embedded Redis"):
-        run_drill(settings, scenarios=["soak"], console=console)
+    with pytest.raises(LabError, match="flush stops and restarts the broker"):
+        run_drill(settings, scenarios=["soak", "flush"], console=console)

@@ -40,14 +40,12 @@ from typing import Any
 import redis
 from rich.progress import Progress
 
-from tasklab.embedded import EmbeddedRedis
 from tasklab.errors import JobStateError
 from tasklab.lab import soak_bound, soak_report
 from tasklab.lab.faults import (
+    BrokerCut,
     WorkerWatch,
     lease_pid,
-    own_broker,
-    restart_broker,
     running_jobs,
     wait_for,
 )
@@ -72,7 +70,7 @@ from tasklab.lab.soak_faults import (
 )
 from tasklab.lab.soak_report import SOAK
 from tasklab.lab.workload import JobsDriver, Probe, Sample
-from tasklab.settings import Settings
+from tasklab.settings import Settings, mask_url
 
 EPOCH_KEY = "tasklab:broker-epoch"  # the reaper's marker of a broker restarted empty
 # Nothing lost, nothing done twice or not at all, nothing left unfinished, every job whose
@@ -186,11 +184,17 @@ class Soak:
     def run(self) -> dict[str, float]:
         s = self.sizes
         self.result.params[SOAK] = self.params()
-        with LabStack(self.settings, worker=self.worker) as stack:
+        # The lab's own Redis is stopped (it comes back empty); any other broker is cut off
+        # through the stack's proxy (tasklab.lab.netproxy), its messages kept.
+        own = self.settings.broker_url is None and self.settings.redis_url is None
+        with LabStack(self.settings, worker=self.worker, links=not own) as stack:
             if not self.result.servers:
                 self.result.servers = stack.server_versions()
                 self.result.params["broker"] = stack.broker_label
-            server = own_broker(stack)
+            server = BrokerCut(stack, "stop" if own else "outage")
+            if stack.links is not None:  # the server itself, and the proxies in between
+                self.result.params["broker"] = mask_url(stack.links.server_url(stack.broker_url))
+                self.result.params["links"] = stack.links.describe()
             with WorkerWatch(stack, self.worker) as watch:
                 capacity, estimate = self.calibrate(stack)
                 rate = s.load_factor * capacity
@@ -281,14 +285,14 @@ class Soak:
 
     # --- 2. the faults, during the offer -----------------------------------------------------
     def faults(
-        self, stack: LabStack, watch: WorkerWatch, server: EmbeddedRedis, victim: Victim, owner: str
+        self, stack: LabStack, watch: WorkerWatch, server: BrokerCut, victim: Victim, owner: str
     ) -> None:
         s = self.sizes
         self.sleep_until(s.outage_at_s)
-        stopped_at, back_at = restart_broker(server, down_s=s.outage_s)
+        stopped_at, back_at = server.during(s.outage_s)
         self.fig["outage_s"] = back_at - stopped_at
         self.event("broker stopped", at_s=round(stopped_at - self.t0, 2), down_s=s.outage_s)
-        self.settle(stack)
+        self.settle(stack, flushed=server.fault == "stop")
         self.sleep_until(s.faults_at_s)
         self.kill_worker(stack, watch)
         self.kill_submitter(stack, victim)
@@ -298,11 +302,11 @@ class Soak:
     def sleep_until(self, at_s: float) -> None:
         time.sleep(max(0.0, self.t0 + at_s - time.time()))
 
-    def settle(self, stack: LabStack) -> None:
+    def settle(self, stack: LabStack, *, flushed: bool) -> None:
         """Until every reaper saw the broker restarted empty and published the queued jobs
         again: the marker key is back, then one more reaper interval (each reaper ticks on
-        its own clock)."""
-        client = stack.redis()
+        its own clock). A broker cut off by its link kept its messages: one interval."""
+        client = stack.redis() if flushed else None
         interval = self.settings.reaper_interval_s
 
         def marked() -> bool:
@@ -311,7 +315,7 @@ class Soak:
             except redis.RedisError:
                 return False
 
-        seen = wait_for(marked, timeout_s=3 * interval + 10)
+        seen = wait_for(marked, timeout_s=3 * interval + 10) if flushed else False
         time.sleep(interval + 1.0)
         self.event("reapers settled", epoch_key_seen=seen)
 
@@ -394,8 +398,10 @@ class Soak:
         def unpublished() -> list[str]:
             rows = owner_rows(engine, victim.owner)
             waiting = [j for j, r in rows.items() if r["status"] in WAITING and not r["started_at"]]
-            if not waiting or client is None:
+            if not waiting:
                 return []
+            if client is None:  # RabbitMQ: its queues cannot be read; the relay marks what
+                return [j for j in waiting if rows[j]["status"] == "PENDING"]  # it published
             scan = scan_twice(client, pause_s=0.1)
             left = [j for j in waiting if not scan.get(j)]
             now = job_rows(engine, left)
