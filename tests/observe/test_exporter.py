@@ -18,6 +18,7 @@ from tasklab.observe.beat import BEAT_HEARTBEAT_TASK
 from tasklab.observe.exporter import Exporter, run_exporter
 from tasklab.observe.registry import exporter_registry
 from tasklab.settings import Settings
+from tests.observe.conftest import wait_until
 
 WAIT_S = 20.0
 SUCCESS = "tasklab_exporter_refresh_success"
@@ -102,8 +103,11 @@ def test_when_the_broker_goes_away_the_backlog_gauges_are_dropped_and_freshness_
         celery = make_celery(settings)
         celery.send_task(BEAT_HEARTBEAT_TASK, queue="low")
         celery.close()
+        exporter.workers.start()
+        wait_until(lambda: exporter.workers.receiving, bool, timeout_s=20, what="events")
         exporter.refresh()
         fresh_at = registry.get_sample_value(LAST_SUCCESS, {"source": "broker"}) or 0.0
+        assert registry.get_sample_value(SUCCESS, {"source": "workers"}) == 1
 
         assert registry.get_sample_value("tasklab_queue_depth", {"queue": "low"}) == 1
         assert registry.get_sample_value(SUCCESS, {"source": "broker"}) == 1
@@ -111,9 +115,11 @@ def test_when_the_broker_goes_away_the_backlog_gauges_are_dropped_and_freshness_
         assert fresh_at > 0
 
         server.stop()
+        wait_until(lambda: exporter.workers.receiving, lambda r: not r, timeout_s=20, what="loss")
         exporter.refresh()
 
         assert registry.get_sample_value(SUCCESS, {"source": "broker"}) == 0
+        assert registry.get_sample_value(SUCCESS, {"source": "workers"}) == 0
         assert registry.get_sample_value(LAST_SUCCESS, {"source": "broker"}) == fresh_at
         for name in ("tasklab_queue_depth", "tasklab_queue_unacked"):
             assert registry.get_sample_value(name, {"queue": "low"}) is None, name

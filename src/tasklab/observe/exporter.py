@@ -93,10 +93,12 @@ class Exporter:
         self.gauges.record(QueueSnapshot(depths, unacked, ages, statuses))
         if database is None and self._engine is not None:
             self.gauges.forget_database()  # record() set 0s for queues it knew
-        snapshot = self._attempt("workers", self.workers.snapshot)
-        if snapshot is not None:
-            snapshot.record()
-        if not self.workers.receiving:  # no events: heartbeats and task counts are not fresh
+        try:
+            self.workers.snapshot().record()
+            # without the events receiver, heartbeats and task counts are not arriving
+            _mark("workers", ok=self.workers.receiving)
+        except Exception as e:
+            log.warning("workers refresh failed: %s: %s", type(e).__name__, e)
             _mark("workers", ok=False)
         self.events.expire_workers()
 
