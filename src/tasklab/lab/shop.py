@@ -74,8 +74,12 @@ def seed_shop(settings: Settings, sizes: ShopSizes) -> Path:
 
 
 def unlimited(settings: Settings) -> Settings:
-    """The settings with the API's rate limits off (for the lab's own load runs)."""
-    return settings.model_copy(update={"rate_limits_enabled": False})
+    """The settings with the API's rate limits off and its per-user order quota out of reach
+    (for the lab's own load runs: a load test whose workers fall behind would otherwise
+    measure the quota's 429s)."""
+    return settings.model_copy(
+        update={"rate_limits_enabled": False, "orders_in_flight_max": 1_000_000_000}
+    )
 
 
 def read_tokens(path: Path) -> list[Account]:
