@@ -74,6 +74,7 @@ def test_an_operator_logs_in_watches_a_queue_fill_and_drain_and_retries_a_dead_j
     url, jobs = stack
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     page.set_default_timeout(UI_TIMEOUT_MS)
+    expect.set_options(timeout=UI_TIMEOUT_MS)
 
     page.goto(f"{url}/console")  # no session: the login form, coming back here after it
     expect(page).to_have_url(f"{url}/console/login?next=/console")
@@ -104,6 +105,14 @@ def test_an_operator_logs_in_watches_a_queue_fill_and_drain_and_retries_a_dead_j
     )
     assert cell_of(page, "default", "paused") == "\u2013"  # consumed again by every node
 
+    # Grow the worker's pool by one process: the overview shows it once the node has
+    # started it (a second or so) and answered the next poll.
+    node = page.locator('tr[data-node^="w1@"]')
+    processes = int(node.locator("td.concurrency").inner_text())
+    node.locator('form[action$="/grow"] button').click()
+    confirm(page)
+    expect(node.locator("td.concurrency")).to_have_text(str(processes + 1))
+
     page.goto(f"{url}/console/jobs?queue=default")
     expect(page.locator("#jobs tbody tr")).to_have_count(WAITING_JOBS)
     shot(page, "jobs")
@@ -127,7 +136,7 @@ def test_an_operator_logs_in_watches_a_queue_fill_and_drain_and_retries_a_dead_j
 
     page.goto(f"{url}/console/actions")
     log = page.locator("#actions tbody")
-    for action in ("queue.pause", "queue.resume", "job.retry"):
+    for action in ("queue.pause", "queue.resume", "pool.grow", "job.retry"):
         expect(log).to_contain_text(action)
     shot(page, "action-log")
 
