@@ -29,7 +29,7 @@ from tasklab.lab import summary
 from tasklab.lab.harness import LabStack, WorkerConfig
 from tasklab.lab.ledger import cancel_waiting
 from tasklab.lab.progress import lab_progress, phase
-from tasklab.lab.results import LabResult, Series, Target, finish, resolve_targets
+from tasklab.lab.results import LabResult, Target, finish, resolve_targets
 from tasklab.lab.workload import CeleryDriver, Driver, JobsDriver, Probe, Sample, Ticket
 from tasklab.settings import Settings, mask_url
 
@@ -67,8 +67,11 @@ class BenchSizes:
     memory_n: int = 1000  # messages queued (and weighed) per path
     rss_n: int = 2000  # jobs run to measure worker RSS growth
     queue_n: int = 2000
-    jobs_n: int = 1000
-    jobs_submitters: int = 1
+    jobs_n: int = 10_000  # per path and round: a live window of 10 s or more
+    jobs_drain_n: int = 5000  # queued first, then drained (worker-bound)
+    jobs_submitters: int = 4
+    repeat: int = 3  # rounds of the jobs dimension, paths in a shuffled order each time
+    seed: int | None = None  # the shuffle's (None: a fresh order each run)
     cache_reads: int | None = None  # None: tasklab.lab.bench_cache's own default
     timeout_s: float = 120.0
 
@@ -85,6 +88,8 @@ class BenchSizes:
             rss_n=40,
             queue_n=50,
             jobs_n=40,
+            jobs_drain_n=30,
+            repeat=2,
             cache_reads=300,
             timeout_s=60,
         )
@@ -328,53 +333,16 @@ class Bench:
         self.result.params["cache"] = out.get("config", {})
 
     def jobs(self) -> None:
-        """Issue 3: the same no-op workload through ``delay()`` and ``JobManager.submit()``."""
+        """Raw Celery against tasklab jobs on equal terms (tasklab.lab.bench_jobs)."""
         if not self.stack.own:
             self.result.notes.append("jobs: needs tasklab's own stack; skipped with --app")
             return
-        n = self.sizes.jobs_n
-        per_path: dict[str, dict[str, float]] = {}
-        for driver in self.drivers("jobs"):
-            label = "tasklab" if driver.via == "jobs" else "celery"
-            # CPU per job: the workers' (main and pool processes) and this process's (the
-            # submitters and, for tasklab, its relay), a cost that a noisy machine moves less
-            # than it moves a rate.
-            worker_cpu_s, own_cpu_s = self.stack.worker_cpu_s(), time.process_time()
-            tickets, samples = self.run_batch(
-                driver, [NOOP] * n, f"jobs ({label})", submitters=self.sizes.jobs_submitters
-            )
-            per_path[label] = summary.summarize(samples, tickets)
-            per_path[label]["worker_cpu_ms_per_job"] = (
-                (self.stack.worker_cpu_s() - worker_cpu_s) * 1e3 / n
-            )
-            per_path[label]["submit_cpu_ms_per_job"] = (time.process_time() - own_cpu_s) * 1e3 / n
-            self.figures("jobs", {f"{label}_{k}": v for k, v in per_path[label].items()})
-            self.result.series.append(
-                summary.cdf_series(samples, chart="bench jobs: end-to-end latency", label=label)
-            )
-            self.result.series.append(
-                Series(
-                    "bench jobs: completions per second",
-                    label,
-                    "line",
-                    "seconds",
-                    "tasks/s",
-                    summary.completions_over_time(samples),
-                )
-            )
-        self._jobs_ratios(per_path)
+        import random
 
-    def _jobs_ratios(self, per_path: dict[str, dict[str, float]]) -> None:
-        c, t = per_path["celery"], per_path["tasklab"]
-        figures = {"throughput_ratio": _ratio(t["throughput_per_s"], c["throughput_per_s"])}
-        for p in ("p50", "p95", "p99"):
-            key = f"e2e_ms_{p}"
-            if key in c and key in t:
-                figures[f"e2e_{p}_ratio"] = _ratio(t[key], c[key])
-        self.figures("jobs", figures)
-        self.result.tables["jobs"] = [
-            {"path": k, **{m: round(v, 3) for m, v in f.items()}} for k, f in per_path.items()
-        ]
+        from tasklab.lab.bench_jobs import JobsBench
+
+        rng = random.Random(self.sizes.seed)
+        JobsBench(self).run(repeat=self.sizes.repeat, rng=rng)
 
 
 def cache_figures(out: dict[str, Any]) -> dict[str, float]:

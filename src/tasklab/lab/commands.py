@@ -101,7 +101,10 @@ def bench(
         ),
     ] = None,
     tasks: Annotated[int | None, typer.Option(min=1, help="Tasks of the jobs dimension.")] = None,
-    submitters: Annotated[int, typer.Option(min=1, help="Threads submitting in `jobs`.")] = 1,
+    submitters: Annotated[int, typer.Option(min=1, help="Threads submitting in `jobs`.")] = 4,
+    repeat: Annotated[
+        int, typer.Option(min=1, max=50, help="Rounds of `jobs`, paths shuffled in each.")
+    ] = 3,
     target: TargetOpt = None,
     app_spec: AppOpt = None,
     external_workers: ExternalOpt = False,
@@ -118,7 +121,7 @@ def bench(
     from tasklab.lab.harness import worker_config
 
     settings = _settings(ctx)
-    sizes = replace(BenchSizes(), jobs_submitters=submitters)
+    sizes = replace(BenchSizes(), jobs_submitters=submitters, repeat=repeat)
     if tasks:
         sizes = replace(sizes, jobs_n=tasks)
     result = run_bench(

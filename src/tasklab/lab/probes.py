@@ -22,6 +22,18 @@ def noop(sent_at: float | None = None) -> dict[str, Any]:
     }
 
 
+@shared_task(name="tasklab.probe.noop_untracked", track_started=False)
+def noop_untracked(sent_at: float | None = None) -> dict[str, Any]:
+    """``noop`` without a STARTED state written to the result backend: raw Celery on the
+    terms tasklab's jobs run on (bench's jobs baseline)."""
+    return {
+        "sent_at": sent_at,
+        "started_at": time.time(),
+        "finished_at": time.time(),
+        "pid": os.getpid(),
+    }
+
+
 @shared_task(name="tasklab.probe.sleep")
 def sleep(seconds: float, sent_at: float | None = None) -> dict[str, Any]:
     """I/O-bound stand-in: waits without using CPU."""

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # Raw Celery probes (tasklab.lab.probes) and durable probe jobs (tasklab.lab.probe_jobs).
 CELERY_PROBES = {
     "noop": "tasklab.probe.noop",
+    "noop_untracked": "tasklab.probe.noop_untracked",
     "sleep": "tasklab.probe.sleep",
     "io": "tasklab.probe.sleep",
     "cpu": "tasklab.probe.cpu",
