@@ -63,6 +63,14 @@ def cell_of(page: Page, queue: str, column: str) -> str:
     return page.locator(f'tr[data-queue="{queue}"] td.{column}').inner_text().strip()
 
 
+def set_hidden(page: Page, hidden: bool) -> None:
+    """What a browser says of a background tab (headless Chromium never hides its page)."""
+    page.evaluate(
+        "(h) => Object.defineProperty(document, 'hidden', {configurable: true, get: () => h})",
+        hidden,
+    )
+
+
 def confirm(page: Page) -> None:
     expect(page.locator("h1")).to_contain_text("Confirm")
     page.click("#confirm")
@@ -83,6 +91,17 @@ def test_an_operator_logs_in_watches_a_queue_fill_and_drain_and_retries_a_dead_j
     page.click("button[type=submit]")
     expect(page.locator("h1")).to_have_text("Overview")
     expect(page.locator('tr[data-node^="w1@"]')).to_be_visible()
+
+    # While the tab is hidden the overview asks nothing; once visible again it refreshes.
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if "/fragments/overview" in r.url else None)
+    set_hidden(page, True)
+    page.wait_for_timeout(2500)  # a refresh already on its way may still land
+    asked.clear()
+    page.wait_for_timeout(4500)  # two refresh periods and more
+    assert asked == []
+    with page.expect_request(lambda r: "/fragments/overview" in r.url):
+        set_hidden(page, False)
 
     # Pause "default" on every node, fill it while nobody consumes it, then resume.
     page.locator('tr[data-queue="default"] form[action$="/pause"] button').click()
