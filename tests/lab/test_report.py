@@ -194,3 +194,30 @@ def test_a_change_within_the_tolerance_is_not_a_regression() -> None:
         tolerance_pct=10,
     )
     assert {c.figure: c.regression for c in changes} == {"a.e2e_ms_p95": False, "a.x_per_s": True}
+
+
+def test_a_change_within_the_spread_of_repeated_trials_is_not_a_regression() -> None:
+    old = {"jobs.x_per_s": 100.0, "jobs.x_per_s_min": 80.0, "jobs.x_per_s_max": 120.0}
+    overlapping = {"jobs.x_per_s": 85.0, "jobs.x_per_s_min": 70.0, "jobs.x_per_s_max": 95.0}
+    beyond = {"jobs.x_per_s": 60.0, "jobs.x_per_s_min": 55.0, "jobs.x_per_s_max": 70.0}
+    single = {"jobs.x_per_s": 85.0}
+    verdict = {
+        name: next(c.regression for c in compare_figures(old, new) if c.figure == "jobs.x_per_s")
+        for name, new in (("overlapping", overlapping), ("beyond", beyond), ("single", single))
+    }
+    assert verdict == {"overlapping": False, "beyond": True, "single": True}
+    slower = {"e.lat_ms": 10.0, "e.lat_ms_min": 9.0, "e.lat_ms_max": 11.0}
+    much_slower = {"e.lat_ms": 14.0, "e.lat_ms_min": 12.0, "e.lat_ms_max": 16.0}
+    assert [
+        c.regression for c in compare_figures(slower, much_slower) if c.figure == "e.lat_ms"
+    ] == [True]
+
+
+def test_the_report_draws_the_spread_of_repeated_trials(tmp_path: Path, console: Console) -> None:
+    settings = Settings(home_dir=tmp_path / "home")
+    figures = {"jobs.x_per_s": 90.0, "jobs.x_per_s_min": 80.0, "jobs.x_per_s_max": 120.0}
+    result = finish(LabResult("bench", figures=figures), settings, targets=[], console=console)
+    html = run_report(settings, paths=[result.path] if result.path else [], console=console)
+    page = html.read_text()
+    assert "repeated trials: median (dot) and spread (min to max)" in page
+    assert "jobs.x_per_s: median 90 (min 80, max 120)" in page

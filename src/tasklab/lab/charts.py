@@ -303,3 +303,39 @@ def _empty(title: str) -> str:
             'text-anchor="middle" class="tick">no data</text>'
         ],
     )
+
+
+SPREAD_ROW_H = 22
+SPREAD_LABEL_W = 280
+
+
+def spread_chart(title: str, rows: Sequence[tuple[str, float, float, float]]) -> str:
+    """One row per figure of repeated trials: its range (min to max) as a bar, its median as
+    a dot, on a scale from 0 to the row's max (each row its own: the units differ)."""
+    if not rows:
+        return _empty(title)
+    height = MARGIN_T + SPREAD_ROW_H * len(rows) + 10
+    span_w = WIDTH - SPREAD_LABEL_W - MARGIN_R - 90
+    parts = [
+        f'<text class="title" x="{WIDTH / 2}" y="18" text-anchor="middle">{escape(title)}</text>'
+    ]
+    for i, (name, lo, mid, hi) in enumerate(rows):
+        y = MARGIN_T + SPREAD_ROW_H * i + SPREAD_ROW_H / 2
+        scale = span_w / (hi * 1.05) if hi > 0 else 0.0
+        x0 = SPREAD_LABEL_W + lo * scale
+        x1 = SPREAD_LABEL_W + hi * scale
+        xm = SPREAD_LABEL_W + mid * scale
+        tip = f"{name}: median {fmt(mid)} (min {fmt(lo)}, max {fmt(hi)})"
+        parts.append(
+            f'<text class="tick" x="{SPREAD_LABEL_W - 6}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{escape(name)}</text>"
+            f'<line x1="{SPREAD_LABEL_W}" x2="{SPREAD_LABEL_W + span_w}" y1="{y:.1f}" '
+            f'y2="{y:.1f}" stroke="#eeeeee"/>'
+            f'<line x1="{x0:.1f}" x2="{max(x1, x0 + 1):.1f}" y1="{y:.1f}" y2="{y:.1f}" '
+            f'stroke="{PALETTE[0]}" stroke-width="6"><title>{escape(tip)}</title></line>'
+            f'<circle cx="{xm:.1f}" cy="{y:.1f}" r="4" fill="{PALETTE[1]}">'
+            f"<title>{escape(tip)}</title></circle>"
+            f'<text class="tick" x="{SPREAD_LABEL_W + span_w + 6}" y="{y + 4:.1f}">'
+            f"{escape(f'{fmt(mid)} ({fmt(lo)} to {fmt(hi)})')}</text>"
+        )
+    return _svg(title, parts, height=height)

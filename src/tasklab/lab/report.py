@@ -92,7 +92,9 @@ def compare_figures(
     tolerance_pct: float = DEFAULT_TOLERANCE_PCT,
 ) -> list[Change]:
     """Every figure both runs have and that has a direction; a regression is a change for
-    the worse of more than ``tolerance_pct``."""
+    the worse of more than ``tolerance_pct`` and, for a figure measured in repeated trials
+    (``name_min``/``name_max`` beside it in both runs), beyond the spread of both: the new
+    run's range lies wholly on the worse side of the old run's."""
     changes = []
     for name, new_value in new.items():
         way = direction(name)
@@ -103,8 +105,21 @@ def compare_figures(
             pct = 0.0 if new_value == 0 else 100.0 * (1 if new_value > 0 else -1)
         else:
             pct = (new_value - old_value) / abs(old_value) * 100
-        changes.append(Change(name, old_value, float(new_value), pct, pct * way < -tolerance_pct))
+        worse = pct * way < -tolerance_pct and not _within_spread(name, old, new, way)
+        changes.append(Change(name, old_value, float(new_value), pct, worse))
     return changes
+
+
+def _within_spread(name: str, old: Mapping[str, float], new: Mapping[str, float], way: int) -> bool:
+    """Whether the two runs' ranges of repeated trials overlap (no spread: False)."""
+    keys = (f"{name}_min", f"{name}_max")
+    if not all(k in old and k in new for k in keys):
+        return False
+    old_lo, old_hi = float(old[keys[0]]), float(old[keys[1]])
+    new_lo, new_hi = float(new[keys[0]]), float(new[keys[1]])
+    # More is better: a regression needs the new best below the old worst; less is better:
+    # the new best above the old worst.
+    return new_hi >= old_lo if way > 0 else new_lo <= old_hi
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -254,6 +269,7 @@ def _result_section(
     if compare is not None and compare.get("command") == result.get("command"):
         parts.append(_comparison(result, compare, tolerance_pct))
     parts.append(_charts(result))
+    parts.append(_spreads(result.get("figures") or {}))
     for name, rows in (result.get("tables") or {}).items():
         if rows:
             parts.append(f"<h3>{escape(name)}</h3>{_dict_table(rows)}")
@@ -261,6 +277,23 @@ def _result_section(
     parts.append(_figures(result.get("figures") or {}))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def spread_rows(figures: Mapping[str, float]) -> list[tuple[str, float, float, float]]:
+    """(figure, min, median, max) of every figure measured in repeated trials."""
+    rows = []
+    for name, value in figures.items():
+        lo, hi = figures.get(f"{name}_min"), figures.get(f"{name}_max")
+        if lo is not None and hi is not None and not name.endswith(("_min", "_max")):
+            rows.append((name, float(lo), float(value), float(hi)))
+    return rows
+
+
+def _spreads(figures: Mapping[str, float]) -> str:
+    rows = spread_rows(figures)
+    if not rows:
+        return ""
+    return charts.spread_chart("repeated trials: median (dot) and spread (min to max)", rows)
 
 
 def _meta(result: Mapping[str, Any]) -> str:
