@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -7,8 +8,10 @@ from rich.console import Console
 
 from tasklab.celery_app import make_celery
 from tasklab.lab.errors import LabError
-from tasklab.lab.harness import WorkerConfig
+from tasklab.lab.harness import LabStack, WorkerConfig
+from tasklab.lab.progress import lab_progress
 from tasklab.lab.tune import (
+    Sweep,
     Trial,
     app_conf,
     config_risks,
@@ -17,8 +20,10 @@ from tasklab.lab.tune import (
     parse_task_args,
     recommend,
     run_tune,
+    workload_probe,
     write_config,
 )
+from tasklab.lab.tune_verify import Verification, verify
 from tasklab.settings import Settings
 from tests.lab.helpers import printed, read_json
 
@@ -147,6 +152,7 @@ def test_tune_measures_each_configuration_and_writes_the_best_one(
         write=tmp_path / "tuned.env",
         targets=["tune.best_queue_wait_ms_p95=60000"],
         console=console,
+        repeat=0,  # the sweep's pick, unverified (verification: its own test)
     )
     data = read_json(result.path)
 
@@ -200,3 +206,47 @@ def test_task_arguments_are_json() -> None:
     assert parse_task_args("64") == [64] and parse_task_args(None) == []
     with pytest.raises(LabError, match="JSON list"):
         parse_task_args("[64")
+
+
+def test_a_recommendation_is_re_measured_against_the_current_settings_before_it_is_given(
+    lab_settings: Settings, console: Console, tmp_path: Path
+) -> None:
+    baseline = WorkerConfig.from_settings(lab_settings)
+    with LabStack(lab_settings, workers="none") as stack, lab_progress(console) as progress:
+        sweep = Sweep(stack, workload_probe("io"), progress, burst_n=8, load_s=0.3, rate_per_s=20)
+        found = verify(
+            sweep, baseline, WorkerConfig("threads", 4, 1), repeat=2, rng=random.Random(1)
+        )
+    assert sorted((r["round"], r["role"]) for r in found.rows) == [
+        (1, "baseline"),
+        (1, "candidate"),
+        (2, "baseline"),
+        (2, "candidate"),
+    ]
+    assert all(r["throughput_per_s"] > 0 for r in found.rows)
+    figures = found.figures()
+    assert figures["verify_rounds"] == 2
+    assert (
+        figures["verified_gain_pct_min"]
+        <= figures["verified_gain_pct"]
+        <= figures["verified_gain_pct_max"]
+    )
+    base, cand = found.throughputs(baseline), found.throughputs(WorkerConfig("threads", 4, 1))
+    assert found.beyond_noise is (min(cand) > max(base))
+    assert found.verdict().startswith("verified" if found.beyond_noise else "no difference")
+
+
+def test_a_gain_inside_the_noise_recommends_nothing() -> None:
+    base, cand = WorkerConfig("prefork", 2, 4), WorkerConfig("threads", 4, 1)
+    found = Verification(base, cand)
+    for n, (b, c) in enumerate([(100.0, 110.0), (105.0, 98.0), (95.0, 104.0)], start=1):
+        found.rows += [
+            {"round": n, "config": base.label(), "throughput_per_s": b},
+            {"round": n, "config": cand.label(), "throughput_per_s": c},
+        ]
+    assert found.beyond_noise is False
+    assert found.verdict().startswith("no difference beyond noise")
+    assert "nothing is recommended" in found.verdict()
+    found.rows = [r for r in found.rows if r["round"] == 1]
+    assert found.beyond_noise is True
+    assert found.figures()["verified_gain_pct"] == pytest.approx(10.0)

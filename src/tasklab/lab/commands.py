@@ -158,10 +158,20 @@ def tune(
     write: Annotated[
         Path | None, typer.Option(help="Write the recommendation: *.env or *.py.")
     ] = None,
+    repeat: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=50,
+            help="Rounds re-measuring the recommendation against the current "
+            "settings (0: not verified).",
+        ),
+    ] = 3,
     target: TargetOpt = None,
     app_spec: AppOpt = None,
 ) -> None:
-    """Analyse system, workers and Celery config; sweep pool x concurrency x prefetch; recommend."""
+    """Analyse system, workers and Celery config; sweep pool x concurrency x prefetch;
+    recommend, once verified against the current settings."""
     from tasklab.lab.tune import parse_grid, parse_task_args, run_tune
 
     run_tune(
@@ -177,6 +187,7 @@ def tune(
         write=write,
         targets=target or [],
         console=console,
+        repeat=repeat,
     )
 
 

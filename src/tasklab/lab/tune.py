@@ -584,8 +584,16 @@ def run_tune(
     write: Path | None = None,
     targets: Sequence[str] = (),
     console: Console | None = None,
+    repeat: int = 3,
+    seed: int | None = None,
 ) -> LabResult:
-    """Analyse, sweep, recommend; write the result (and ``write`` the config if asked)."""
+    """Analyse, sweep, recommend, verify the recommendation against the current settings in
+    ``repeat`` interleaved rounds (tasklab.lab.tune_verify); write the result (and ``write``
+    the config if asked and verified)."""
+    import random
+
+    from tasklab.lab.tune_verify import verified
+
     console = console or Console()
     probe = workload_probe(workload, task=task, args=task_args)
     slos = resolve_targets(DEFAULT_TARGETS, targets)
@@ -604,6 +612,7 @@ def run_tune(
             "budget_s": budget_s,
             "slo_queue_wait_ms_p95": slo_ms,
             "grid": [c.as_dict() for c in configs],
+            "verify_repeat": repeat,
         },
     )
     _analyse(settings, app_spec, result)
@@ -624,8 +633,18 @@ def run_tune(
             budget_s=budget_s,
         )
         trials = sweep.run(configs)
-    rec = recommend(trials, slo_ms=slo_ms, baseline=baseline)
-    _record(result, trials, rec, slo_ms=slo_ms, baseline=baseline, app_risks=app_risks)
+        rec = recommend(trials, slo_ms=slo_ms, baseline=baseline)
+        best = rec.config
+        rec = verified(sweep, rec, baseline, repeat=repeat, result=result, rng=random.Random(seed))
+    _record(
+        result,
+        trials,
+        rec,
+        slo_ms=slo_ms,
+        baseline=baseline,
+        app_risks=app_risks,
+        swept_best=best,
+    )
     _print_tune(result, rec, console)
     if write is not None and rec.config is not None:
         comment = (
@@ -668,6 +687,7 @@ def _record(
     slo_ms: float,
     baseline: WorkerConfig,
     app_risks: list[Risk],
+    swept_best: WorkerConfig | None = None,
 ) -> None:
     long_s = max((t.run_ms_p50 for t in trials if t.status == "measured"), default=0) / 1e3
     if rec.config is not None:  # the measured run time says whether prefetch is a risk
@@ -690,7 +710,7 @@ def _record(
         }
     ]
     measured = [t for t in trials if t.status == "measured"]
-    best = next((t for t in measured if rec.config == t.config), None)
+    best = next((t for t in measured if (rec.config or swept_best) == t.config), None)
     base = next((t for t in measured if t.config == baseline), None)
     figures: dict[str, float] = {
         "trials_measured": len(measured),
