@@ -126,3 +126,21 @@ def test_running_tasks_are_cancelled_on_connection_loss_only_with_rabbitmq(
     )
     assert redis_app.conf.worker_cancel_long_running_tasks_on_connection_loss is False
     assert amqp_app.conf.worker_cancel_long_running_tasks_on_connection_loss is True
+
+
+def test_a_worker_freezes_its_heap_before_it_forks_its_pool(tmp_path: Path) -> None:
+    """Pool processes then share the main process's pages instead of copying each one their
+    collector touches (worker PSS, docs/jobs.md "Memory")."""
+    import gc
+
+    from celery import signals
+
+    from tasklab.worker import build_worker_app
+
+    gc.unfreeze()
+    build_worker_app(Settings(home_dir=tmp_path, redis_url="redis://127.0.0.1:6379/0"))
+    try:
+        signals.worker_init.send(sender=None)
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()

@@ -6,6 +6,7 @@ environment on first access (never at import).
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from celery import Celery, signals
@@ -24,6 +25,7 @@ def build_worker_app(settings: Settings) -> Celery:
     celery.conf.beat_schedule = beat_schedule(settings)
     multiproc.connect_celery_signals()
     beat.connect_beat_signals()
+    signals.worker_init.connect(_freeze_heap, weak=False)
     signals.worker_ready.connect(_start_reaper, weak=False)
     signals.worker_shutdown.connect(_stop_reaper, weak=False)
     return celery
@@ -41,6 +43,15 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
         **beat.beat_schedule_entries(),
         **scheduled.beat_entries(),  # points expiry, hot products warm-up
     }
+
+
+def _freeze_heap(**_: Any) -> None:
+    """In the main process, before it forks its pool: everything alive now goes to a
+    generation the collector never visits, so a pool process's collections do not write
+    to (and so copy) every page it shares with the main process. 181 -> 146 MB PSS for a
+    worker of 2 processes after 2,000 jobs (docs/jobs.md, "Memory")."""
+    gc.collect()
+    gc.freeze()
 
 
 def _start_reaper(sender: Any = None, **_: Any) -> None:

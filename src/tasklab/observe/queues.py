@@ -33,7 +33,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-import httpx
 import redis
 import sqlalchemy as sa
 from prometheus_client import Gauge
@@ -183,7 +182,15 @@ class ManagementApi:
         self.base_url = base_url
         self.vhost = amqp_vhost(broker_url)
         self.retry_s = retry_s
+        import httpx  # here: a worker imports this module, and never asks the management API
+
         self._client = httpx.Client(base_url=base_url, auth=auth, timeout=timeout_s)
+        self._errors: tuple[type[Exception], ...] = (
+            httpx.HTTPError,
+            ValueError,
+            KeyError,
+            TypeError,
+        )
         self._failed_at: float | None = None
 
     def queue_depths(self, queues: Sequence[str]) -> dict[str, QueueDepth] | None:
@@ -195,7 +202,7 @@ class ManagementApi:
             response = self._client.get(path, params={"columns": MANAGEMENT_COLUMNS})
             response.raise_for_status()
             rows = {str(row["name"]): row for row in response.json()}
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        except self._errors as e:
             if self._failed_at is None:
                 log.warning(
                     "RabbitMQ management API at %s: %s; unacked counts absent, "
