@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from tasklab.cache import constants
 from tasklab.database import make_engine
-from tasklab.service.domain.catalog_cache import CACHE_NAME, VERSION_KEY
+from tasklab.service.domain.catalog_cache import CACHE_NAME, STOCK_CACHE_NAME, VERSION_KEY
 from tasklab.service.domain.settlement import order_lines, settle_order
 from tasklab.settings import Settings
 from tests.service.conftest import SEED, Account, StatementCounter
@@ -34,9 +34,14 @@ def _settle(settings: Settings, order_id: int) -> None:
 
 
 def _value_keys(redis_url: str) -> set[str]:
+    """The catalog's value keys in Redis, its stock's included."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        return set(client.scan_iter(constants.value_prefix(CACHE_NAME) + "*"))
+        return {
+            key
+            for name in (CACHE_NAME, STOCK_CACHE_NAME)
+            for key in client.scan_iter(constants.value_prefix(name) + "*")
+        }
     finally:
         client.close()
 

@@ -60,6 +60,7 @@ USER_CLASSES = {
     "orders": "OrderUser",
     "points": "PointsUser",
     "sync": "SyncUser",
+    "catalog": "CatalogUser",
 }
 # The mixed default; ``points`` (reads at full speed) is asked for by name.
 DEFAULT_CLASSES = ("shop", "orders", "sync")
@@ -85,6 +86,7 @@ CLASS_ENDPOINTS = {
     "orders": ("order",),
     "points": ("points",),
     "sync": ("sync_batch", "task_status", "sync_flow"),
+    "catalog": ("products", "product", "catalog"),
 }
 
 
@@ -464,6 +466,34 @@ def run_load(
     return result
 
 
+def catalog_cache_figures(api_url: str) -> dict[str, float]:
+    """The catalog caches' hits over the run, from the API's ``/metrics`` (their counters
+    start with the process): ``catalog.cache_hit_pct`` (details, pages: L1 or L2) and
+    ``catalog.stock_hit_pct`` (the stock kept apart), with the lookups behind each."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{api_url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    counts: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.labels.get("cache", ""), family.name, sample.labels.get("level", ""))
+            if sample.name.endswith("_total"):
+                counts[key] = counts.get(key, 0.0) + sample.value
+    figures: dict[str, float] = {}
+    for cache, prefix in (("products", "catalog.cache"), ("product-stock", "catalog.stock")):
+        hits = sum(counts.get((cache, "tasklab_cache_hits", lv), 0.0) for lv in ("l1", "l2"))
+        lookups = hits + counts.get((cache, "tasklab_cache_misses", "l2"), 0.0)
+        if lookups:
+            figures[f"{prefix}_lookups"] = lookups
+            figures[f"{prefix}_hit_pct"] = 100 * hits / lookups
+            figures[f"{prefix}_loads"] = counts.get((cache, "tasklab_cache_loader_calls", ""), 0.0)
+    return figures
+
+
 def _load_own_service(
     settings: Settings, load: Load, worker: WorkerConfig | None, console: Console
 ) -> None:
@@ -481,8 +511,10 @@ def _load_own_service(
             workers=settings.api_workers,
         )
         try:
-            load.run_locust(api.start(), tokens, console)
+            api_url = api.start()
+            load.run_locust(api_url, tokens, console)
             load.record()
+            load.result.figures.update(catalog_cache_figures(api_url))
             settle_and_check(
                 load.result, stack.settings, timeout_s=load.sizes.settle_timeout_s, own=True
             )

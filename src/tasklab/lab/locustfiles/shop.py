@@ -8,6 +8,7 @@ Usable on its own too::
 - ``ShopUser``: the seed-004 mix — balance 50, history 30, expiring 20, order 10 (task
   weights; as shares of requests: 45 %, 27 %, 18 %, 9 %), short think times.
 - ``OrderUser``: orders only, no think time: the high-load writer.
+- ``CatalogUser``: catalog reads only (listing pages and product details), no think time;
 - ``SyncUser``: the data-sync flow — submit a batch, poll its status until it is done;
   the whole flow is reported as its own entry (``sync flow``, submit to done).
 
@@ -28,6 +29,7 @@ from locust import FastHttpUser, between, constant, events, task
 
 FINAL = ("SUCCEEDED", "DEAD", "CANCELLED")
 PLATFORMS = ("shopify", "amazon", "etsy")
+SORTS = ("id", "price", "-price", "name", "-name")
 _tokens: list[str] = []
 _admin_tokens: list[str] = []
 _next_token = itertools.count()
@@ -129,6 +131,32 @@ class PointsUser(_ShopClient):
     @task
     def points(self) -> None:
         self.get_json("/api/v1/points", "points")
+
+
+class CatalogUser(_ShopClient):
+    """Catalog reads at full speed: canonical listing pages (20 a page, up to the first three
+    pages of each sort) and product details, the traffic the catalog cache is for."""
+
+    weight = 4
+    wait_time = constant(0)
+    pages = 1
+
+    def on_start(self) -> None:
+        super().on_start()
+        # the first three pages that exist (an empty page is never cached)
+        self.pages = max(1, min(3, -(-len(self.product_ids) // 20)))
+
+    @task(3)
+    def products(self) -> None:
+        i = next(_next_token)
+        sort = SORTS[i % len(SORTS)]
+        page = 1 + i % self.pages
+        self.get_json(f"/api/v1/products?page_size=20&page={page}&sort={sort}", "products")
+
+    @task(5)
+    def product(self) -> None:
+        product_id = self.product_ids[next(_next_token) % len(self.product_ids)]
+        self.get_json(f"/api/v1/products/{product_id}", "product")
 
 
 class SyncUser(_ShopClient):

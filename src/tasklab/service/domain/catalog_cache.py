@@ -1,11 +1,12 @@
 """The catalog cached in ``TieredCache`` (L1 per process + Redis), built to hold under orders.
 
 * **Stock is kept apart.** Product details and listing pages are cached without it (name,
-  category, price: they change only when the catalog does); stock is cached under keys of
-  its own for ``STOCK_TTL_S``. A paid order deletes its products' stock keys after its
-  transaction commits (never before, or a reader could cache the old stock again) and
-  touches nothing else, so order traffic leaves the catalog in the cache. A listing's stock
-  may lag a paid order by ``STOCK_TTL_S``; settlement checks the real stock anyway.
+  category, price: they change only when the catalog does); stock is cached in a cache of its
+  own (``STOCK_CACHE_NAME``, so each has its own hit rate) for ``STOCK_TTL_S``. A paid
+  order deletes its products' stock keys after its transaction commits (never before, or a
+  reader could cache the old stock again) and touches nothing else, so order traffic leaves
+  the catalog in the cache. A listing's stock may lag a paid order by ``STOCK_TTL_S``;
+  settlement checks the real stock anyway.
 * **Bounded keys.** Only canonical listing pages are cached (page sizes in
   ``CANONICAL_PAGE_SIZES``, pages up to ``MAX_CACHED_PAGE``, never an empty page, so an unknown
   category costs a query but no key); an unknown product id is not cached either.
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tasklab.service.cache")
 CACHE_NAME = "products"
+STOCK_CACHE_NAME = "product-stock"
 TTL_S = 60.0
 STOCK_TTL_S = 2.0
 VERSION_KEY = "list-version"
@@ -73,18 +75,21 @@ def _new_version() -> str:
 
 
 class CatalogCache:
-    def __init__(self, cache: TieredCache) -> None:
+    def __init__(self, cache: TieredCache, stock: TieredCache) -> None:
         self.cache = cache
+        self.stock_cache = stock
 
     @classmethod
     def for_settings(cls, settings: Settings, *, l1: bool = True) -> CatalogCache | None:
         """None without Redis: an L1-only cache could not hear the workers' invalidations."""
         if not settings.redis_url:
             return None
-        from tasklab.cache import TieredCache  # imported when used: workers rarely need it
+        from tasklab.cache import Mode, TieredCache  # imported when used: workers rarely do
 
+        mode: Mode = "tiered" if l1 else "l2"
         return cls(
-            TieredCache(settings, name=CACHE_NAME, mode="tiered" if l1 else "l2", ttl_s=TTL_S)
+            TieredCache(settings, name=CACHE_NAME, mode=mode, ttl_s=TTL_S),
+            TieredCache(settings, name=STOCK_CACHE_NAME, mode=mode, ttl_s=STOCK_TTL_S),
         )
 
     async def product(
@@ -97,7 +102,9 @@ class CatalogCache:
         return value
 
     async def stock(self, product_id: int, loader: Callable[[], Awaitable[int]]) -> int:
-        value: int = await self.cache.aget_or_set(stock_key(product_id), loader, ttl_s=STOCK_TTL_S)
+        value: int = await self.stock_cache.aget_or_set(
+            stock_key(product_id), loader, ttl_s=STOCK_TTL_S
+        )
         return value
 
     async def listing_version(self) -> str:
@@ -120,7 +127,7 @@ class CatalogCache:
         self, key: str, loader: Callable[[], Awaitable[dict[str, int]]]
     ) -> dict[str, int]:
         """{product id (as a string): stock} for a listing page, kept ``STOCK_TTL_S``."""
-        value: dict[str, int] = await self.cache.aget_or_set(
+        value: dict[str, int] = await self.stock_cache.aget_or_set(
             "stock:" + key, loader, ttl_s=STOCK_TTL_S
         )
         return value
@@ -128,7 +135,7 @@ class CatalogCache:
     def invalidate(self, product_ids: Iterable[int]) -> None:
         """After a paid order: its products' stock, nothing else."""
         for product_id in product_ids:
-            self.cache.delete(stock_key(product_id))
+            self.stock_cache.delete(stock_key(product_id))
 
     def invalidate_listings(self) -> None:
         """After a catalog change (names, prices, products added): every listing page, O(1)."""
@@ -137,17 +144,20 @@ class CatalogCache:
     def invalidate_products(self, product_ids: Iterable[int]) -> None:
         for product_id in product_ids:
             self.cache.delete(detail_key(product_id))
-            self.cache.delete(stock_key(product_id))
+            self.stock_cache.delete(stock_key(product_id))
         self.invalidate_listings()
 
     def clear(self) -> None:
         self.cache.clear()
+        self.stock_cache.clear()
 
     async def aclose(self) -> None:
         await self.cache.aclose()
+        await self.stock_cache.aclose()
 
     def close(self) -> None:
         self.cache.close()
+        self.stock_cache.close()
 
 
 def _async_value(make: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
