@@ -11,6 +11,7 @@ revision = "0005_console"
 down_revision = "0004_shop_integrity"  # after the shop integrity migration
 branch_labels = None
 depends_on = None
+ERROR_KEY_SQL = "substr(coalesce(error, ''), 1, 120)"  # as in tasklab.service.console.data
 
 
 def upgrade() -> None:
@@ -19,13 +20,17 @@ def upgrade() -> None:
     op.create_index("ix_tasklab_jobs_created", "tasklab_jobs", ["created_at", "id"])
     op.create_index("ix_tasklab_jobs_status_created", "tasklab_jobs", ["status", "created_at"])
     op.create_index("ix_tasklab_jobs_task_created", "tasklab_jobs", ["task", "created_at"])
-    # Dead letters group by task and the error's first characters: this index holds the
-    # groups in order, so grouping reads only the index (the expression must be the one
-    # tasklab.service.console.data.ERROR_KEY_SQL sends, character for character).
+    # Dead letters group by task and the error's first characters, read from an index alone:
+    # a generated column holds that key (PostgreSQL cannot answer an expression index from
+    # the index alone). Stored on PostgreSQL (rewrites the table once: ~30 s per million
+    # rows here); virtual on SQLite, whose ALTER TABLE adds no stored column.
+    stored = "STORED" if op.get_context().dialect.name == "postgresql" else "VIRTUAL"
+    op.execute(
+        "ALTER TABLE tasklab_jobs ADD COLUMN error_key varchar(120) "
+        f"GENERATED ALWAYS AS ({ERROR_KEY_SQL}) {stored}"
+    )
     op.create_index(
-        "ix_tasklab_jobs_status_task_error",
-        "tasklab_jobs",
-        ["status", "task", sa.text("substr(coalesce(error, ''), 1, 120)")],
+        "ix_tasklab_jobs_status_task_error", "tasklab_jobs", ["status", "task", "error_key"]
     )
     op.create_table(
         "tasklab_console_actions",
@@ -42,6 +47,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("tasklab_console_actions")
     op.drop_index("ix_tasklab_jobs_status_task_error", "tasklab_jobs")
+    op.execute("ALTER TABLE tasklab_jobs DROP COLUMN error_key")
     op.drop_index("ix_tasklab_jobs_task_created", "tasklab_jobs")
     op.drop_index("ix_tasklab_jobs_status_created", "tasklab_jobs")
     op.drop_index("ix_tasklab_jobs_created", "tasklab_jobs")

@@ -21,7 +21,7 @@ from tasklab.jobs.records import Job, JobStatus, jobs
 
 PAGE_SIZE = 50
 ERROR_KEY_CHARS = 120  # dead letters group by the error's first characters (ids differ after)
-# Literal SQL, the very expression migration 0005 indexes: a bound 1 or 120 would not match it.
+# How migration 0005's generated column error_key is computed.
 ERROR_KEY_SQL = f"substr(coalesce(error, ''), 1, {ERROR_KEY_CHARS})"
 GROUP_ACTION_MAX = 1000  # one group action touches at most this many jobs
 
@@ -132,7 +132,9 @@ class DeadGroup:
 
 
 def _error_key() -> Any:
-    return sa.literal_column(ERROR_KEY_SQL)
+    """The generated column of migration 0005 (ERROR_KEY_SQL), indexed with status and task;
+    not in ``records.jobs``: nothing writes it."""
+    return sa.literal_column("tasklab_jobs.error_key")
 
 
 def dead_groups(conn: Connection, *, limit: int = 100) -> list[DeadGroup]:
