@@ -45,6 +45,10 @@ def test_bench_runs_every_dimension_on_one_embedded_stack_and_writes_its_figures
         assert figures[f"execute.{via}_execute_per_s"] > 0
         assert figures[f"memory.{via}_redis_bytes_per_job"] >= 0  # whole-server: noisy
         assert figures[f"memory.{via}_queue_key_bytes_per_job"] > 0
+    # Every dimension repeated (tiny: twice), in a shuffled order: medians with their spread.
+    assert data["params"]["repeat"] == BenchSizes.tiny().repeat
+    low, mid, high = (figures[f"submit.jobs_submit_ms_p99{s}"] for s in ("_min", "", "_max"))
+    assert low <= mid <= high
     assert {r["path"] for r in data["tables"]["overhead"]} == {"asyncio", "celery", "jobs"}
     assert "overhead.jobs_overhead_pct" in figures and "overhead.celery_overhead_pct" in figures
     assert figures["memory.worker_rss_mb"] > 0

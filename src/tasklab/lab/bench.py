@@ -14,10 +14,12 @@ minute each on 2 cores. Benchmarks measure; they are never asserted on in the te
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import redis
@@ -29,6 +31,7 @@ from tasklab.lab import summary
 from tasklab.lab.harness import LabStack, WorkerConfig
 from tasklab.lab.ledger import cancel_waiting
 from tasklab.lab.progress import lab_progress, phase
+from tasklab.lab.repeat import run_repeated
 from tasklab.lab.results import LabResult, Target, finish, resolve_targets
 from tasklab.lab.workload import CeleryDriver, Driver, JobsDriver, Probe, Sample, Ticket
 from tasklab.settings import Settings, mask_url
@@ -337,8 +340,6 @@ class Bench:
         if not self.stack.own:
             self.result.notes.append("jobs: needs tasklab's own stack; skipped with --app")
             return
-        import random
-
         from tasklab.lab.bench_jobs import JobsBench
 
         rng = random.Random(self.sizes.seed)
@@ -484,11 +485,14 @@ def run_bench(
         result.servers = stack.server_versions()
         bench = Bench(stack, sizes, result, progress)
         bench.warm_up()
-        for dimension in DIMENSIONS:
-            if dimension not in dimensions:
-                continue
-            if dimension == "queue":
-                bench.queue(brokers)
-            else:
-                getattr(bench, dimension)()
+        # The jobs dimension interleaves its own paths round by round; the others are
+        # repeated as whole dimensions, in a shuffled order each round.
+        units = [
+            (d, partial(bench.queue, brokers) if d == "queue" else getattr(bench, d))
+            for d in DIMENSIONS
+            if d in dimensions and d != "jobs"
+        ]
+        run_repeated(result, units, repeat=sizes.repeat, rng=random.Random(sizes.seed))
+        if "jobs" in dimensions:
+            bench.jobs()
     return finish(result, settings, targets=slos, console=console, scope=dimensions)

@@ -60,6 +60,9 @@ def stress(
     all_scenarios: Annotated[bool, typer.Option("--all")] = False,
     via: Annotated[str | None, typer.Option(help="jobs (durable) or celery (plain).")] = None,
     tasks: Annotated[int | None, typer.Option(min=1, help="Tasks of the fast scenario.")] = None,
+    repeat: Annotated[
+        int, typer.Option(min=1, max=50, help="Trials of each scenario, interleaved.")
+    ] = 3,
     target: TargetOpt = None,
     app_spec: AppOpt = None,
     external_workers: ExternalOpt = False,
@@ -87,6 +90,7 @@ def stress(
             settings, pool=pool, concurrency=concurrency, prefetch_multiplier=prefetch
         ),
         console=console,
+        repeat=repeat,
     )
     raise typer.Exit(0 if result.passed else 1)
 
@@ -103,7 +107,8 @@ def bench(
     tasks: Annotated[int | None, typer.Option(min=1, help="Tasks of the jobs dimension.")] = None,
     submitters: Annotated[int, typer.Option(min=1, help="Threads submitting in `jobs`.")] = 4,
     repeat: Annotated[
-        int, typer.Option(min=1, max=50, help="Rounds of `jobs`, paths shuffled in each.")
+        int,
+        typer.Option(min=1, max=50, help="Trials of each dimension (rounds of `jobs`), shuffled."),
     ] = 3,
     target: TargetOpt = None,
     app_spec: AppOpt = None,

@@ -27,6 +27,7 @@ from tasklab.lab.errors import LabError
 from tasklab.lab.harness import LabStack, WorkerConfig
 from tasklab.lab.ledger import take_ledger
 from tasklab.lab.progress import Sampler, lab_progress, phase
+from tasklab.lab.repeat import run_repeated
 from tasklab.lab.results import LabResult, Series, Target, finish, resolve_targets
 from tasklab.lab.workload import (
     CeleryDriver,
@@ -306,8 +307,11 @@ def run_stress(
     external_workers: bool = False,
     targets: Sequence[str] = (),
     console: Console | None = None,
+    repeat: int = 1,
+    seed: int | None = None,
 ) -> LabResult:
-    """Run the scenarios on one stack; write and print the result."""
+    """Run the scenarios on one stack (``repeat`` times each, interleaved in a shuffled
+    order: figures are medians with their spread); write and print the result."""
     console = console or Console()
     sizes = sizes or StressSizes()
     unknown = set(scenarios) - set(SCENARIOS)
@@ -335,8 +339,7 @@ def run_stress(
         stress = Stress(stack, sizes, result, progress, via=via)
         warm = stress.driver("warmup")
         warm.collect(submit_all(warm, [Probe("noop")] * 2), timeout_s=sizes.timeout_s)
-        for scenario in SCENARIOS:
-            if scenario in scenarios:
-                getattr(stress, scenario)()
+        units = [(s, getattr(stress, s)) for s in SCENARIOS if s in scenarios]
+        run_repeated(result, units, repeat=repeat, rng=random.Random(seed))
     flag_leak(result, slos)
     return finish(result, settings, targets=slos, console=console, scope=scenarios)
