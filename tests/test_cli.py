@@ -105,3 +105,18 @@ def test_up_serves_health_and_stops_everything_within_10_s_on_sigint(tmp_path: P
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_cli_imports_no_web_stack_so_a_worker_starts_light() -> None:
+    """Every `tasklab worker` runs through the CLI: FastAPI, httpx (and rich's pygments
+    through it) would cost its start time and every pool process's memory."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tasklab.cli; "
+        "print(sorted(m for m in ('fastapi', 'httpx', 'starlette', 'uvicorn', 'jinja2') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

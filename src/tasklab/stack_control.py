@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 from tasklab.errors import NoStackRunning, StackError
@@ -133,6 +132,8 @@ def _own_record(home_dir: Path, pid: int) -> StackRecord | None:
 
 
 def _answers(api_url: str) -> bool:
+    import httpx  # only here: every CLI command imports this module
+
     url = api_url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
     try:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
-
-from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+from typing import TYPE_CHECKING, Any
 
 from tasklab.settings import Settings
+
+if TYPE_CHECKING:  # FastAPI is imported where it is used: the CLI imports this package
+    from fastapi import FastAPI
+    from fastapi.responses import RedirectResponse
 
 
 def install(app: FastAPI) -> None:
@@ -40,6 +41,9 @@ def install(app: FastAPI) -> None:
 
 def create_console_app(settings: Settings) -> FastAPI:
     """Only the console (and ``/`` sending to it), with the API's lifespan."""
+    from fastapi import FastAPI
+    from fastapi.responses import RedirectResponse
+
     from tasklab.service.app import _lifespan
 
     app = FastAPI(lifespan=_lifespan(settings), docs_url=None, redoc_url=None, openapi_url=None)
