@@ -198,3 +198,16 @@ async def test_the_lab_lists_results_opens_one_and_compares_two(
     compared = await admin.get(f"/console/lab/compare?old={old.name}&new={new.name}")
     assert compared.status_code == 200 and "-50" in compared.text
     assert (await admin.get("/console/lab/runs/..%2Fsecret.json")).status_code == 404
+
+
+async def test_dead_jobs_listed_by_the_filter_can_be_selected_and_retried_from_the_list(
+    admin: httpx.AsyncClient, console_settings: Settings
+) -> None:
+    first, second = insert_jobs(console_settings, [{"status": "DEAD", "error": "e"}] * 2)
+    listing = (await admin.get("/console/jobs?status=DEAD")).text
+    assert f'name="job_id" value="{first}"' in listing
+    assert 'name="job_id"' not in (await admin.get("/console/jobs")).text  # only for DEAD
+    form = {"csrf": csrf_of(listing), "job_id": [second], "confirm": "yes"}
+    assert (await admin.post("/console/dead/retry", data=form)).status_code == 303
+    assert status_of(console_settings, first) == "DEAD"
+    assert status_of(console_settings, second) in {"PENDING", "QUEUED"}
