@@ -55,6 +55,21 @@ def test_the_points_class_only_reads_balances(lab_settings: Settings, console: C
     assert f["shop.orders"] == 0 and f["shop.invariant_violations"] == 0
 
 
+def test_the_catalog_class_reads_the_catalog_through_its_cache(
+    lab_settings: Settings, console: Console
+) -> None:
+    result = run_load(lab_settings, sizes=LoadSizes.tiny(), classes=["catalog"], console=console)
+    data = read_json(result.path)
+    f = data["figures"]
+    assert data["params"]["user_classes"] == ["CatalogUser"]
+    assert f["products.requests"] > 0 and f["product.requests"] > 0
+    assert f["all.success_pct"] == 100
+    # every read looks the catalog up; the few loads are each key's first read
+    assert f["catalog.cache_lookups"] >= f["products.requests"] + f["product.requests"]
+    assert f["catalog.cache_loads"] < f["catalog.cache_lookups"] / 2
+    assert 0 < f["catalog.cache_hit_pct"] <= 100 and f["catalog.stock_lookups"] > 0
+
+
 def test_a_running_service_needs_the_tokens_of_its_users(
     lab_settings: Settings, console: Console
 ) -> None:
