@@ -26,6 +26,7 @@ def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
         "drill kill + outage",
         "drill soak",
         "load",
+        "load capacity",
     ]
     logs = sorted((lab_settings.home_dir / "lab" / "logs").glob("demo-*.log"))
     assert all(p.error is None for p in outcome.phases), (
@@ -45,6 +46,7 @@ def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
         "load.all.requests_per_s",
         "load.shop.invariant_violations",
         "bench.overhead.jobs_overhead_pct",
+        "load_capacity.capacity.knee_per_s",
     ):
         assert row in shown, row
 
@@ -60,7 +62,8 @@ def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
     assert demo["command"] == "demo"
     assert {s["figure"] for s in demo["slos"]} >= {"drill.kill.lost", "load.shop.orders_lost"}
     assert demo["figures"]["phase.total_s"] > 0
-    assert [p["error"] for p in demo["params"]["phases"]] == [None] * 5
+    assert [p["error"] for p in demo["params"]["phases"]] == [None] * 6
+    assert "load_capacity.capacity.knee_per_s" in demo["figures"]
     alive = {
         p.pid
         for p in psutil.Process().children(recursive=True)

@@ -29,6 +29,7 @@ from rich.console import Console
 
 from tasklab.errors import TasklabError
 from tasklab.lab.bench import BenchSizes, run_bench
+from tasklab.lab.capacity import OpenLoadSizes, run_open_load
 from tasklab.lab.drill import CORRECTNESS, DrillSizes, run_drill
 from tasklab.lab.load import LoadSizes, run_load
 from tasklab.lab.progress import log_to_file
@@ -59,7 +60,11 @@ HEADLINES = {
         "soak.carried",
         "soak.carrier_latency_s_max",
     ),
-    "load": ("order.latency_ms_p99", "points.latency_ms_p99"),
+    "load": (
+        "order.latency_ms_p99",
+        "points.latency_ms_p99",
+    ),
+    "load_capacity": ("capacity.knee_latency_ms_p99", "capacity.knee_settled_per_s"),
 }
 
 logger = logging.getLogger("tasklab.lab.demo")
@@ -72,6 +77,12 @@ class DemoSizes:
     drill: DrillSizes = field(default_factory=lambda: DrillSizes(kill_jobs=24, kills=2))
     soak: SoakSizes = field(default_factory=SoakSizes.short)
     load: LoadSizes = field(default_factory=lambda: LoadSizes(users=20, duration_s=20.0))
+    # The orders endpoint's knee: short steps (4 s counted each) rising by half each time.
+    capacity: OpenLoadSizes = field(
+        default_factory=lambda: OpenLoadSizes(
+            duration_s=4.0, start_rate_per_s=25.0, step_factor=1.5, max_steps=8
+        )
+    )
 
     @classmethod
     def tiny(cls) -> DemoSizes:
@@ -82,6 +93,7 @@ class DemoSizes:
             drill=DrillSizes.tiny(),
             soak=SoakSizes.tiny(),
             load=replace(LoadSizes.tiny(), shop=ShopSizes(users=6, products=4)),
+            capacity=OpenLoadSizes.tiny(),
         )
 
 
@@ -152,6 +164,12 @@ def phases(settings: Settings, sizes: DemoSizes) -> list[Phase]:
             ),
         ),
         Phase("load", lambda: run_load(settings, sizes=sizes.load, console=quiet)),
+        Phase(
+            "load capacity",
+            lambda: run_open_load(
+                settings, sizes=sizes.capacity, find_capacity=True, console=quiet
+            ),
+        ),
     ]
 
 
@@ -242,9 +260,11 @@ def _fill(result: LabResult, tour: list[Phase]) -> None:
 
 def _fold(demo: LabResult, part: LabResult) -> None:
     checked = {c.figure: c for c in part.slos}
-    wanted = [*checked, *(f for f in HEADLINES.get(part.command, ()) if f not in checked)]
+    # Two load phases: the open-loop capacity search is named apart from Locust's.
+    prefix = "load_capacity" if part.params.get("mode") == "find-capacity" else part.command
+    wanted = [*checked, *(f for f in HEADLINES.get(prefix, ()) if f not in checked)]
     for figure in wanted:
-        name = f"{part.command}.{figure}"
+        name = f"{prefix}.{figure}"
         if figure in part.figures:
             demo.figures[name] = part.figures[figure]
         if figure in checked:
