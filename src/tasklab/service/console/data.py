@@ -24,6 +24,7 @@ ERROR_KEY_CHARS = 120  # dead letters group by the error's first characters (ids
 # How migration 0005's generated column error_key is computed.
 ERROR_KEY_SQL = f"substr(coalesce(error, ''), 1, {ERROR_KEY_CHARS})"
 GROUP_ACTION_MAX = 1000  # one group action touches at most this many jobs
+SAMPLED_GROUPS = 25  # dead-letter groups shown with a few of their jobs; the rest by count
 
 actions = sa.Table(
     "tasklab_console_actions",
@@ -137,9 +138,11 @@ def _error_key() -> Any:
     return sa.literal_column("tasklab_jobs.error_key")
 
 
-def dead_groups(conn: Connection, *, limit: int = 100) -> list[DeadGroup]:
-    """The largest ``limit`` groups, each with a few of its job ids; read from the index
-    alone (no table row is visited to count)."""
+def dead_groups(
+    conn: Connection, *, limit: int = 100, sampled: int = SAMPLED_GROUPS
+) -> list[DeadGroup]:
+    """The largest ``limit`` groups, counted from the index alone (no table row visited);
+    the first ``sampled`` with a few of their job ids (one query each)."""
     key = _error_key()
     stmt = (
         sa.select(jobs.c.task, key, sa.func.count().label("n"))
@@ -149,8 +152,12 @@ def dead_groups(conn: Connection, *, limit: int = 100) -> list[DeadGroup]:
         .limit(limit)
     )
     groups = []
-    for task, error, count in conn.execute(stmt):
-        sample = dead_ids(conn, task=task, error=error, limit=5, newest_first=False)
+    for n, (task, error, count) in enumerate(conn.execute(stmt).all()):
+        sample = (
+            dead_ids(conn, task=task, error=error, limit=5, newest_first=False)
+            if n < sampled
+            else []
+        )
         groups.append(DeadGroup(task, error, int(count), sample))
     return groups
 
