@@ -136,7 +136,7 @@ class InvalidationListener:
             retry=Retry(NoBackoff(), 0),
             client_name=f"tasklab-cache-inval:{self.cache}",
         )
-        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        pubsub = client.pubsub()
         try:
             pubsub.subscribe(constants.channel(self.cache))
             self._await_subscribed(pubsub)
