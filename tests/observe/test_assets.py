@@ -172,3 +172,19 @@ def test_the_dashboard_covers_what_operators_look_at() -> None:
         assert metric in exprs
     for word in ("throughput", "p50 / p95 / p99", "failure rate", "hit rate by level"):
         assert word in titles
+
+
+def test_the_dashboard_filters_its_panels_by_queue_task_and_instance() -> None:
+    dashboard = json.loads(read(DASHBOARD))
+    variables = {v["name"]: v for v in dashboard["templating"]["list"] if v["type"] == "query"}
+    exprs = list(dashboard_exprs())
+
+    assert set(variables) == {"queue", "task", "instance"}
+    for name, variable in variables.items():
+        assert variable["includeAll"] and variable["allValue"] == ".*"
+        assert METRIC_NAME.findall(variable["query"]["query"]) or "up{" in variable["definition"]
+        assert any(f'=~"${name}"' in expr for expr in exprs), f"no panel uses ${name}"
+    for expr in exprs:
+        for selector in re.findall(r"tasklab_job[a-z_]*_(?:total|bucket)\{[^}]*\}", expr):
+            if "recoveries" not in selector:
+                assert all(f'=~"${v}"' in selector for v in variables), selector
