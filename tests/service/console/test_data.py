@@ -7,8 +7,10 @@ import time
 import pytest
 
 from tasklab.database import make_engine
+from tasklab.migrations import migrate
 from tasklab.service.console import data
 from tasklab.settings import Settings
+from tests.service.conftest import make_settings
 from tests.service.console.conftest import insert_jobs
 
 
@@ -62,8 +64,6 @@ def test_throughput_and_queue_wait_are_counted_per_minute_over_the_last_hour(
 def test_a_jobs_page_reads_an_index_in_key_order_without_sorting_the_table(
     tmp_path: object, redis_url: str, where: data.JobFilter
 ) -> None:
-    from tasklab.migrations import migrate
-    from tests.service.conftest import make_settings
 
     settings = make_settings(tmp_path, redis_url)  # type: ignore[arg-type]
     migrate(settings)
