@@ -118,16 +118,24 @@ class JobsBench:
             self._series(path, samples)
         done = [s.finished_at for s in samples if s.finished_at is not None]
         window_s = (max(done) - min(t.sent_at for t in tickets)) if done else 0.0
-        return {
+        out = {
             "throughput_per_s": figures["throughput_per_s"],
             "e2e_ms_p50": figures.get("e2e_ms_p50", 0.0),
             "e2e_ms_p99": figures.get("e2e_ms_p99", 0.0),
             "submit_ms_p99": figures.get("submit_ms_p99", 0.0),
             "lost": figures.get("lost", 0.0),
             "window_s": window_s,
-            "worker_cpu_ms_per_job": (self.stack.worker_cpu_s() - worker_cpu_s) * 1e3 / n,
             "submit_cpu_ms_per_job": (time.process_time() - own_cpu_s) * 1e3 / n,
         }
+        worker_ms = (self.stack.worker_cpu_s() - worker_cpu_s) * 1e3 / n
+        if worker_ms >= 0:
+            out["worker_cpu_ms_per_job"] = worker_ms
+        else:  # a pool process was recycled mid-trial and took its CPU time with it
+            self.bench.result.notes.append(
+                f"jobs.{path}: worker CPU not measured in one trial (a pool process was "
+                "replaced during it)"
+            )
+        return out
 
     def _series(self, path: str, samples: Sequence[Any]) -> None:
         self.bench.result.series += [
@@ -162,10 +170,10 @@ class JobsBench:
         figures: dict[str, float] = {}
         for path in PATHS:
             rows = [r for r in self.rounds if r["path"] == path]
-            for key in rows[0]:
-                if key in ("round", "path"):
-                    continue
-                figures.update(spread([float(r[key]) for r in rows], f"{path}_{key}"))
+            keys = {k for r in rows for k in r} - {"round", "path"}
+            for key in sorted(keys):
+                values = [float(r[key]) for r in rows if key in r]
+                figures.update(spread(values, f"{path}_{key}"))
         figures.update(self._ratios())
         self.bench.figures("jobs", figures)
         result = self.bench.result
