@@ -16,6 +16,7 @@ PROTECTED = [
     ("GET", "/api/v1/points/expiring"),
     ("GET", "/api/v1/orders"),
     ("GET", "/api/v1/orders/1"),
+    ("POST", "/api/v1/orders/1/cancel"),
     ("POST", "/api/v1/orders"),
     ("GET", "/api/v1/jobs"),
     ("GET", "/api/v1/jobs/abc"),
