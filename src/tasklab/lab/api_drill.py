@@ -32,6 +32,7 @@ from tasklab.lab.shop import (
     invariant_violations,
     order_ledger,
     product_ids,
+    read_admin,
     read_tokens,
     seed_shop,
     wait_orders_settled,
@@ -89,7 +90,8 @@ class ApiDrill:
     def run(self) -> dict[str, float]:
         cut = BrokerCut(self.stack, self.drill.fault)
         shop = ShopSizes(users=self.sizes.api_users, products=5)
-        accounts = read_tokens(seed_shop(self.stack.settings, shop))
+        tokens = seed_shop(self.stack.settings, shop)
+        accounts, self.admin = read_tokens(tokens), read_admin(tokens)
         cut.cut()  # the API's first life: no broker at all
         try:
             self.api.start()
@@ -118,7 +120,7 @@ class ApiDrill:
             while len(client.accepted) < want and time.monotonic() < deadline:
                 update(len(client.accepted))
                 time.sleep(0.05)
-            sync_ids = client.sync_batches(self.sizes.api_sync_batches)
+            sync_ids = client.sync_batches(self.sizes.api_sync_batches, admin=self.admin)
             self.wait_local_job()
             killed_at = time.time()
             self.api.kill()

@@ -82,6 +82,15 @@ def unlimited(settings: Settings) -> Settings:
     )
 
 
+def read_admin(path: Path) -> Account:
+    """The administrator of a tokens file (data sync is for administrators)."""
+    for line in Path(path).read_text().splitlines():
+        item = json.loads(line) if line.strip() else {}
+        if item.get("admin"):
+            return Account(int(item["user_id"]), str(item["token"]), True)
+    raise LabError(f"{path} has no administrator's token; run `tasklab seed`")
+
+
 def read_tokens(path: Path) -> list[Account]:
     """The users of a tokens file (``{"user_id", "token"}`` per line), admins left out."""
     try:
@@ -455,13 +464,13 @@ class OrderClient:
                     time.sleep(POLL_S)
         return recovered
 
-    def sync_batches(self, count: int, *, platform: str = "shopify") -> list[str]:
-        """Start ``count`` data-sync jobs (slower than an order: a few files parsed); their
-        job ids."""
+    def sync_batches(self, count: int, *, admin: Account, platform: str = "shopify") -> list[str]:
+        """Start ``count`` data-sync jobs (slower than an order: a few files parsed) as the
+        ``admin`` (data sync is for administrators); their job ids."""
         ids = []
         with httpx.Client(base_url=self.url, timeout=self.timeout_s) as http:
-            for i in range(count):
-                account = self.accounts[i % len(self.accounts)]
+            for _ in range(count):
+                account = admin
                 reply = http.post(
                     "/api/v1/data-sync/sync-batch",
                     json={"platform": platform, "limit": 4, "priority": 5},
