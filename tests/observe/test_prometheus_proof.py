@@ -10,7 +10,9 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -69,7 +71,7 @@ class Service:
         )
 
     def answers(self, url: str) -> bool:
-        assert self.process.poll() is None, f"{self.process.args} exited early"
+        assert self.process.poll() is None, f"{self.process.args!r} exited early"
         try:
             return httpx.get(url, timeout=1).status_code == 200
         except httpx.TransportError:
@@ -120,9 +122,7 @@ def services(proof_settings: Settings, tmp_path: Path) -> Iterator[dict[str, int
     try:
         for name, service in (("api", api), ("exporter", exporter)):
             url = f"http://127.0.0.1:{ports[name]}/metrics"
-            wait_until(
-                lambda s=service, u=url: s.answers(u), bool, timeout_s=WAIT_S, what=f"{name} up"
-            )
+            wait_until(partial(service.answers, url), bool, timeout_s=WAIT_S, what=f"{name} up")
         yield ports
     finally:
         api.stop()
@@ -231,6 +231,10 @@ def traffic(jm: JobManager, api: str, token: str) -> None:
     assert all(jm.wait(i, timeout_s=60).status is JobStatus.DEAD for i in dead)
 
 
+def at_least(n: float, result: list[dict[str, Any]]) -> bool:
+    return bool(result) and float(result[0]["value"][1]) >= n
+
+
 def has_data(url: str, promql: str) -> bool:
     return any(r["value"][1] not in ("NaN", "+Inf", "-Inf") for r in query(url, promql))
 
@@ -258,7 +262,7 @@ def test_alerts_fire_on_a_killed_node_a_flooded_queue_and_dead_letters_and_every
                 lambda: query(
                     prometheus, 'sum(tasklab_jobs_finished_total{job="tasklab-workers"})'
                 ),
-                lambda r, n=wave: bool(r) and float(r[0]["value"][1]) >= n * JOBS_A_WAVE,
+                partial(at_least, wave * JOBS_A_WAVE),
                 timeout_s=WAIT_S,
                 what=f"wave {wave}'s jobs scraped",
             )
