@@ -62,6 +62,7 @@ def test_bench_runs_every_dimension_on_one_embedded_stack_and_writes_its_figures
         assert sorted(r["path"] for r in rows if r["round"] == round_no) == sorted(JOB_PATHS)
     for path in JOB_PATHS:
         assert figures[f"jobs.{path}_lost"] == 0
+        assert figures[f"jobs.{path}_succeeded"] == BenchSizes.tiny().jobs_n
         assert figures[f"jobs.{path}_drain_per_s"] > 0 and figures[f"jobs.{path}_window_s"] > 0
         low, mid, high = (figures[f"jobs.{path}_throughput_per_s{s}"] for s in ("_min", "", "_max"))
         assert 0 < low <= mid <= high

@@ -123,6 +123,7 @@ class JobsBench:
             "e2e_ms_p50": figures.get("e2e_ms_p50", 0.0),
             "e2e_ms_p99": figures.get("e2e_ms_p99", 0.0),
             "submit_ms_p99": figures.get("submit_ms_p99", 0.0),
+            "succeeded": figures.get("succeeded", 0.0),
             "lost": figures.get("lost", 0.0),
             "window_s": window_s,
             "submit_cpu_ms_per_job": (time.process_time() - own_cpu_s) * 1e3 / n,
