@@ -59,6 +59,7 @@ class JobContext:
     lease_s: float
     priority: int = 5
     leases: LeaseKeeper | None = field(default=None, repr=False)
+    started_at: float | None = None
     _last_progress_at: float = field(default=0.0, repr=False)
     _session: Session | None = field(default=None, repr=False)
     _committed: bool = field(default=False, repr=False)
@@ -319,6 +320,7 @@ class Executor:
             lease_s=lease_s,
             priority=m["priority"],
             leases=self.leases,
+            started_at=m["started_at"],
         )
         wait_from = m["next_attempt_at"] or m["queued_at"] or m["created_at"]
         metrics.JOB_QUEUE_WAIT.labels(spec.name, ctx.queue).observe(
@@ -390,19 +392,32 @@ class Executor:
         retry = spec.retry.should_retry(exc, ctx.attempt, ctx.max_attempts)
         delay = spec.retry.delay_s(ctx.attempt) if retry else None
         now = time.time()
-        error = f"{type(exc).__name__}: {exc}"
-        # A give-up hook writes in this transaction: not the one-statement engine then.
-        with writing(self.engine if spec.on_give_up else self.single) as conn:
+        error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        # The attempt's history row and a give-up hook's writes go in this transaction.
+        with writing(self.engine) as conn:
             row = conn.execute(
                 store.fail(
                     ctx.id,
                     ctx.attempt,
                     error=error,
-                    tb=traceback.format_exc(),
+                    tb=tb,
                     retry_at=None if delay is None else now + delay,
                     now=now,
                 )
             ).first()
+            if row is not None:
+                conn.execute(
+                    store.record_attempt(
+                        ctx.id,
+                        ctx.attempt,
+                        outcome="failed",
+                        ran_on=self.lease_owner,
+                        started_at=ctx.started_at,
+                        now=now,
+                        error=error,
+                        tb=tb,
+                    )
+                )
             hooks.after_change(conn, row)
         if row is None:
             return Outcome("stale")

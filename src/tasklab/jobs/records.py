@@ -46,6 +46,22 @@ jobs = sa.Table(
     sa.Column("committed_at", sa.Float),
 )
 
+# Attempts that ended without success (failed, or their worker was lost): where each ran, how
+# it ended, its error. A job's record holds its latest attempt; this keeps the earlier ones.
+attempts = sa.Table(
+    "tasklab_job_attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(32), nullable=False, index=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),  # failed, lost
+    sa.Column("ran_on", sa.String(200)),  # the lease owner: host:pid
+    sa.Column("started_at", sa.Float),
+    sa.Column("ended_at", sa.Float, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("traceback", sa.Text),
+)
+
 effects = sa.Table(
     "tasklab_effects",
     metadata,

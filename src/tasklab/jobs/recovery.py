@@ -35,6 +35,7 @@ from tasklab.jobs.publisher import Outgoing, Publisher
 from tasklab.jobs.records import JobStatus
 from tasklab.jobs.registry import get_spec
 from tasklab.observe import metrics
+from tasklab.observe.profiling import profiled
 from tasklab.settings import Settings
 
 log = logging.getLogger("tasklab.jobs.reaper")
@@ -64,6 +65,7 @@ class Reaper:
         else:
             self.carriers = AmqpCarriers(self._amqp_depths, queues=self.queues)
 
+    @profiled(threshold_s=2.0, name="tasklab.reaper.tick")  # a slow tick is logged
     def tick(self) -> dict[str, int]:
         now = time.time()
         counts = {"lease_expired": self._release_expired(now)}
@@ -112,6 +114,17 @@ class Reaper:
                 ).first()
                 if changed is None:
                     continue
+                conn.execute(
+                    store.record_attempt(
+                        row.id,
+                        row.attempt,
+                        outcome="lost",
+                        ran_on=row.lease_owner,
+                        started_at=row.started_at,
+                        now=now,
+                        error="its worker was lost (the lease expired)",
+                    )
+                )
                 hooks.after_change(conn, changed)
                 ended = changed.status
                 released += 1
@@ -219,7 +232,9 @@ class Reaper:
     def purge(self) -> int:
         before = time.time() - self.settings.job_retention_days * 86400
         with writing(self.engine) as conn:
-            return int(conn.execute(store.purge_finished(before)).rowcount)
+            purged = int(conn.execute(store.purge_finished(before)).rowcount)
+            conn.execute(store.purge_attempts(before))
+            return purged
 
     def close(self) -> None:
         if self._redis is not None:

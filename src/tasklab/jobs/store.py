@@ -14,7 +14,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.functions import FunctionElement
 
-from tasklab.jobs.records import CLAIMABLE, FINAL, JobStatus, jobs
+from tasklab.jobs.records import CLAIMABLE, FINAL, JobStatus, attempts, jobs
 
 MAX_ERROR_CHARS = 4000
 MAX_TRACEBACK_CHARS = 16000
@@ -302,6 +302,30 @@ def fail(
     return _fenced(job_id, attempt).values(**values).returning(*ENDED)
 
 
+def record_attempt(
+    job_id: str,
+    attempt: int,
+    *,
+    outcome: str,
+    ran_on: str | None,
+    started_at: float | None,
+    now: float,
+    error: str | None = None,
+    tb: str | None = None,
+) -> sa.Insert:
+    """An attempt that ended without success, for the job's history."""
+    return attempts.insert().values(
+        job_id=job_id,
+        attempt=attempt,
+        outcome=outcome,
+        ran_on=ran_on,
+        started_at=started_at,
+        ended_at=now,
+        error=None if error is None else error[:MAX_ERROR_CHARS],
+        traceback=None if tb is None else tb[-MAX_TRACEBACK_CHARS:],
+    )
+
+
 def mark_cancelled_running(job_id: str, attempt: int, now: float) -> Update:
     return (
         _fenced(job_id, attempt)
@@ -419,6 +443,8 @@ def expired_leases(limit: int) -> sa.Select[Any]:
             jobs.c.priority,
             jobs.c.attempt,
             jobs.c.max_attempts,
+            jobs.c.lease_owner,
+            jobs.c.started_at,
         )
         .where(jobs.c.status == JobStatus.STARTED.value, jobs.c.lease_expires_at < db_now())
         .limit(limit)
@@ -581,6 +607,13 @@ def queued_at_of(job_ids: list[str]) -> sa.Select[Any]:
 def purge_finished(before: float) -> sa.Delete:
     return jobs.delete().where(
         jobs.c.status.in_([s.value for s in FINAL]), jobs.c.finished_at < before
+    )
+
+
+def purge_attempts(before: float) -> sa.Delete:
+    """The history of jobs no longer there (run after purge_finished), and older than it."""
+    return attempts.delete().where(
+        attempts.c.ended_at < before, attempts.c.job_id.not_in(sa.select(jobs.c.id))
     )
 
 

@@ -211,3 +211,41 @@ async def test_dead_jobs_listed_by_the_filter_can_be_selected_and_retried_from_t
     assert (await admin.post("/console/dead/retry", data=form)).status_code == 303
     assert status_of(console_settings, first) == "DEAD"
     assert status_of(console_settings, second) in {"PENDING", "QUEUED"}
+
+
+async def test_a_job_page_lists_its_earlier_attempts_where_they_ran_and_how_they_ended(
+    admin: httpx.AsyncClient, console_settings: Settings
+) -> None:
+    from tasklab.database import make_engine
+    from tasklab.jobs import store
+
+    (job_id,) = insert_jobs(console_settings, [{"status": "SUCCEEDED", "attempt": 3}])
+    engine = make_engine(console_settings)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                store.record_attempt(
+                    job_id,
+                    1,
+                    outcome="failed",
+                    ran_on="w1@host:11",
+                    started_at=time.time() - 9,
+                    now=time.time() - 8,
+                    error="ValueError: first try",
+                    tb="Traceback (most recent call last):\n  File a",
+                )
+            )
+            conn.execute(
+                store.record_attempt(
+                    job_id, 2, outcome="lost", ran_on="w2@host:22", started_at=None, now=time.time()
+                )
+            )
+    finally:
+        engine.dispose()
+    html = (await admin.get(f"/console/jobs/{job_id}")).text
+    table = html.split('id="attempts"', 1)[1].split("</table>", 1)[0]
+    assert table.index("w1@host:11") < table.index("w2@host:22")  # oldest first
+    for text in ("failed", "lost", "ValueError: first try", "Traceback"):
+        assert text in table, text
+    (plain,) = insert_jobs(console_settings, [{"status": "SUCCEEDED"}])
+    assert 'id="attempts"' not in (await admin.get(f"/console/jobs/{plain}")).text

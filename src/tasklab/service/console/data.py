@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from tasklab.jobs.records import Job, JobStatus, jobs
+from tasklab.jobs.records import Job, JobStatus, attempts, jobs
 
 PAGE_SIZE = 50
 ERROR_KEY_CHARS = 120  # dead letters group by the error's first characters (ids differ after)
@@ -119,6 +119,13 @@ def job_page(
 def get_job(conn: Connection, job_id: str) -> Job | None:
     row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
     return Job.from_row(row) if row else None
+
+
+def job_attempts(conn: Connection, job_id: str) -> list[dict[str, Any]]:
+    """The attempts of a job that ended without success, oldest first (its record holds the
+    latest)."""
+    stmt = sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.id)
+    return [dict(row._mapping) for row in conn.execute(stmt)]
 
 
 # --- dead letters ----------------------------------------------------------------------------

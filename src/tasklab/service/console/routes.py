@@ -234,11 +234,13 @@ async def job_fragment(request: Request, operator: Reader, job_id: str) -> Respo
 
 
 async def _job(request: Request, job_id: str) -> dict[str, Any]:
-    job = await console_of(request).sql.read(lambda c: data.get_job(c, job_id))
+    sql = console_of(request).sql
+    job = await sql.read(lambda c: data.get_job(c, job_id))
     if job is None:
         raise Refused(404, f"no job {job_id!r}")
     return {
         "job": job,
+        "attempts": await sql.read(lambda c: data.job_attempts(c, job_id)),
         "args_json": json.dumps({"args": job.args, "kwargs": job.kwargs}, indent=2, default=str),
         "result_json": json.dumps(job.result, indent=2, default=str),
     }
