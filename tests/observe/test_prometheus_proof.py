@@ -272,7 +272,11 @@ def test_alerts_fire_on_a_killed_node_a_flooded_queue_and_dead_letters_and_every
         jm.close()
     # One message a job: the backlog alert counts broker messages, and bundles carry up to
     # bundle_max jobs each.
-    flooder = JobManager(settings.model_copy(update={"bundle_max": 1}))
+    # A slow publish on a busy machine must not open the breaker and run the flood locally:
+    # no local workers (a refused publish waits in SQL for the reaper), a patient publish.
+    flooder = JobManager(
+        settings.model_copy(update={"bundle_max": 1, "local_workers": 0, "publish_timeout_s": 5})
+    )
     try:
         for _ in range(FLOOD):
             flooder.submit(probe_jobs.noop, queue=FLOODED)
