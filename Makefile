@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := check
-.PHONY: check demo test lint format install clean mutate
+.PHONY: check demo test lint format install clean mutate console-shots
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "tasklab needs Python >= 3.11"'
@@ -34,6 +34,13 @@ mutate: $(STAMP)
 	eval "$$($(BIN)/python scripts/detect_services.py)" && \
 	  nice -n 10 $(BIN)/mutmut run --max-children 2 $(MUTATE_ARGS); \
 	  $(BIN)/python scripts/mutation_score.py
+
+# The console's screenshots in docs/console/, from its browser test (a test run writes them to
+# the temp folder).
+console-shots: $(STAMP)
+	eval "$$($(BIN)/python scripts/detect_services.py)" && \
+	  TASKLAB_CONSOLE_SHOTS=docs $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  tests/service/console/test_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

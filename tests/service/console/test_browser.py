@@ -1,12 +1,16 @@
 """The console in a real browser (Playwright driving the system Chromium) against a real API
 server and worker: what an operator does at the console, and what it refuses.
 
-The screenshots it takes are docs/console.md's (docs/console/*.png).
+The screenshots it takes are docs/console.md's (docs/console/*.png) when
+``TASKLAB_CONSOLE_SHOTS=docs`` is set (`make console-shots`); otherwise they go to the temp
+folder, so a test run leaves the checkout as it found it.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +26,12 @@ from tests.support.worker import WorkerProcess
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[3] / "docs" / "console"
+DOCS_SHOTS = Path(__file__).resolve().parents[3] / "docs" / "console"
+SHOTS = (
+    DOCS_SHOTS
+    if os.environ.get("TASKLAB_CONSOLE_SHOTS") == "docs"
+    else Path(tempfile.gettempdir()) / "tasklab-console-shots"
+)
 WAITING_JOBS = 24
 UI_TIMEOUT_MS = 20_000  # the overview refreshes every 2 s; the worker drains in a few
 
