@@ -36,6 +36,9 @@ def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
     assert outcome.ok, outcome.broken
     shown = printed(console)
     assert shown.count("tasklab demo: service levels") == 1
+    # while the load phase's stack runs, where its jobs console is and how to log in
+    console_line = next(line for line in shown.splitlines() if "/console (log in" in line)
+    assert "http://127.0.0.1:" in console_line and "admin token in" in console_line
     for row in (
         "stress.fast.throughput_per_s",
         "drill.kill.lost",

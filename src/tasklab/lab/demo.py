@@ -137,7 +137,21 @@ def embedded(settings: Settings) -> Settings:
     )
 
 
-def phases(settings: Settings, sizes: DemoSizes) -> list[Phase]:
+def _console_address(console: Console | None) -> Callable[[str, Path], None] | None:
+    if console is None:
+        return None
+
+    def say(api_url: str, tokens: Path) -> None:
+        console.print(
+            f"  the jobs console of this phase's stack, while it runs: {api_url}/console "
+            f"(log in with the admin token in {tokens})",
+            highlight=False,
+        )
+
+    return say
+
+
+def phases(settings: Settings, sizes: DemoSizes, console: Console | None = None) -> list[Phase]:
     quiet = Console(quiet=True)  # each phase's own tables stay in its JSON; one table at the end
     return [
         Phase(
@@ -163,7 +177,12 @@ def phases(settings: Settings, sizes: DemoSizes) -> list[Phase]:
                 console=quiet,
             ),
         ),
-        Phase("load", lambda: run_load(settings, sizes=sizes.load, console=quiet)),
+        Phase(
+            "load",
+            lambda: run_load(
+                settings, sizes=sizes.load, console=quiet, on_service=_console_address(console)
+            ),
+        ),
         Phase(
             "load capacity",
             lambda: run_open_load(
@@ -189,7 +208,7 @@ def run_demo(
     settings = embedded(settings)
     result = LabResult("demo")  # now: its start time and the machine's load before the tour
     started = result.started_at
-    tour = phases(settings, sizes)
+    tour = phases(settings, sizes, console)
     console.print(
         f"[bold]tasklab demo[/] — {len(tour)} phases on embedded defaults, results in "
         f"{settings.results_dir}",

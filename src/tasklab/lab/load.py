@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -428,8 +428,11 @@ def run_load(
     worker: WorkerConfig | None = None,
     targets: Sequence[str] = (),
     console: Console | None = None,
+    on_service: Callable[[str, Path], None] | None = None,
 ) -> LabResult:
-    """Load the reference service (the lab's own, or ``url``); write and print the result."""
+    """Load the reference service (the lab's own, or ``url``); write and print the result.
+    ``on_service(api_url, tokens_file)`` is told where the lab's own service listens while
+    it runs (the demo prints its console's address)."""
     console = console or Console()
     sizes = sizes or LoadSizes()
     unknown = set(classes) - set(USER_CLASSES)
@@ -457,7 +460,7 @@ def run_load(
         load.record()
         settle_and_check(result, settings, timeout_s=sizes.settle_timeout_s, own=False)
     else:
-        _load_own_service(settings, load, worker, console)
+        _load_own_service(settings, load, worker, console, on_service)
     result.params["locust_output"] = str(out)
     result.check(slos, scope=scope_of(classes))
     result.finished_at = time.time()
@@ -495,7 +498,11 @@ def catalog_cache_figures(api_url: str) -> dict[str, float]:
 
 
 def _load_own_service(
-    settings: Settings, load: Load, worker: WorkerConfig | None, console: Console
+    settings: Settings,
+    load: Load,
+    worker: WorkerConfig | None,
+    console: Console,
+    on_service: Callable[[str, Path], None] | None = None,
 ) -> None:
     with LabStack(settings, worker=worker) as stack:
         load.result.servers = stack.server_versions()
@@ -512,6 +519,8 @@ def _load_own_service(
         )
         try:
             api_url = api.start()
+            if on_service is not None:
+                on_service(api_url, tokens)
             load.run_locust(api_url, tokens, console)
             load.record()
             load.result.figures.update(catalog_cache_figures(api_url))
