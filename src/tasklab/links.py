@@ -101,12 +101,14 @@ class LinkWatch:
         link.failures += 1
         if link.failures < self.fail_after:
             return
+        first = link.up
+        if first:  # down before the cut: whatever the cut frees finds it down
+            link.up = False
+            metrics.LINK_UP.labels(link.name).set(0)
+            metrics.LINK_LOST.labels(link.name).inc()
         cut = cut_sockets(link.addresses, link.port)
-        if not link.up:
+        if not first:
             return
-        link.up = False
-        metrics.LINK_UP.labels(link.name).set(0)
-        metrics.LINK_LOST.labels(link.name).inc()
         log.warning(
             "link to the %s (%s:%d) is down: %d probe(s) in a row got no answer within %g s "
             "(%s); cut %d connection(s) to it; taking no new work until it answers",
