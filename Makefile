@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := check
-.PHONY: check demo test lint format install clean mutate console-shots
+.PHONY: check demo test test-long lint format install clean mutate console-shots
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "tasklab needs Python >= 3.11"'
@@ -22,10 +22,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tasklab demo
 
+# `make test` stays under 10 minutes: the tests marked long (over a minute each, with a
+# shorter test beside them) run in `make test-long`.
+PYTEST_MARKS ?= not long
 test: $(STAMP)
 	eval "$$($(BIN)/python scripts/detect_services.py)" && \
 	  bash scripts/test_prereqs.sh && \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 $(PYTEST_ARGS)
+	  $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 -m "$(PYTEST_MARKS)" $(PYTEST_ARGS)
+
+test-long: $(STAMP)
+	$(MAKE) test PYTEST_MARKS=long
 
 # On demand, not in CI: mutation testing of the job state machine (docs/jobs.md, "Mutation
 # testing"). Mutants live in a copy under mutants/; src/ is never rewritten. Niced, two at

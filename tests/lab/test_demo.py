@@ -14,6 +14,7 @@ from tests.lab.helpers import printed, read_json
 
 
 @pytest.mark.timeout(420)  # the soak's recovery waits out the production defaults
+@pytest.mark.long
 def test_the_demo_runs_every_phase_prints_one_slo_table_and_writes_the_report(
     lab_settings: Settings, console: Console
 ) -> None:

@@ -71,6 +71,7 @@ def test_a_node_cut_off_from_redis_and_postgresql_is_taken_over_and_comes_back(
 @pytest.mark.postgres
 @pytest.mark.rabbitmq
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_node_cut_off_from_rabbitmq_and_postgresql_is_taken_over_and_comes_back(
     postgres_url: str, tmp_path: Path, console: Console
 ) -> None:

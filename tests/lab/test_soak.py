@@ -206,6 +206,7 @@ def test_the_soak_loses_nothing_repeats_nothing_and_every_fault_happened(
 @pytest.mark.slow
 @pytest.mark.rabbitmq
 @pytest.mark.timeout(300)
+@pytest.mark.long
 def test_the_soak_on_rabbitmq_cuts_its_link_and_loses_nothing(
     postgres_url: str, tmp_path: Path, console: Console
 ) -> None:
