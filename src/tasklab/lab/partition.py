@@ -38,7 +38,7 @@ from tasklab.lab.ledger import take_ledger
 from tasklab.lab.links import StackLinks, start_links
 from tasklab.lab.progress import phase
 from tasklab.lab.results import LabResult
-from tasklab.lab.soak_faults import OpenLoop
+from tasklab.lab.soak_faults import OpenLoop, not_final
 from tasklab.lab.workload import JobsDriver, Probe
 from tasklab.links import link_probe_s
 from tasklab.settings import Settings
@@ -275,7 +275,7 @@ class Partition:
     def drain(self, engine: Engine, owner: str) -> bool:
         deadline = time.monotonic() + self.sizes.drain_timeout_s
         while time.monotonic() < deadline:
-            if not_final(engine, owner) == 0:
+            if not_final(engine, [owner]) == 0:
                 return True
             time.sleep(0.5)
         return False
@@ -324,16 +324,6 @@ def started_by(engine: Engine, owner: str, pids: set[int], *, since: float) -> l
         for lease, result, t in rows
         if lease_pid(lease or (result or {}).get("ran_on")) in pids
     ]
-
-
-def not_final(engine: Engine, owner: str) -> int:
-    stmt = (
-        sa.select(sa.func.count())
-        .select_from(jobs)
-        .where(jobs.c.owner == owner, jobs.c.status.not_in([s.value for s in FINAL]))
-    )
-    with engine.connect() as conn:
-        return int(conn.execute(stmt).scalar_one())
 
 
 def _homed(stack: LabStack, settings: Settings, index: int) -> Settings:
