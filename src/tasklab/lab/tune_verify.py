@@ -21,7 +21,8 @@ from tasklab.lab.harness import WorkerConfig
 
 if TYPE_CHECKING:
     from tasklab.lab.results import LabResult
-    from tasklab.lab.tune import Recommendation, Sweep
+    from tasklab.lab.tune_recommend import Recommendation
+    from tasklab.lab.tune_sweep import Sweep
 
 
 @dataclass
@@ -86,7 +87,7 @@ def verify(
     rng: random.Random,
 ) -> Verification:
     """Measure both configurations ``repeat`` times, interleaved, on their own queues."""
-    from tasklab.lab.tune import Trial
+    from tasklab.lab.tune_sweep import Trial
 
     stack = sweep.stack
     found = Verification(baseline, candidate)
@@ -126,7 +127,7 @@ def verified(
     rng: random.Random,
 ) -> Recommendation:
     """``rec`` once re-measured against the current settings (``repeat`` 0: as it is)."""
-    from tasklab.lab.tune import Recommendation
+    from tasklab.lab.tune_recommend import Recommendation
 
     if rec.config is None or repeat < 1:
         return rec
