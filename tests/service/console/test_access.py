@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
 
+from tasklab.service.app import create_app
+from tasklab.service.domain.seed import seed
 from tasklab.settings import Settings
-from tests.service.conftest import Account
-from tests.service.console.conftest import csrf_of, insert_jobs, log_in, status_of
+from tests.service.conftest import SEED, Account, make_settings, read_tokens
+from tests.service.console.conftest import VIEWER, csrf_of, insert_jobs, log_in, status_of
 
 PAGES = ["/console", "/console/jobs", "/console/dead", "/console/actions", "/console/lab"]
 
@@ -94,3 +97,44 @@ async def test_a_viewer_reads_every_page_but_is_offered_no_action_and_refused_on
     )
     assert response.status_code == 403 and "not act" in response.text
     assert status_of(console_settings, job_id) == "DEAD"
+
+
+async def test_failed_logins_use_up_the_budget_of_their_own_address_only(
+    tmp_path: Path, redis_url: str
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        redis_url,
+        console_viewers=[VIEWER],
+        rate_limit_failed_auth_per_address="3/minute",
+    )
+    seed(settings, **SEED)
+    admin_token = read_tokens(settings.home_dir / "tokens.jsonl")[-1].token
+    app = create_app(settings)
+    # The address is the connection's (scope["client"]): X-Forwarded-For is not trusted.
+    guesser = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=("10.0.0.1", 5000)), base_url="http://t"
+    )
+    other = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=("10.0.0.2", 5000)), base_url="http://t"
+    )
+    async with app.router.lifespan_context(app), guesser, other:
+        for i in range(3):
+            wrong = await guesser.post("/console/login", data={"token": f"1.wrong-{i}"})
+            assert wrong.status_code == 401 and "not valid" in wrong.text
+        refused = await guesser.post("/console/login", data={"token": "1.wrong-again"})
+        assert refused.status_code == 429 and "too many failed" in refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        # a good token is not looked up from that address now, nor as a bearer
+        assert (
+            await guesser.post("/console/login", data={"token": admin_token})
+        ).status_code == 429
+        bearer = await guesser.get("/console/jobs", headers={"Authorization": "Bearer 1.x"})
+        assert bearer.status_code == 429
+        spoofed = await guesser.post(
+            "/console/login", data={"token": admin_token}, headers={"X-Forwarded-For": "10.0.0.9"}
+        )
+        assert spoofed.status_code == 429
+        # another address still logs in
+        await log_in(other, admin_token)
+        assert (await other.get("/console/jobs")).status_code == 200

@@ -25,7 +25,7 @@ from enum import StrEnum
 import sqlalchemy as sa
 
 from tasklab.service.auth import Authenticator
-from tasklab.service.domain.errors import Unauthorized
+from tasklab.service.domain.errors import RateLimited, Unauthorized
 from tasklab.service.domain.models import User
 
 COOKIE_NAME = "tasklab_console"
@@ -52,12 +52,18 @@ class Operator:
 
 
 class Refused(Exception):
-    """No valid session or token (401), or the role may not do this (403)."""
+    """No valid session or token (401), the role may not do this (403), or the address used
+    up its failed-login budget (429, with ``retry_after_s``)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
 
 class Access:
@@ -69,11 +75,15 @@ class Access:
         self._key: tuple[bytes, float] | None = None
 
     # --- login ---------------------------------------------------------------------------
-    async def operator_for_token(self, token: str, *, nonce: str = "") -> Operator:
+    async def operator_for_token(self, token: str, *, address: str, nonce: str = "") -> Operator:
+        """``address`` is the client's (``rate_limits.address_of``): failed logins count
+        against its failed-auth budget, as the API's failed bearer tokens do."""
         try:
-            principal = await self.auth.authenticate(token)
+            principal = await self.auth.authenticate(token, address=address)
         except Unauthorized as e:
             raise Refused(401, "that token is not valid") from e
+        except RateLimited as e:
+            raise Refused(429, str(e), retry_after_s=e.retry_after_s) from e
         stmt = sa.select(User.name).where(User.id == principal.user_id)
         name = str(await self.auth.sql.read(lambda conn: conn.execute(stmt).scalar_one()))
         if principal.is_admin:
@@ -82,9 +92,11 @@ class Access:
             return Operator(name, Role.VIEWER, nonce)
         raise Refused(403, f"user {name!r} has no access to the console")
 
-    async def login(self, token: str) -> tuple[Operator, str]:
+    async def login(self, token: str, *, address: str) -> tuple[Operator, str]:
         """(the operator, the cookie value of their new session)."""
-        operator = await self.operator_for_token(token, nonce=secrets.token_urlsafe(16))
+        operator = await self.operator_for_token(
+            token, address=address, nonce=secrets.token_urlsafe(16)
+        )
         expires = time.time() + SESSION_TTL_S
         body = {"n": operator.name, "r": operator.role.value, "s": operator.nonce, "e": expires}
         payload = base64.urlsafe_b64encode(json.dumps(body).encode()).decode()

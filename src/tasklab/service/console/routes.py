@@ -26,6 +26,7 @@ from tasklab.lab.results import load_result
 from tasklab.service.console import data
 from tasklab.service.console.access import COOKIE_NAME, SESSION_TTL_S, Operator, Refused
 from tasklab.service.console.state import ConsoleState, console_of, templates
+from tasklab.service.rate_limits import address_of
 from tasklab.settings import mask_url
 
 router = APIRouter(prefix="/console", include_in_schema=False)
@@ -41,7 +42,9 @@ async def current_operator(request: Request) -> Operator:
     access = console_of(request).access
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        return await access.operator_for_token(header[7:].strip())
+        return await access.operator_for_token(
+            header[7:].strip(), address=address_of(request.scope)
+        )
     return await access.from_cookie(request.cookies.get(COOKIE_NAME))
 
 
@@ -81,11 +84,14 @@ async def login(request: Request) -> Response:
     form = await request.form()
     next_url = _safe_next(str(form.get("next") or "/console"))
     try:
-        _, cookie = await console_of(request).access.login(str(form.get("token") or "").strip())
+        token = str(form.get("token") or "").strip()
+        _, cookie = await console_of(request).access.login(token, address=address_of(request.scope))
     except Refused as e:
-        return await page(
+        response = await page(
             request, "login.html", None, next=next_url, error=e.reason, status=e.status
         )
+        response.headers.update(e.headers or {})
+        return response
     response = RedirectResponse(next_url, status_code=303)
     response.set_cookie(
         COOKIE_NAME,

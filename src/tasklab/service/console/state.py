@@ -77,7 +77,9 @@ async def refused(request: Request, exc: Exception) -> Response:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/console/login?next={quote(target)}", status_code=303)
     context = {"status_code": exc.status, "reason": exc.reason, "operator": None, "csrf": ""}
-    return templates.TemplateResponse(request, "error.html", context, status_code=exc.status)
+    return templates.TemplateResponse(
+        request, "error.html", context, status_code=exc.status, headers=exc.headers
+    )
 
 
 def install_handlers(app: FastAPI) -> None:
