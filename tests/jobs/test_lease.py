@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from tasklab.database import writing
 from tasklab.errors import StaleAttempt
-from tasklab.jobs import JobManager, JobStatus, execution, store
+from tasklab.jobs import JobManager, JobStatus, execution, lease, store
 from tasklab.jobs.execution import Executor, JobContext
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.lab import probe_jobs
@@ -192,3 +192,87 @@ def test_a_renewal_counts_the_leases_still_held_and_extends_each(jm: JobManager)
     assert keeper.lost(gone, 1) and not any(keeper.lost(job_id, 1) for job_id in ours)
     for job_id in [*ours, gone]:
         keeper.release(job_id)
+
+
+def test_the_keeper_sleeps_until_a_third_of_the_shortest_lease_has_passed(
+    jm: JobManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schedule alone (no thread runs it here): idle, IDLE_WAIT_S; holding, until a third
+    of the shortest lease since the claim or the last renewal; overdue, not at all; in a pool
+    process, at most TERMINATE_POLL_S (a cancel with terminate is polled that often)."""
+    keeper = LeaseKeeper(jm.engine)
+    pool = LeaseKeeper(jm.engine, terminate_self=True)
+    for k in (keeper, pool):
+        monkeypatch.setattr(k, "_ensure_thread", lambda: None)
+    assert keeper._next_wait() == lease.IDLE_WAIT_S
+
+    keeper.hold("a", 1, 30.0)
+    assert 9.0 < keeper._next_wait() <= 10.0
+    keeper.hold("b", 1, 6.0)  # its first renewal is due with a's: from a's claim on
+    assert 1.0 < keeper._next_wait() <= 2.0
+    pool.hold("a", 1, 30.0)
+    assert 0.5 < pool._next_wait() <= lease.TERMINATE_POLL_S
+
+    overdue = LeaseKeeper(jm.engine)
+    monkeypatch.setattr(overdue, "_ensure_thread", lambda: None)
+    overdue.hold("c", 1, 0.03)
+    time.sleep(0.05)
+    assert overdue._next_wait() == 0.0
+
+
+def lease_renewed_within(jm: JobManager, job_id: str, s: float) -> bool:
+    """Whether the lease of a job claimed for 600 s is renewed (for less) within ``s``."""
+    deadline = time.monotonic() + s
+    while time.monotonic() < deadline:
+        if expires_in_s(jm, job_id) < 300:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_shorter_lease_wakes_a_sleeping_keeper_which_renews_it_a_third_of_it_later(
+    jm: JobManager,
+) -> None:
+    keeper = LeaseKeeper(jm.engine)
+    long_job, short_job = claimed(jm, 600.0), claimed(jm, 600.0)
+    keeper.hold(long_job, 1, 30.0)  # the thread sleeps 10 s
+    keeper.hold(short_job, 1, 6.0)  # due in 2 s: the thread wakes, renews nothing yet
+
+    time.sleep(0.5)
+    assert expires_in_s(jm, long_job) > 500 and expires_in_s(jm, short_job) > 500
+    assert lease_renewed_within(jm, short_job, 7.0), "renewed only when the 10 s sleep ended"
+    assert expires_in_s(jm, short_job) <= 6.0 and expires_in_s(jm, long_job) <= 30.0
+    keeper.release(long_job)
+    keeper.release(short_job)
+
+
+def test_a_keeper_keeps_its_one_thread_through_idle_spells(jm: JobManager) -> None:
+    keeper = LeaseKeeper(jm.engine)
+    job_id = claimed(jm, 600.0)
+    keeper.hold(job_id, 1, 0.3)
+    thread = keeper._thread
+    keeper.release(job_id)
+    time.sleep(0.3)  # the thread woke at 0.1 s to nothing held: idle now
+
+    assert thread is not None and thread.is_alive()
+    keeper.hold(job_id, 1, 3.0)
+    assert keeper._thread is thread
+    keeper.release(job_id)
+
+
+def test_a_pool_process_polls_for_a_cancel_with_terminate_between_renewals(
+    jm: JobManager,
+) -> None:
+    """The job's lease is renewed every 10 s; the cancel ends the process within the poll."""
+    job_id = claimed(jm, 30.0)
+    pid = os.fork()
+    if pid == 0:  # the child: run the job 8 s, then leave without the parent's atexit
+        try:
+            keeper = LeaseKeeper(jm.engine, terminate_self=True)
+            keeper.hold(job_id, 1, 30.0)
+            time.sleep(8.0)
+        finally:
+            os._exit(3)
+    cancel_with_terminate(jm, job_id)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status

@@ -171,6 +171,27 @@ def test_a_delivery_records_its_message_and_a_second_one_is_skipped(jm: JobManag
     assert jm.get(job_id) == finished
 
 
+@job(name="tests.state.sees_its_lease", bind=True, lease_s=12.0)
+def sees_its_lease(ctx: JobContext) -> dict[str, list[float]]:
+    return {job_id: list(held) for job_id, held in ctx.leases.held().items()}
+
+
+def test_a_running_job_s_lease_is_held_for_its_attempt_and_released_when_it_ends(
+    jm: JobManager,
+) -> None:
+    """The keeper renews what it holds: the job's own id, attempt and lease (the job's
+    lease_s over the executor's default of 30 s); nothing once the attempt ended."""
+    run = executor(jm)
+    first = inserted(jm, sees_its_lease)
+    again = inserted(jm, sees_its_lease, attempt=2)  # its next attempt is the 3rd
+
+    assert run.run(sees_its_lease, first) == Outcome("succeeded")
+    assert run.run(sees_its_lease, again) == Outcome("succeeded")
+    assert jm.get(first).result == {first: [1, 12.0]}
+    assert jm.get(again).result == {again: [3, 12.0]}
+    assert run.leases.held() == {}
+
+
 # --- store statements ---------------------------------------------------------------------------
 
 
