@@ -1,17 +1,22 @@
 """Taking an order back, on SQLite and PostgreSQL: a pending order is cancelled and its
-settlement then takes nothing; a paid one is refunded (stock and points back, a ledger row);
-asking twice changes nothing twice; a rejected order is a 409, another user's a 404."""
+settlement then takes nothing; its settlement job is cancelled too (a real worker never runs
+it), or, already running, only asked to stop; a paid one is refunded (stock and points back, a
+ledger row); asking twice changes nothing twice; a rejected order is a 409, another user's a
+404."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from tasklab.database import make_engine
+from tasklab.database import make_engine, writing
+from tasklab.jobs import JobManager, JobStatus, store
 from tasklab.service.app import create_app
 from tasklab.service.domain.invariants import check_invariants
 from tasklab.service.domain.models import LedgerEntry, PointAccount, Product
@@ -75,6 +80,70 @@ async def test_a_pending_order_is_cancelled_once_and_its_settlement_then_takes_n
     for _ in range(2):
         cancelled = await any_db_client.post(path, headers=alice.headers)
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert _settle(settings, placed["order_id"]) == "cancelled"
+    assert _state(settings, alice.user_id) == (SEED["stock"], SEED["points"], [])
+    assert check_invariants(settings) == []
+
+
+async def test_cancelling_a_pending_order_cancels_its_settlement_job_which_never_runs(
+    any_db_client: httpx.AsyncClient, shop_settings_any_db: Settings, worker_factory: Any
+) -> None:
+    settings, alice = shop_settings_any_db, _alice(shop_settings_any_db)
+    # queued in the broker, no worker running yet
+    placed = (await any_db_client.post("/api/v1/orders", json=ORDER, headers=alice.headers)).json()
+    cancelled = await any_db_client.post(
+        f"/api/v1/orders/{placed['order_id']}/cancel", headers=alice.headers
+    )
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    job = await any_db_client.get(f"/api/v1/jobs/{placed['job_id']}", headers=alice.headers)
+    assert job.json()["status"] == "CANCELLED"
+
+    worker_factory(settings).start()
+    later = (await any_db_client.post("/api/v1/orders", json=ORDER, headers=alice.headers)).json()
+    jm = JobManager(settings, local_fallback=False)
+    try:
+        assert jm.wait(later["job_id"], timeout_s=60).result["status"] == "paid"
+        skipped = jm.get(placed["job_id"])
+    finally:
+        jm.close()
+    assert skipped.status is JobStatus.CANCELLED and skipped.started_at is None
+    order = await any_db_client.get(f"/api/v1/orders/{placed['order_id']}", headers=alice.headers)
+    assert (order.json()["status"], order.json()["reason"]) == ("cancelled", None)
+    # only the later order took stock and points
+    assert _state(settings, alice.user_id) == (
+        SEED["stock"] - 3,
+        SEED["points"] - 100,
+        [("spend", -100)],
+    )
+    assert check_invariants(settings) == []
+
+
+async def test_cancelling_an_order_whose_settlement_is_running_only_asks_the_job_to_stop(
+    any_db_client: httpx.AsyncClient, shop_settings_any_db: Settings
+) -> None:
+    settings, alice = shop_settings_any_db, _alice(shop_settings_any_db)
+    placed = (await any_db_client.post("/api/v1/orders", json=ORDER, headers=alice.headers)).json()
+    engine = make_engine(settings)
+    try:
+        with writing(engine) as conn:  # a worker took the job and is settling the order
+            claim = store.claim(
+                placed["job_id"], lease_owner="w1", lease_s=60, via="broker", now=time.time()
+            )
+            assert conn.execute(*claim).first() is not None
+    finally:
+        engine.dispose()
+
+    path = f"/api/v1/orders/{placed['order_id']}/cancel"
+    for _ in range(2):
+        cancelled = await any_db_client.post(path, headers=alice.headers)
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    jm = JobManager(settings, local_fallback=False)
+    try:
+        running = jm.get(placed["job_id"])
+    finally:
+        jm.close()
+    assert running.status is JobStatus.STARTED and running.cancel_requested
+    # the running settlement then finds the order cancelled: its state is the guard
     assert _settle(settings, placed["order_id"]) == "cancelled"
     assert _state(settings, alice.user_id) == (SEED["stock"], SEED["points"], [])
     assert check_invariants(settings) == []

@@ -2,11 +2,14 @@
 
 ``place`` records the order as ``pending`` and submits ``tasklab.shop.process_order``; it never
 touches stock or points. An ``Idempotency-Key`` makes a retried request return the first order.
+``take_back`` cancels a pending order (and then its settlement job) or refunds a paid one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from tasklab.database import SqlRunner
+from tasklab.errors import JobNotFound, JobStateError, TasklabError
 from tasklab.jobs import JobManager
 from tasklab.service.domain.catalog_cache import invalidate_stock_now
 from tasklab.service.domain.errors import IdempotencyConflict, NotFound, QuotaExceeded
@@ -25,6 +29,8 @@ from tasklab.service.domain.lifecycle import take_back
 from tasklab.service.domain.models import Order, OrderItem, OrderStatus
 from tasklab.service.domain.paging import Page, at, money, offset_of
 from tasklab.service.domain.placement import Line, NewOrder, Placement
+
+log = logging.getLogger("tasklab.shop")
 
 
 @dataclass(frozen=True)
@@ -122,12 +128,29 @@ class Orders:
     async def take_back(
         self, order_id: int, *, user_id: int, admin: bool = False
     ) -> dict[str, Any]:
-        """Cancel a pending order or refund a paid one (idempotent); the order as it is now."""
+        """Cancel a pending order or refund a paid one (idempotent); the order as it is now.
+        A cancelled order's settlement job is cancelled too (asking again retries that)."""
         restocked = await self.sql.write(
             lambda conn: take_back(conn, order_id, user_id=user_id, admin=admin)
         )
         invalidate_stock_now(restocked)
-        return await self.get(order_id, user_id=user_id, admin=admin)
+        order = await self.get(order_id, user_id=user_id, admin=admin)
+        if order["status"] == OrderStatus.CANCELLED.value and order["job_id"]:
+            await self._cancel_settlement(str(order["job_id"]))
+        return order
+
+    async def _cancel_settlement(self, job_id: str) -> None:
+        """Cancel a cancelled order's settlement job so that no worker runs it: at once if it
+        waits, a request to stop if it runs (never terminated: its transaction decides).
+        Only after the order's commit, so the job's give-up hook finds the order cancelled,
+        not pending, and leaves it alone. The order's status stays the guard: a job already
+        running or ended, or one this call misses, finds the order cancelled and takes nothing."""
+        try:
+            await asyncio.to_thread(self.jobs.cancel, job_id)
+        except (JobStateError, JobNotFound):
+            return  # ended already (a repeated cancel, or the settlement that lost the race)
+        except TasklabError as e:  # the order is cancelled all the same
+            log.warning("order's settlement job %s not cancelled: %s", job_id, e)
 
     async def _by_key(self, user_id: int, key: str) -> Any:
         stmt = sa.select(Order.id, Order.status, Order.job_id, Order.request_hash).where(

@@ -71,6 +71,7 @@ async def get_order(
 async def cancel_order(
     services: ServicesDep, user: CurrentUser, order_id: Annotated[int, Path(ge=1, le=MAX_ID)]
 ) -> Any:
-    """Cancel a pending order (``cancelled``), or refund a paid one (``refunded``: its stock
-    and points back). Asking again answers the same order; a rejected one is a 409."""
+    """Cancel a pending order (``cancelled``, and its settlement job), or refund a paid one
+    (``refunded``: its stock and points back). Asking again answers the same order; a
+    rejected one is a 409."""
     return await services.orders.take_back(order_id, user_id=user.user_id, admin=user.is_admin)
