@@ -20,6 +20,7 @@ from tasklab.jobs import JobContext, JobManager, JobStatus, job, store
 from tasklab.jobs.execution import Outcome, current_job
 from tasklab.jobs.records import effects
 from tasklab.lab import probe_jobs
+from tasklab.observe import metrics
 from tasklab.settings import Settings
 from tests.jobs import states
 from tests.jobs.conftest import effect_counts
@@ -190,6 +191,49 @@ def test_a_running_job_s_lease_is_held_for_its_attempt_and_released_when_it_ends
     assert jm.get(first).result == {first: [1, 12.0]}
     assert jm.get(again).result == {again: [3, 12.0]}
     assert run.leases.held() == {}
+
+
+@job(name="tests.state.waits_in_queue")
+def waits_in_queue() -> None:
+    pass
+
+
+def queue_wait_s() -> float:
+    """The summed queue wait of waits_in_queue's attempts, as the executor observed it."""
+    return sum(
+        sample.value
+        for family in metrics.JOB_QUEUE_WAIT.collect()
+        for sample in family.samples
+        if sample.name.endswith("_sum") and sample.labels["task"] == waits_in_queue.name
+    )
+
+
+@pytest.mark.parametrize(
+    ("waited_from", "values"),
+    [
+        ("queued", {"created_at": -1000.0, "queued_at": -100.0}),
+        pytest.param(
+            "retry due",
+            {"created_at": -1000.0, "queued_at": -500.0, "next_attempt_at": -100.0},
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the claim's RETURNING reads next_attempt_at after the claim set it "
+                "NULL: a retry's wait counts from its failure (queued_at), backoff included",
+            ),
+        ),
+        ("created", {"created_at": -100.0, "queued_at": None}),
+    ],
+)
+def test_an_attempt_s_queue_wait_runs_from_its_retry_or_else_its_queueing_or_creation(
+    jm: JobManager, waited_from: str, values: dict[str, float | None]
+) -> None:
+    now = time.time()
+    job_id = inserted(
+        jm, waits_in_queue, **{k: None if v is None else now + v for k, v in values.items()}
+    )
+    before = queue_wait_s()
+    assert executor(jm).run(waits_in_queue, job_id) == Outcome("succeeded")
+    assert 100 <= queue_wait_s() - before < 150, waited_from
 
 
 # --- store statements ---------------------------------------------------------------------------
