@@ -114,3 +114,22 @@ def status_of(settings: Settings, job_id: str) -> str:
             return str(conn.execute(jobs.select().where(jobs.c.id == job_id)).one().status)
     finally:
         engine.dispose()
+
+
+def queue_cells(html: str, queue: str) -> dict[str, str]:
+    """The overview's cells of ``queue``'s row by their class: waiting, depth, by-priority,
+    unacked, consumers, consumed, paused."""
+    row = re.search(rf'<tr data-queue="{re.escape(queue)}">(.*?)</tr>', html, re.S)
+    assert row, f"no row for queue {queue!r}"
+    cells = {}
+    for classes, text in re.findall(r'<td class="([^"]*)">(.*?)</td>', row.group(1), re.S):
+        names = [c for c in classes.split() if c not in ("num", "meta", "bad")]
+        if names:  # the figures that are "num" alone are not read here
+            cells[names[0]] = text.strip()
+    return cells
+
+
+def total_unacked(html: str) -> str:
+    found = re.search(r'<span id="unacked">([^<]*)</span>', html)
+    assert found, "no unacked total on the overview"
+    return found.group(1).strip()

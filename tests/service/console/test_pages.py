@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -9,9 +10,16 @@ import httpx
 import pytest
 
 import tasklab.lab.probe_jobs  # noqa: F401  (declares the probe jobs a retry looks up)
+from tasklab.jobs import JobManager
 from tasklab.lab.results import LabResult, write_result
 from tasklab.settings import Settings, mask_url
-from tests.service.console.conftest import csrf_of, insert_jobs, status_of
+from tests.service.console.conftest import (
+    csrf_of,
+    insert_jobs,
+    queue_cells,
+    status_of,
+    total_unacked,
+)
 
 
 @pytest.fixture
@@ -181,6 +189,28 @@ async def test_the_overview_shows_each_queue_the_broker_masked_and_refreshes_whi
     assert str(mask_url(console_settings.effective_broker_url)) in html
     assert 'hx-trigger="every 2s [!document.hidden]"' in html
     assert "circuit breaker" in html and 'id="breaker">closed' in html
+
+
+async def test_on_redis_the_overview_splits_waiting_messages_by_priority_and_no_consumers(
+    admin: httpx.AsyncClient, console_settings: Settings
+) -> None:
+    """Redis keeps a list per priority and knows no consumers (RabbitMQ the other way round:
+    tests/service/console/test_rabbitmq.py)."""
+    jm = JobManager(console_settings.model_copy(update={"bundle_max": 1}), local_fallback=False)
+    try:
+        for priority in (9, 9, 5, 0):
+            jm.submit("tasklab.probe_job.noop", queue="default", priority=priority)
+        assert jm.flush(timeout_s=30)
+    finally:
+        jm.close()
+    deadline = time.monotonic() + 20
+    while (cells := queue_cells((await admin.get("/console")).text, "default"))["depth"] != "4":
+        assert time.monotonic() < deadline, f"the overview never showed 4 messages: {cells}"
+        await asyncio.sleep(0.3)
+    assert cells["by-priority"] == " · ".join(["2", *"000", "1", *"0000", "1"])  # 9..0
+    assert cells["unacked"] == "0"
+    assert cells["consumers"] == "\u2013"  # Redis cannot tell: unknown, not 0
+    assert total_unacked((await admin.get("/console")).text) == "0"
 
 
 async def test_the_lab_lists_results_opens_one_and_compares_two(
