@@ -16,7 +16,7 @@ from tasklab.database import writing
 from tasklab.embedded import EmbeddedRedis
 from tasklab.errors import BrokerUnavailable
 from tasklab.jobs import JobManager, JobSpec, JobStatus, job
-from tasklab.jobs.execution import Executor
+from tasklab.jobs.execution import Executor, Outcome
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.publisher import BUNDLE_TASK, Outgoing, Publisher
 from tasklab.jobs.worker_side import WorkerRuntime
@@ -310,6 +310,22 @@ def test_run_bundle_records_every_job_including_the_last_carried_completion(
         assert done.result is not None and done.result["sent_at"] == float(i)
         assert done.finished_at is not None
     assert hand_backs.calls == []
+
+
+def test_a_bundled_jobs_completion_is_handed_on_to_ride_with_the_next_claim(
+    jm: JobManager,
+) -> None:
+    """run_bundle defers each success's completion to the next claim's transaction (the
+    last one to the end of the bundle); run() writes its own at once."""
+    ids = insert(jm, probe_jobs.noop, [{}] * 4)
+    run = executor(jm)
+
+    outcomes = run.run_bundle(probe_jobs.noop, ids[:3], queue="default", priority=5)
+    single = run.run(probe_jobs.noop, ids[3])
+
+    assert [o.completion[1]["p_id"] if o.completion else None for o in outcomes] == ids[:3]
+    assert single == Outcome("succeeded")
+    assert all(jm.get(i).status is JobStatus.SUCCEEDED for i in ids)
 
 
 def test_run_bundle_commits_each_jobs_effects_once(jm: JobManager) -> None:
