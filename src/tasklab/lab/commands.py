@@ -151,14 +151,30 @@ def bench(
 
 def tune(
     ctx: typer.Context,
-    workload: Annotated[str, typer.Option(help="cpu, io or mixed probe.")] = "mixed",
+    dimension: Annotated[
+        str,
+        typer.Option(
+            help="celery (raw Celery tasks) or jobs (durable jobs, bundle_max among the knobs)."
+        ),
+    ] = "celery",
+    workload: Annotated[
+        str | None,
+        typer.Option(help="cpu, io or mixed probe (default mixed); jobs: noop or io (noop)."),
+    ] = None,
     task: Annotated[str | None, typer.Option(help="A named task to measure instead.")] = None,
     args: Annotated[str | None, typer.Option("--args", help="Its arguments, a JSON list.")] = None,
     pools: Annotated[str | None, typer.Option(help="e.g. prefork,threads")] = None,
     concurrency: Annotated[str | None, typer.Option(help="e.g. 2,4,8")] = None,
     prefetch: Annotated[str | None, typer.Option(help="e.g. 1,4")] = None,
-    budget: Annotated[float, typer.Option(min=1, help="Seconds for the sweep.")] = 60.0,
-    burst: Annotated[int, typer.Option(min=1, help="Tasks per trial's burst.")] = 100,
+    bundle_max: Annotated[
+        str | None, typer.Option("--bundle-max", help="jobs only: e.g. 1,16,64")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option(min=1, help="Seconds for the sweep (60; jobs: 120).")
+    ] = None,
+    burst: Annotated[
+        int | None, typer.Option(min=1, help="Tasks per trial's burst (100; jobs: 500).")
+    ] = None,
     rate: Annotated[float | None, typer.Option(help="Steady-load tasks/s for queue wait.")] = None,
     write: Annotated[
         Path | None, typer.Option(help="Write the recommendation: *.env or *.py.")
@@ -175,17 +191,39 @@ def tune(
     target: TargetOpt = None,
     app_spec: AppOpt = None,
 ) -> None:
-    """Analyse system, workers and Celery config; sweep pool x concurrency x prefetch;
-    recommend, once verified against the current settings."""
+    """Analyse system, workers and Celery config; sweep pool x concurrency x prefetch (and
+    bundle_max for the jobs path); recommend, once verified against the current settings."""
+    from tasklab.lab.errors import LabError
+    from tasklab.lab.harness import WorkerConfig
     from tasklab.lab.tune import parse_grid, parse_task_args, run_tune
+    from tasklab.lab.tune_jobs import check_dimension, parse_jobs_grid
 
+    settings = _settings(ctx)
+    grid: list[WorkerConfig]
+    if check_dimension(dimension) == "jobs":
+        grid = list(
+            parse_jobs_grid(
+                settings,
+                pools=pools,
+                concurrencies=concurrency,
+                prefetches=prefetch,
+                bundles=bundle_max,
+            )
+        )
+    elif bundle_max is not None:
+        raise LabError("--bundle-max applies to the jobs path: add --dimension jobs")
+    else:
+        grid = parse_grid(pools=pools, concurrencies=concurrency, prefetches=prefetch)
+    if rate is not None and rate <= 0:
+        raise LabError(f"--rate {rate:g}: tasks/s must be above 0")
     run_tune(
-        _settings(ctx),
+        settings,
+        dimension=dimension,
         workload=workload,
         task=task,
         task_args=parse_task_args(args),
         app_spec=app_spec,
-        grid=parse_grid(pools=pools, concurrencies=concurrency, prefetches=prefetch),
+        grid=grid,
         budget_s=budget,
         burst_n=burst,
         rate_per_s=rate,

@@ -26,6 +26,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tasklab.lab.errors import LabError
 from tasklab.lab.harness import LabStack, WorkerConfig
 from tasklab.lab.progress import lab_progress
 from tasklab.lab.results import LabResult, Target, finish, resolve_targets
@@ -76,39 +77,65 @@ DEFAULT_TARGETS = (Target("tune.best_queue_wait_ms_p95", "<=", DEFAULT_SLO_MS),)
 def run_tune(
     settings: Settings,
     *,
-    workload: str = "mixed",
+    workload: str | None = None,
     task: str | None = None,
     task_args: Sequence[Any] = (),
     app_spec: str | None = None,
     grid: Sequence[WorkerConfig] | None = None,
-    burst_n: int = 100,
+    burst_n: int | None = None,
     load_s: float = 2.0,
     rate_per_s: float | None = None,
-    budget_s: float = 60.0,
+    budget_s: float | None = None,
     write: Path | None = None,
     targets: Sequence[str] = (),
     console: Console | None = None,
     repeat: int = 3,
     seed: int | None = None,
+    dimension: str = "celery",
 ) -> LabResult:
     """Analyse, sweep, recommend, verify the recommendation against the current settings in
     ``repeat`` interleaved rounds (tasklab.lab.tune_verify); write the result (and ``write``
-    the config if asked and verified)."""
+    the config if asked and verified). ``dimension``: ``celery`` (raw Celery tasks) or
+    ``jobs`` (durable jobs, with ``bundle_max`` among the knobs: tasklab.lab.tune_jobs)."""
     import random
 
+    from tasklab.lab import tune_jobs
+    from tasklab.lab.tune_recommend import check_writable
     from tasklab.lab.tune_verify import verified
 
     console = console or Console()
-    probe = workload_probe(workload, task=task, args=task_args)
+    jobs = tune_jobs.check_dimension(dimension) == "jobs"
+    if jobs and app_spec is not None:
+        raise LabError("--dimension jobs needs tasklab's own stack; it cannot run with --app")
+    sweep_type: type[Sweep] = tune_jobs.JobsSweep if jobs else Sweep
+    baseline: WorkerConfig
+    if jobs:
+        workload = workload or tune_jobs.DEFAULT_JOBS_WORKLOAD
+        probe = tune_jobs.jobs_probe(workload, task=task, args=task_args)
+        baseline = tune_jobs.jobs_baseline(settings)
+        burst_n = burst_n or tune_jobs.JOBS_BURST_N
+        budget_s = tune_jobs.JOBS_BUDGET_S if budget_s is None else budget_s
+        default: list[WorkerConfig] = list(tune_jobs.default_jobs_grid(settings))
+    else:
+        workload = workload or "mixed"
+        probe = workload_probe(workload, task=task, args=task_args)
+        baseline = WorkerConfig.from_settings(settings)
+        burst_n = burst_n or 100
+        budget_s = 60.0 if budget_s is None else budget_s
+        default = default_grid()
+    if write is not None:
+        check_writable(write, baseline)
     slos = resolve_targets(DEFAULT_TARGETS, targets)
     slo_ms = next(
         (t.value for t in slos if t.applies_to("tune.best_queue_wait_ms_p95")), DEFAULT_SLO_MS
     )
-    baseline = WorkerConfig.from_settings(settings)
-    configs = _with_baseline_first(list(grid or default_grid()), baseline)
+    if jobs and grid is not None:  # a plain worker grid runs with the current bundle_max
+        grid = [tune_jobs.as_jobs_config(c, settings) for c in grid]
+    configs = _with_baseline_first(list(grid or default), baseline)
     result = LabResult(
         "tune",
         params={
+            "dimension": dimension,
             "workload": task or workload,
             "app": app_spec,
             "burst_n": burst_n,
@@ -127,7 +154,7 @@ def run_tune(
         result.params["broker"] = stack.broker_label
         result.servers = stack.server_versions()
         app_risks = config_risks(app_conf(stack.celery))
-        sweep = Sweep(
+        sweep = sweep_type(
             stack,
             probe,
             progress,
@@ -136,10 +163,15 @@ def run_tune(
             rate_per_s=rate_per_s,
             budget_s=budget_s,
         )
-        trials = sweep.run(configs)
-        rec = recommend(trials, slo_ms=slo_ms, baseline=baseline)
-        best = rec.config
-        rec = verified(sweep, rec, baseline, repeat=repeat, result=result, rng=random.Random(seed))
+        try:
+            trials = sweep.run(configs)
+            rec = recommend(trials, slo_ms=slo_ms, baseline=baseline)
+            best = rec.config
+            rec = verified(
+                sweep, rec, baseline, repeat=repeat, result=result, rng=random.Random(seed)
+            )
+        finally:
+            sweep.close()
     _record(
         result,
         trials,
@@ -239,6 +271,11 @@ def _print_tune(result: LabResult, rec: Recommendation, console: Console) -> Non
         "pool": "pool",
         "concurrency": "conc.",
         "prefetch_multiplier": "prefetch",
+        **(
+            {"bundle_max": "bundle"}
+            if any("bundle_max" in r for r in result.tables["trials"])
+            else {}
+        ),
         "status": "status",
         "throughput_per_s": "tasks/s",
         "queue_wait_ms_p95": "P95 wait ms",
@@ -248,7 +285,7 @@ def _print_tune(result: LabResult, rec: Recommendation, console: Console) -> Non
         table.add_column(header, justify="right")
     for row in result.tables["trials"]:
         best = rec.config is not None and rec.config.as_dict() == {
-            k: row[k] for k in ("pool", "concurrency", "prefetch_multiplier", "nodes")
+            k: row.get(k) for k in rec.config.as_dict()
         }
         style = "bold green" if best else None
         table.add_row(*(str(row[c]) for c in columns), style=style)

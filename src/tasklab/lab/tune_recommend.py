@@ -5,11 +5,12 @@ module."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from tasklab.lab.errors import LabError
 from tasklab.lab.harness import WorkerConfig
-from tasklab.lab.tune_sweep import Trial
+from tasklab.lab.tune_sweep import JobsConfig, Trial
 
 MIN_SUCCESS_PCT = 95.0
 CLOSE_CALL_PCT = 5.0  # throughput gaps below this are within one short trial's noise
@@ -93,6 +94,8 @@ def _comparisons(
         )
     out += _knob_effect(best, measured, "prefetch_multiplier", "prefetch")
     out += _knob_effect(best, measured, "concurrency", "concurrency")
+    if isinstance(best.config, JobsConfig):
+        out += _knob_effect(best, measured, "bundle_max", "bundle_max")
     return out
 
 
@@ -103,8 +106,8 @@ def _knob_effect(best: Trial, measured: Sequence[Trial], knob: str, name: str) -
         for t in measured
         if t is not best
         and all(
-            getattr(t.config, k) == getattr(best.config, k)
-            for k in ("pool", "concurrency", "prefetch_multiplier", "nodes")
+            getattr(t.config, k, None) == getattr(best.config, k)
+            for k in (f.name for f in fields(best.config))  # a jobs config adds bundle_max
             if k != knob
         )
     ]
@@ -118,8 +121,9 @@ def _knob_effect(best: Trial, measured: Sequence[Trial], knob: str, name: str) -
 
 def write_config(path: Path, config: WorkerConfig, *, comment: str) -> Path:
     """``*.py``: a Celery config module (``app.config_from_object``); anything else: an env
-    file of ``TASKLAB_WORKER_*`` variables."""
+    file of ``TASKLAB_WORKER_*`` variables (and ``TASKLAB_BUNDLE_MAX`` for the jobs path)."""
     path = Path(path)
+    check_writable(path, config)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".py":
         text = (
@@ -136,8 +140,22 @@ def write_config(path: Path, config: WorkerConfig, *, comment: str) -> Path:
                 f"TASKLAB_WORKER_POOL={config.pool}",
                 f"TASKLAB_WORKER_CONCURRENCY={config.concurrency}",
                 f"TASKLAB_WORKER_PREFETCH_MULTIPLIER={config.prefetch_multiplier}",
+                *(
+                    [f"TASKLAB_BUNDLE_MAX={config.bundle_max}"]
+                    if isinstance(config, JobsConfig)
+                    else []
+                ),
                 "",
             ]
         )
     path.write_text(text)
     return path
+
+
+def check_writable(path: Path, config: WorkerConfig) -> None:
+    """A Celery config module cannot carry ``bundle_max``: it is a tasklab setting."""
+    if isinstance(config, JobsConfig) and Path(path).suffix == ".py":
+        raise LabError(
+            f"--write {path}: the jobs path's bundle_max is a tasklab setting; write an env "
+            "file (e.g. --write worker.env), not a Celery config module"
+        )

@@ -18,9 +18,9 @@ from rich.progress import Progress
 
 from tasklab.lab import summary
 from tasklab.lab.errors import LabError
-from tasklab.lab.harness import LabStack, WorkerConfig
+from tasklab.lab.harness import LabStack, WorkerConfig, WorkerNode
 from tasklab.lab.progress import phase
-from tasklab.lab.workload import CeleryDriver, Probe, Sample, submit_all
+from tasklab.lab.workload import CeleryDriver, Driver, Probe, Sample, submit_all
 
 WORKLOADS = {
     "cpu": Probe("cpu", {"rounds": 10_000}),  # ~10 ms of hashing
@@ -28,6 +28,20 @@ WORKLOADS = {
     "mixed": Probe("mixed", {"rounds": 2_500, "seconds": 0.01}),
 }
 BOOT_BATCH = 4  # worker nodes booted (and kept idle) at once
+
+
+@dataclass(frozen=True)
+class JobsConfig(WorkerConfig):
+    """A worker configuration for the durable-jobs path: the worker's knobs and how many jobs
+    of one burst may share a broker message (``bundle_max``, a submit-side setting)."""
+
+    bundle_max: int = 16
+
+    def label(self) -> str:
+        return f"{super().label()}, bundle {self.bundle_max}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "bundle_max": self.bundle_max}
 
 
 @dataclass
@@ -142,6 +156,7 @@ class Sweep:
     load_s: float = 2.0
     rate_per_s: float | None = None  # steady-load rate; default: half the first trial's rate
     budget_s: float = 60.0
+    submitters: int = 1  # threads submitting the burst
     trials: list[Trial] = field(default_factory=list)
 
     def run(self, grid: Sequence[WorkerConfig]) -> list[Trial]:
@@ -161,7 +176,7 @@ class Sweep:
 
     def _run_batch(self, batch: list[Trial], offset: int, deadline: float) -> None:
         queues = [f"lab-tune-{self.stack.run_id}-{offset + i}" for i in range(len(batch))]
-        nodes = [self.stack.spawn(t.config, queue=q) for t, q in zip(batch, queues, strict=True)]
+        nodes = [self.spawn(t.config, q) for t, q in zip(batch, queues, strict=True)]
         try:
             self.stack.wait_ready(nodes)
             self.stack.wait_idle(nodes)  # booting neighbours would steal the first trial's CPU
@@ -173,15 +188,26 @@ class Sweep:
         finally:
             self.stack.stop_nodes(nodes)
 
+    def spawn(self, config: WorkerConfig, queue: str) -> WorkerNode:
+        """One worker node for ``config``, consuming ``queue`` only (not waited for)."""
+        return self.stack.spawn(config, queue=queue)
+
+    def driver(self, trial: Trial, queue: str) -> Driver:
+        """How a trial's tasks are submitted and collected: raw Celery here."""
+        return CeleryDriver(self.stack.celery, queue=queue)
+
+    def close(self) -> None:
+        """Release what the trials opened (nothing here: the stack owns the Celery app)."""
+
     def _measure(self, trial: Trial, queue: str) -> None:
-        driver = CeleryDriver(self.stack.celery, queue=queue)
+        driver = self.driver(trial, queue)
         started = time.monotonic()
         total = self.burst_n + trial.config.concurrency
         with phase(self.progress, f"trial {trial.label}", total) as update:
             warm = submit_all(driver, [self.probe] * trial.config.concurrency)
             driver.collect(warm, timeout_s=60)
             burst = driver.collect(
-                submit_all(driver, [self.probe] * self.burst_n),
+                submit_all(driver, [self.probe] * self.burst_n, submitters=self.submitters),
                 timeout_s=120,
                 progress=lambda d: update(len(warm) + d),
             )
@@ -194,7 +220,7 @@ class Sweep:
         self._record(trial, burst, steady)
         trial.duration_s = time.monotonic() - started
 
-    def _steady(self, driver: CeleryDriver, trial: Trial) -> list[Sample]:
+    def _steady(self, driver: Driver, trial: Trial) -> list[Sample]:
         """Tasks arriving every 1/rate s for load_s s (open loop: the schedule does not wait
         for the workers)."""
         rate = float(self.rate_per_s or 1.0)

@@ -93,7 +93,7 @@ def verify(
     found = Verification(baseline, candidate)
     configs = {"baseline": baseline, "candidate": candidate}
     queues = {k: f"lab-tune-{stack.run_id}-verify-{k}" for k in configs}
-    nodes = [stack.spawn(configs[k], queue=queues[k]) for k in configs]
+    nodes = [sweep.spawn(configs[k], queues[k]) for k in configs]
     try:
         stack.wait_ready(nodes)
         stack.wait_idle(nodes)
@@ -135,6 +135,14 @@ def verified(
         result.notes.append("the current settings measured best: nothing to change")
         return Recommendation(None, rec.meets_slo, [*rec.reasons, "keep the current settings"])
     found = verify(sweep, baseline, rec.config, repeat=repeat, rng=rng)
+    return judged(found, rec, result=result)
+
+
+def judged(found: Verification, rec: Recommendation, *, result: LabResult) -> Recommendation:
+    """The verdict on measured rounds, recorded in ``result``: ``rec`` as it is when every
+    trial of the candidate beat every trial of the current settings, else no configuration."""
+    from tasklab.lab.tune_recommend import Recommendation
+
     result.add_figures("tune", found.figures())
     result.tables["verification"] = found.rows
     verdict = found.verdict()
