@@ -393,25 +393,19 @@ def _charts(result: Mapping[str, Any]) -> str:
 def trial_heatmap(
     trials: Sequence[Mapping[str, Any]], recommendation: Sequence[Mapping[str, Any]] | None
 ) -> str:
-    """Throughput per (pool, prefetch) row and concurrency column; green border: meets SLO."""
+    """Throughput per (pool, prefetch[, bundle]) row and concurrency column; green border:
+    meets SLO."""
     measured = [t for t in trials if t.get("status") == "measured"]
-    rows = sorted({f"{t['pool']} / prefetch {t['prefetch_multiplier']}" for t in trials})
+    rows = sorted({_trial_row(t) for t in trials})
     columns = [f"x{c}" for c in sorted({int(t["concurrency"]) for t in trials})]
     values = {
-        (f"{t['pool']} / prefetch {t['prefetch_multiplier']}", f"x{t['concurrency']}"): float(
-            t["throughput_per_s"]
-        )
-        for t in measured
+        (_trial_row(t), f"x{t['concurrency']}"): float(t["throughput_per_s"]) for t in measured
     }
-    marked = {
-        (f"{t['pool']} / prefetch {t['prefetch_multiplier']}", f"x{t['concurrency']}")
-        for t in measured
-        if t.get("meets_slo")
-    }
+    marked = {(_trial_row(t), f"x{t['concurrency']}") for t in measured if t.get("meets_slo")}
     best = None
     if recommendation and recommendation[0].get("pool"):
         r = recommendation[0]
-        best = (f"{r['pool']} / prefetch {r['prefetch_multiplier']}", f"x{r['concurrency']}")
+        best = (_trial_row(r), f"x{r['concurrency']}")
     return charts.heatmap(
         "tune: throughput per configuration (tasks/s)",
         rows,
@@ -421,6 +415,12 @@ def trial_heatmap(
         marked=marked,
         best=best,
     )
+
+
+def _trial_row(t: Mapping[str, Any]) -> str:
+    """A heatmap row; a jobs-path trial (``tune --dimension jobs``) adds its bundle_max."""
+    row = f"{t['pool']} / prefetch {t['prefetch_multiplier']}"
+    return f"{row} / bundle {t['bundle_max']}" if "bundle_max" in t else row
 
 
 def _dict_table(rows: Sequence[Mapping[str, Any]]) -> str:
