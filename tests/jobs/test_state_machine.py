@@ -193,6 +193,23 @@ def test_a_running_job_s_lease_is_held_for_its_attempt_and_released_when_it_ends
     assert run.leases.held() == {}
 
 
+@job(name="tests.state.reads_its_row", bind=True)
+def reads_its_row(ctx: JobContext) -> list[Any]:
+    with ctx.engine.connect() as conn:
+        row = conn.execute(*store.select_job(ctx.id)).one()
+    return [row.status, row.lease_owner, row.via]
+
+
+def test_a_running_job_s_row_names_the_executor_that_claimed_it(jm: JobManager) -> None:
+    """The lease owner is who the reaper and the attempt history name; the job's row loses
+    it when the attempt ends."""
+    job_id = inserted(jm, reads_its_row)
+    assert executor(jm).run(reads_its_row, job_id) == Outcome("succeeded")
+    j = jm.get(job_id)
+    assert j.result == [JobStatus.STARTED.value, "state-test", "broker"]
+    assert j.lease_owner is None
+
+
 @job(name="tests.state.waits_in_queue")
 def waits_in_queue() -> None:
     pass
