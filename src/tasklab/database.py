@@ -411,11 +411,11 @@ class WriteGate:
 
     def _busy(self) -> None:
         raise DatabaseBusy(
-                f"waited {self.wait_s:g} s for the SQLite write lock of "
-                f"{self.path.removesuffix(GATE_SUFFIX)}: another writer holds it "
-                "(a long job.transaction() block, or a stopped process); keep "
-                "transactions short, or raise sqlite_busy_timeout_ms"
-            )
+            f"waited {self.wait_s:g} s for the SQLite write lock of "
+            f"{self.path.removesuffix(GATE_SUFFIX)}: another writer holds it "
+            "(a long job.transaction() block, or a stopped process); keep "
+            "transactions short, or raise sqlite_busy_timeout_ms"
+        )
 
     def _handle(self) -> _GateHandle:
         handle: _GateHandle | None = getattr(self._local, "handle", None)

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ def relays() -> Iterator[Callable[..., Relay[object]]]:
     """Relays closed at the end of the test (their dispatch released first)."""
     made: list[tuple[Relay[object], Recorder]] = []
 
-    def make(recorder: Recorder, **kwargs: float) -> Relay[object]:
+    def make(recorder: Recorder, **kwargs: Any) -> Relay[object]:
         relay: Relay[object] = Relay(recorder, exit_flush_s=0.1, **kwargs)  # type: ignore[arg-type]
         made.append((relay, recorder))
         return relay
@@ -324,3 +325,70 @@ def test_after_fork_the_child_relay_starts_fresh(relays) -> None:
     recorder.release.set()
     assert relay.flush(timeout_s=10)  # the parent's relay is unaffected
     assert recorder.batches == [["in-flight"], ["parent-pending"]]
+
+
+class Settles:
+    """A settle callback that counts its calls and notes which items were dispatched by then."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.seen: list[int] = []  # len(recorder.items) at each call
+        self.fail_next = False
+
+    def __call__(self) -> None:
+        self.seen.append(len(self.recorder.items))
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("settle failed")
+
+
+def test_a_stream_of_batches_is_settled_once_per_interval_not_once_per_batch(relays) -> None:
+    recorder = Recorder()
+    settles = Settles(recorder)
+    relay = relays(recorder, settle=settles, settle_every_s=0.25)  # type: ignore[arg-type]
+    started = time.monotonic()
+    _stream(relay, 60, 0.01)  # ~0.6 s of puts, about one batch each
+    assert relay.flush(timeout_s=10)
+    intervals = (time.monotonic() - started) / 0.25
+    assert len(recorder.batches) >= 30, recorder.batches
+    # one per interval of 0.25 s, and the flush's: a few, against one per batch
+    assert 2 <= len(settles.seen) <= intervals + 2, (settles.seen, intervals)
+    assert settles.seen[-1] == 60  # what flush waited for includes the last settle
+
+
+def test_without_a_flush_the_last_batches_are_settled_within_the_interval(relays) -> None:
+    recorder = Recorder()
+    settles = Settles(recorder)
+    relay = relays(recorder, settle=settles, settle_every_s=0.2)  # type: ignore[arg-type]
+    relay.put("a")
+    wait_until(lambda: recorder.items == ["a"], 5, "the dispatch")
+    assert settles.seen == []  # not at once: a stream would have paid a write per batch
+    wait_until(lambda: settles.seen == [1], 5, "the settle after its interval")
+
+
+def test_flush_does_not_wait_for_the_interval_and_returns_after_the_settle(relays) -> None:
+    recorder = Recorder()
+    settles = Settles(recorder)
+    relay = relays(recorder, settle=settles, settle_every_s=30.0)  # type: ignore[arg-type]
+    relay.put("a")
+    started = time.monotonic()
+    assert relay.flush(timeout_s=10)
+    assert settles.seen == [1]
+    assert time.monotonic() - started < 10  # it did not wait the 30 s interval
+    assert relay.flush(timeout_s=1) and settles.seen == [1]  # nothing new: no settle
+
+
+def test_a_settle_that_raises_is_logged_and_the_next_one_still_runs(
+    relays, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    settles = Settles(recorder)
+    settles.fail_next = True
+    relay = relays(recorder, settle=settles, settle_every_s=30.0)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, logger="tasklab.jobs.relay"):
+        relay.put("a")
+        assert relay.flush(timeout_s=10)
+    assert "settling the dispatched batches failed" in caplog.text
+    relay.put("b")
+    assert relay.flush(timeout_s=10)
+    assert settles.seen == [1, 2]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import builtins
 import fnmatch
+import functools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine
@@ -46,6 +47,7 @@ from tasklab.jobs import hooks, store
 from tasklab.jobs.execution import Executor
 from tasklab.jobs.fallback import LocalExecutor
 from tasklab.jobs.lease import LeaseKeeper
+from tasklab.jobs.prepared import PreparedJob, submitted_job
 from tasklab.jobs.publisher import Outgoing, Publisher
 from tasklab.jobs.records import FINAL, Job, JobStatus
 from tasklab.jobs.registry import JobSpec, get_spec
@@ -56,6 +58,8 @@ from tasklab.settings import Settings
 
 log = logging.getLogger("tasklab.jobs")
 MAX_PAGE_SIZE = 100
+MARK_EVERY_S = 0.1  # the relay's QUEUED marks: one write per interval while it publishes
+MARK_CHUNK = 500  # job ids per marking statement
 
 
 class JobManager:
@@ -81,11 +85,15 @@ class JobManager:
         self._dispatches: Coalescer[tuple[JobSpec, dict[str, Any], float], str] = Coalescer(
             self._dispatch_batch
         )
+        self._unmarked: builtins.list[str] = []  # published by the relay, not marked yet
+        self._unmarked_lock = threading.Lock()
         self._relay: Relay[tuple[JobSpec, dict[str, Any], float]] = Relay(
-            self._dispatch_submitted,
+            functools.partial(self._dispatch_submitted, defer_mark=True),
             linger_s=settings.relay_linger_ms / 1000,
             max_batch=max(256, settings.bundle_max),
             exit_flush_s=2 * settings.publish_timeout_s,
+            settle=self._write_marks,
+            settle_every_s=MARK_EVERY_S,
         )
         self._leases = LeaseKeeper(self.engine)
         self._executor = Executor(
@@ -105,6 +113,8 @@ class JobManager:
         shared with the parent would interleave their bytes, and threads do not survive a
         fork (the relay and the lease keeper restart themselves)."""
         dispose_all(self.engine, close=False)
+        self._unmarked = []  # the parent's to write
+        self._unmarked_lock = threading.Lock()
         if self._owns_async_engine:
             self._async_engine = None
         self.local = LocalExecutor(
@@ -196,11 +206,11 @@ class JobManager:
         via = self._dispatch_submitted(batch)[0]
         if isinstance(via, BaseException):
             raise via
-        return _submitted_job(prepared.values, via)
+        return submitted_job(prepared.values, via)
 
     async def adispatch(self, prepared: PreparedJob) -> Job:
         via = await self._adispatch(prepared.spec, prepared.values, prepared.countdown_s)
-        return _submitted_job(prepared.values, via)
+        return submitted_job(prepared.values, via)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every job ``submit`` returned has been handed to the broker or to the
@@ -240,7 +250,7 @@ class JobManager:
             return found
         # Durable now; published by the relay thread with the jobs submitted meanwhile.
         self._relay.put((job.spec, job.values, job.countdown_s))
-        return _submitted_job(job.values, "broker", published=False)
+        return submitted_job(job.values, "broker", published=False)
 
     async def asubmit(
         self,
@@ -302,12 +312,17 @@ class JobManager:
         return outcome
 
     def _dispatch_many(
-        self, batch: builtins.list[tuple[JobSpec, dict[str, Any], float]]
+        self,
+        batch: builtins.list[tuple[JobSpec, dict[str, Any], float]],
+        *,
+        defer_mark: bool = False,
     ) -> builtins.list[str | BaseException]:
         """``_dispatch`` for several jobs, published in one round trip (see publish_many),
         then recorded as QUEUED in one write: a PENDING job is one no message carries yet,
-        which the reaper publishes if this process dies first. One outcome per job: its
-        via, or the error of its fallback (a database error)."""
+        which the reaper publishes if this process dies first. ``defer_mark`` (the relay):
+        the mark waits for the relay's next settle, at most MARK_EVERY_S later, far inside
+        the reaper's grace for PENDING jobs. One outcome per job: its via, or the error of
+        its fallback (a database error)."""
         outgoing = [
             Outgoing(
                 spec.name,
@@ -331,19 +346,35 @@ class JobManager:
                     outcomes.append(err)
             return outcomes
         del message_ids  # a delivery's claim records the message it runs from
-        try:  # lost in a database crash: a PENDING job the reaper publishes again (harmless)
-            self._write_one(
-                store.mark_sent([v["job_id"] for _, v, _ in batch], time.time()), relaxed=True
-            )
-        except Exception as e:  # published: the claim does not need the mark, the reaper
-            log.warning("relay: %d job(s) published but not marked QUEUED: %s", len(batch), e)
+        published = [v["job_id"] for _, v, _ in batch]
+        if defer_mark:
+            with self._unmarked_lock:
+                self._unmarked.extend(published)
+        else:
+            self._mark_queued(published)
         return ["broker"] * len(batch)
 
+    def _write_marks(self) -> None:
+        """The relay's settle: every job it published since the last one, marked QUEUED."""
+        with self._unmarked_lock:
+            published, self._unmarked = self._unmarked, []
+        for start in range(0, len(published), MARK_CHUNK):
+            self._mark_queued(published[start : start + MARK_CHUNK])
+
+    def _mark_queued(self, job_ids: builtins.list[str]) -> None:
+        try:  # lost in a database crash: a PENDING job the reaper publishes again (harmless)
+            self._write_one(store.mark_sent(job_ids, time.time()), relaxed=True)
+        except Exception as e:  # published: the claim does not need the mark, the reaper
+            log.warning("relay: %d job(s) published but not marked QUEUED: %s", len(job_ids), e)
+
     def _dispatch_submitted(
-        self, batch: builtins.list[tuple[JobSpec, dict[str, Any], float]]
+        self,
+        batch: builtins.list[tuple[JobSpec, dict[str, Any], float]],
+        *,
+        defer_mark: bool = False,
     ) -> builtins.list[str | BaseException]:
         """``_dispatch_many`` for new jobs, counted in jobs_submitted_total by via."""
-        outcomes = self._dispatch_many(batch)
+        outcomes = self._dispatch_many(batch, defer_mark=defer_mark)
         for (spec, values, _), via in zip(batch, outcomes, strict=True):
             if isinstance(via, str):
                 metrics.JOBS_SUBMITTED.labels(spec.name, values["queue"], via).inc()
@@ -529,56 +560,6 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
-
-
-@dataclass(frozen=True)
-class PreparedJob:
-    """A job ready to be inserted by the caller's transaction (see JobManager.prepare)."""
-
-    spec: JobSpec
-    values: dict[str, Any]
-    countdown_s: float
-
-    @property
-    def id(self) -> str:
-        return str(self.values["job_id"])
-
-    @property
-    def insert(self) -> store.Prepared:
-        """(statement, parameters) that insert the job row."""
-        return store.insert_job(**self.values)
-
-
-def _submitted_job(values: dict[str, Any], via: str, *, published: bool = True) -> Job:
-    """The job as submit() left it, without reading it back (a local run may already have
-    moved it on; get() shows the latest): PENDING until a message carries it."""
-    queued = via == "broker" and published
-    return Job(
-        id=values["job_id"],
-        task=values["task"],
-        args=values["args"],
-        kwargs=values["kwargs"],
-        queue=values["queue"],
-        priority=values["priority"],
-        owner=values["owner"],
-        idempotency_key=values["idempotency_key"],
-        status=JobStatus.QUEUED if queued else JobStatus.PENDING,
-        attempt=0,
-        max_attempts=values["max_attempts"],
-        progress_current=None,
-        progress_total=None,
-        progress_message=None,
-        result=None,
-        error=None,
-        traceback=None,
-        via=via,
-        message_id=values["message_id"] if queued else None,
-        created_at=values["now"],
-        queued_at=values["now"] if queued else None,
-        started_at=None,
-        finished_at=None,
-        publish_count=1 if queued else 0,
-    )
 
 
 def _status_filter(status: str | None) -> str | None:

@@ -32,6 +32,8 @@ class Relay(Generic[T]):
         linger_s: float = 0.0,
         max_batch: int = 256,
         exit_flush_s: float = 5.0,
+        settle: Callable[[], None] | None = None,
+        settle_every_s: float = 0.1,
     ) -> None:
         """``dispatch(items)`` publishes a batch and returns one outcome per item: anything,
         or the exception that item met (logged; the job waits in SQL for the reaper).
@@ -40,11 +42,18 @@ class Relay(Generic[T]):
         STREAM_GAP_S ago, and the last two puts were less than ``linger_s / 2`` apart: more
         are due within the linger), wait up to this long for more before publishing, so
         that they travel in bundles; a job submitted alone, or in a sparse stream, goes at
-        once."""
+        once.
+
+        ``settle()``: the follow-up work of the dispatches (the manager's QUEUED marks), done
+        ``settle_every_s`` after the first dispatch it covers (sooner when ``flush`` or
+        ``close`` waits): one write per interval instead of one per batch, which would
+        compete with the submits for the database. ``flush`` returns only after it ran."""
         self._dispatch = dispatch
         self._linger_s = linger_s
         self._max_batch = max_batch
         self._exit_flush_s = exit_flush_s
+        self._settle = settle
+        self._settle_every_s = settle_every_s
         self._pid_lock = threading.Lock()
         self._reset()
         self._pid = os.getpid()
@@ -52,6 +61,9 @@ class Relay(Generic[T]):
 
     def _reset(self) -> None:
         self._last_dispatch_at = -1e9
+        self._unsettled = False  # dispatched since the last settle
+        self._unsettled_since = 0.0
+        self._flushers = 0
         self._last_put_at = -1e9
         self._put_gap = 1e9
         self._cond = threading.Condition()
@@ -83,9 +95,17 @@ class Relay(Generic[T]):
                 self._cond.notify_all()
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything put so far was dispatched; False on timeout."""
+        """Wait until everything put so far was dispatched and settled; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._in_flight, timeout_s)
+            self._flushers += 1
+            self._cond.notify_all()  # a settle waiting for its interval runs now
+            try:
+                return self._cond.wait_for(
+                    lambda: not self._pending and not self._in_flight and not self._unsettled,
+                    timeout_s,
+                )
+            finally:
+                self._flushers -= 1
 
     def close(self, timeout_s: float | None = None) -> bool:
         """Flush, then stop the thread; later ``put`` calls raise."""
@@ -97,28 +117,60 @@ class Relay(Generic[T]):
 
     def _run(self) -> None:
         while True:
+            batch: list[T] = []
             with self._cond:
-                self._cond.wait_for(lambda: self._pending or self._closed)
-                if not self._pending:
-                    return
-                streaming = time.monotonic() - self._last_dispatch_at < STREAM_GAP_S
-                if streaming and self._put_gap < self._linger_s / 2:
-                    self._linger()
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                self._in_flight = len(batch)
-            try:
-                outcomes = self._dispatch(batch)
-            except Exception:  # the jobs are in SQL: the reaper publishes them
-                log.exception("relay: %d job(s) left for the reaper", len(batch))
-            else:
-                for outcome in outcomes:
-                    if isinstance(outcome, BaseException):
-                        log.error("relay: a job is left for the reaper: %s", outcome)
+                while not self._pending and not self._settle_now():
+                    if self._closed:
+                        return
+                    self._cond.wait(self._settle_in() if self._unsettled else None)
+                if self._pending:
+                    streaming = time.monotonic() - self._last_dispatch_at < STREAM_GAP_S
+                    if streaming and self._put_gap < self._linger_s / 2:
+                        self._linger()
+                    batch = self._pending[: self._max_batch]
+                    del self._pending[: self._max_batch]
+                self._in_flight = max(1, len(batch))
+            if batch:
+                self._dispatch_batch(batch)
+            if self._unsettled and (self._settle_in() <= 0 or self._idle_and_awaited()):
+                self._run_settle()
             with self._cond:
                 self._in_flight = 0
-                self._last_dispatch_at = time.monotonic()
+                if batch:
+                    self._last_dispatch_at = time.monotonic()
                 self._cond.notify_all()
+
+    def _dispatch_batch(self, batch: list[T]) -> None:
+        try:
+            outcomes = self._dispatch(batch)
+        except Exception:  # the jobs are in SQL: the reaper publishes them
+            log.exception("relay: %d job(s) left for the reaper", len(batch))
+        else:
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    log.error("relay: a job is left for the reaper: %s", outcome)
+        if self._settle is not None and not self._unsettled:
+            self._unsettled, self._unsettled_since = True, time.monotonic()
+
+    def _settle_in(self) -> float:
+        return self._unsettled_since + self._settle_every_s - time.monotonic()
+
+    def _idle_and_awaited(self) -> bool:
+        with self._cond:
+            return not self._pending and (self._flushers > 0 or self._closed)
+
+    def _settle_now(self) -> bool:
+        """(Holding the condition.) Settle with nothing to dispatch: its interval is up, or
+        someone waits for it (flush, close)."""
+        return self._unsettled and (self._settle_in() <= 0 or self._flushers > 0 or self._closed)
+
+    def _run_settle(self) -> None:
+        assert self._settle is not None
+        self._unsettled = False
+        try:
+            self._settle()
+        except Exception:  # what it records is only a hint (the reaper's): never fatal
+            log.exception("relay: settling the dispatched batches failed")
 
     def _linger(self) -> None:
         """Inside a stream of submits, gather for up to ``linger_s`` (called holding the

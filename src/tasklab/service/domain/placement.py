@@ -20,7 +20,7 @@ from sqlalchemy import Connection
 
 from tasklab.coalesce import Coalescer
 from tasklab.database import SqlRunner
-from tasklab.jobs.manager import PreparedJob
+from tasklab.jobs.prepared import PreparedJob
 from tasklab.service.domain.catalog import prices_of
 from tasklab.service.domain.errors import InvalidField
 from tasklab.service.domain.models import Order, OrderItem, OrderStatus, table
