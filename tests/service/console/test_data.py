@@ -78,3 +78,37 @@ def test_a_jobs_page_reads_an_index_in_key_order_without_sorting_the_table(
     # Rows come in created_at order from the index; only rows tied on created_at may be put
     # in id order after it ("RIGHT PART"), never the whole match sorted.
     assert "USING INDEX" in plan and "TEMP B-TREE FOR ORDER BY" not in plan, plan
+
+
+def test_dead_letter_queries_read_the_index_of_dead_jobs_only(
+    tmp_path: object, redis_url: str
+) -> None:
+    """The dead letters' partial index (migration 0007) serves both queries: a submit, a
+    claim or a finish of a job that does not die never touches it."""
+    settings = make_settings(tmp_path, redis_url)  # type: ignore[arg-type]
+    migrate(settings)
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            indexes = {
+                name: sql
+                for name, sql in conn.exec_driver_sql(
+                    "SELECT name, sql FROM sqlite_master WHERE tbl_name = 'tasklab_jobs'"
+                    " AND type = 'index' AND sql IS NOT NULL"
+                )
+            }
+            assert "WHERE status = 'DEAD'" in indexes["ix_tasklab_jobs_dead_task_error"]
+            assert not any("error_key" in sql and "WHERE" not in sql for sql in indexes.values())
+            groups = data.dead_groups(conn)  # runs: the literal status is valid SQL
+            assert groups == []
+            for stmt in (
+                data.dead_groups_statement(limit=100),
+                data.dead_ids_statement(task="t", error="e", limit=5, newest_first=True),
+            ):
+                compiled = stmt.compile(conn, compile_kwargs={"literal_binds": True})
+                plan = " ".join(
+                    r[-1] for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}")
+                )
+                assert "ix_tasklab_jobs_dead_task_error" in plan, plan
+    finally:
+        engine.dispose()

@@ -139,8 +139,14 @@ class DeadGroup:
     sample_ids: list[str]
 
 
+def _dead() -> Any:
+    """status = 'DEAD' with the literal in the SQL: the planners match it to the predicate of
+    migration 0007's partial index (a bound parameter would not)."""
+    return jobs.c.status == sa.literal_column(f"'{JobStatus.DEAD.value}'")
+
+
 def _error_key() -> Any:
-    """The generated column of migration 0005 (ERROR_KEY_SQL), indexed with status and task;
+    """The generated column of migration 0005 (ERROR_KEY_SQL), indexed with task for DEAD jobs;
     not in ``records.jobs``: nothing writes it."""
     return sa.literal_column("tasklab_jobs.error_key")
 
@@ -150,16 +156,8 @@ def dead_groups(
 ) -> list[DeadGroup]:
     """The largest ``limit`` groups, counted from the index alone (no table row visited);
     the first ``sampled`` with a few of their job ids (one query each)."""
-    key = _error_key()
-    stmt = (
-        sa.select(jobs.c.task, key, sa.func.count().label("n"))
-        .where(jobs.c.status == JobStatus.DEAD.value)
-        .group_by(jobs.c.task, key)
-        .order_by(sa.desc("n"))
-        .limit(limit)
-    )
     groups = []
-    for n, (task, error, count) in enumerate(conn.execute(stmt).all()):
+    for n, (task, error, count) in enumerate(conn.execute(dead_groups_statement(limit)).all()):
         sample = (
             dead_ids(conn, task=task, error=error, limit=5, newest_first=False)
             if n < sampled
@@ -167,6 +165,17 @@ def dead_groups(
         )
         groups.append(DeadGroup(task, error, int(count), sample))
     return groups
+
+
+def dead_groups_statement(limit: int) -> sa.Select[Any]:
+    key = _error_key()
+    return (
+        sa.select(jobs.c.task, key, sa.func.count().label("n"))
+        .where(_dead())
+        .group_by(jobs.c.task, key)
+        .order_by(sa.desc("n"))
+        .limit(limit)
+    )
 
 
 def dead_ids(
@@ -179,14 +188,15 @@ def dead_ids(
 ) -> list[str]:
     """The group's jobs, newest first; without that order (a page's few samples) the scan
     stops at the first ``limit`` matches instead of sorting the whole group."""
-    stmt = (
-        sa.select(jobs.c.id)
-        .where(jobs.c.status == JobStatus.DEAD.value, jobs.c.task == task, _error_key() == error)
-        .limit(limit)
-    )
+    stmt = dead_ids_statement(task=task, error=error, limit=limit, newest_first=newest_first)
+    return [str(i) for i in conn.execute(stmt).scalars()]
+
+
+def dead_ids_statement(*, task: str, error: str, limit: int, newest_first: bool) -> sa.Select[Any]:
+    stmt = sa.select(jobs.c.id).where(_dead(), jobs.c.task == task, _error_key() == error)
     if newest_first:
         stmt = stmt.order_by(jobs.c.finished_at.desc())
-    return [str(i) for i in conn.execute(stmt).scalars()]
+    return stmt.limit(limit)
 
 
 def discard_dead(conn: Connection, job_ids: Sequence[str]) -> list[str]:
