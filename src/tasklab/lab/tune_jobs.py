@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tasklab.lab.errors import LabError
-from tasklab.lab.harness import WorkerConfig, WorkerNode
+from tasklab.lab.harness import WorkerConfig
 from tasklab.lab.tune_sweep import JobsConfig, Sweep, Trial, _split, parse_grid
 from tasklab.lab.workload import Driver, JobsDriver, Probe
 from tasklab.settings import Settings
@@ -135,8 +135,8 @@ class JobsSweep(Sweep):
         bundle_max = config.bundle_max if isinstance(config, JobsConfig) else 1
         return self.stack.settings.model_copy(update={"bundle_max": bundle_max})
 
-    def spawn(self, config: WorkerConfig, queue: str) -> WorkerNode:
-        return self.stack.spawn(config, queue=queue, settings=self.settings_for(config))
+    def node_settings(self, config: WorkerConfig) -> Settings:
+        return self.settings_for(config).model_copy(update={"worker_metrics_port": 0})
 
     def driver(self, trial: Trial, queue: str) -> Driver:
         return JobsDriver(

@@ -21,6 +21,7 @@ from tasklab.lab.errors import LabError
 from tasklab.lab.harness import LabStack, WorkerConfig, WorkerNode
 from tasklab.lab.progress import phase
 from tasklab.lab.workload import CeleryDriver, Driver, Probe, Sample, submit_all
+from tasklab.settings import Settings
 
 WORKLOADS = {
     "cpu": Probe("cpu", {"rounds": 10_000}),  # ~10 ms of hashing
@@ -190,7 +191,14 @@ class Sweep:
 
     def spawn(self, config: WorkerConfig, queue: str) -> WorkerNode:
         """One worker node for ``config``, consuming ``queue`` only (not waited for)."""
-        return self.stack.spawn(config, queue=queue)
+        return self.stack.spawn(config, queue=queue, settings=self.node_settings(config))
+
+    def node_settings(self, config: WorkerConfig) -> Settings | None:
+        """A trial node's settings: no /metrics of its own, since up to BOOT_BATCH nodes boot
+        at once and would race for the default metrics port (a loser exits at start)."""
+        if not self.stack.own:
+            return None
+        return self.stack.settings.model_copy(update={"worker_metrics_port": 0})
 
     def driver(self, trial: Trial, queue: str) -> Driver:
         """How a trial's tasks are submitted and collected: raw Celery here."""
