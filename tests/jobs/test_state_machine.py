@@ -193,20 +193,28 @@ def test_a_running_job_s_lease_is_held_for_its_attempt_and_released_when_it_ends
     assert run.leases.held() == {}
 
 
-@job(name="tests.state.reads_its_row", bind=True)
-def reads_its_row(ctx: JobContext) -> list[Any]:
+@job(name="tests.state.reads_its_row", bind=True, queue="low", priority=7, max_attempts=4)
+def reads_its_row(ctx: JobContext) -> dict[str, Any]:
     with ctx.engine.connect() as conn:
         row = conn.execute(*store.select_job(ctx.id)).one()
-    return [row.status, row.lease_owner, row.via]
+    return {
+        "row": [row.status, row.lease_owner, row.via],
+        "ctx": [ctx.id, ctx.task, ctx.queue, ctx.priority, ctx.attempt, ctx.max_attempts],
+        "started_at": ctx.started_at == row.started_at is not None,
+    }
 
 
 def test_a_running_job_s_row_names_the_executor_that_claimed_it(jm: JobManager) -> None:
     """The lease owner is who the reaper and the attempt history name; the job's row loses
-    it when the attempt ends."""
-    job_id = inserted(jm, reads_its_row)
+    it when the attempt ends. The job sees itself as its row was claimed."""
+    job_id = inserted(jm, reads_its_row, attempt=1)
     assert executor(jm).run(reads_its_row, job_id) == Outcome("succeeded")
     j = jm.get(job_id)
-    assert j.result == [JobStatus.STARTED.value, "state-test", "broker"]
+    assert j.result == {
+        "row": [JobStatus.STARTED.value, "state-test", "broker"],
+        "ctx": [job_id, reads_its_row.name, "low", 7, 2, 4],
+        "started_at": True,
+    }
     assert j.lease_owner is None
 
 
