@@ -3,6 +3,7 @@ other by one worker, the rest handed back past the budget. Against a real Redis 
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,9 +17,10 @@ from tasklab.database import writing
 from tasklab.embedded import EmbeddedRedis
 from tasklab.errors import BrokerUnavailable
 from tasklab.jobs import JobManager, JobSpec, JobStatus, job
-from tasklab.jobs.execution import Executor, Outcome
+from tasklab.jobs.execution import Executor, JobContext, Outcome
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.publisher import BUNDLE_TASK, Outgoing, Publisher
+from tasklab.jobs.records import jobs
 from tasklab.jobs.worker_side import WorkerRuntime
 from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
@@ -326,6 +328,27 @@ def test_a_bundled_jobs_completion_is_handed_on_to_ride_with_the_next_claim(
     assert [o.completion[1]["p_id"] if o.completion else None for o in outcomes] == ids[:3]
     assert single == Outcome("succeeded")
     assert all(jm.get(i).status is JobStatus.SUCCEEDED for i in ids)
+
+
+@job(name="tests.bundle.taken_back_if", bind=True)
+def taken_back_if(ctx: JobContext, taken_back: bool) -> None:
+    if taken_back:  # a reaper took the job back while it ran (its lease ran out)
+        with writing(ctx.engine) as conn:
+            conn.execute(jobs.update().where(jobs.c.id == ctx.id).values(status="PENDING"))
+
+
+def test_a_carried_completion_that_lost_its_claim_is_dropped_and_the_bundle_goes_on(
+    jm: JobManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = insert(jm, taken_back_if, [{"taken_back": i == 0} for i in range(3)])
+
+    with caplog.at_level(logging.WARNING, logger="tasklab.jobs.execution"):
+        outcomes = executor(jm).run_bundle(taken_back_if, ids, queue="default", priority=5)
+
+    assert [o.status for o in outcomes] == ["succeeded"] * 3
+    assert [jm.get(i).status for i in ids] == [JobStatus.PENDING] + [JobStatus.SUCCEEDED] * 2
+    dropped = [r.getMessage() for r in caplog.records if "result dropped" in r.getMessage()]
+    assert dropped == [f"job {ids[0]} attempt 1 finished after losing its claim; result dropped"]
 
 
 def test_run_bundle_commits_each_jobs_effects_once(jm: JobManager) -> None:
