@@ -25,6 +25,7 @@ demo: $(STAMP)
 # `make test` stays under 10 minutes: the tests marked long (over a minute each, with a
 # shorter test beside them) run in `make test-long`.
 PYTEST_MARKS ?= not long
+PYTEST_ARGS ?= --durations=25
 test: $(STAMP)
 	eval "$$($(BIN)/python scripts/detect_services.py)" && \
 	  bash scripts/test_prereqs.sh && \

@@ -152,3 +152,49 @@ def test_recycled_pool_childrens_files_are_compacted_and_their_counts_kept(
     left = multiproc.pids_in(folder)
     assert left <= live, f"files of dead children left: {sorted(left - live)}"
     assert value(again, "tasklab_jobs_finished_total", **labels) == 5
+
+
+RACE = """
+import socket, sys
+from pathlib import Path
+from tasklab.observe import multiproc
+from tasklab.ports import PortWish, free_port_on
+from tasklab.settings import Settings
+from tasklab.errors import PortTaken
+path = multiproc.prepare_node_env(Settings(home_dir=Path(sys.argv[1])), "race@host")
+from tasklab.observe import node
+wanted = free_port_on("127.0.0.1")
+other = socket.socket()
+real_take_port = node.take_port
+def take_port_then_lose_it(host, name, wish, notes):
+    port = real_take_port(host, name, wish, notes)
+    if port == wanted:  # another node binds it between the check and the bind
+        other.bind((host, port)); other.listen()
+    return port
+node.take_port = take_port_then_lose_it
+chosen_by = sys.argv[2] or None
+try:
+    server = node.serve_node_metrics(path, 1, host="127.0.0.1", wish=PortWish(wanted, chosen_by))
+except PortTaken as e:
+    print("taken", e)
+else:
+    print("listening", server.port != wanted)
+"""
+
+
+@pytest.mark.parametrize("chosen_by", ["", "--metrics-port"], ids=["default", "chosen"])
+def test_a_metrics_port_taken_between_check_and_bind(tmp_path: Path, chosen_by: str) -> None:
+    """Nodes starting together see the same default free: the one that loses the bind takes
+    another port instead of exiting; a port the user chose is refused with PortTaken."""
+    out = subprocess.run(
+        [sys.executable, "-c", RACE, str(tmp_path), chosen_by],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != multiproc.ENV_VAR},
+    )
+    assert out.returncode == 0, out.stderr
+    if chosen_by:
+        assert out.stdout.startswith("taken") and "--metrics-port" in out.stdout, out.stdout
+    else:
+        assert out.stdout.strip() == "listening True", out.stdout

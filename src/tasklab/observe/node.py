@@ -11,6 +11,7 @@ Import this module only after ``multiproc.prepare_node_env``: it imports prometh
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -32,6 +33,8 @@ from tasklab.observe.registry import (
     family_names,
 )
 from tasklab.ports import PortWish, take_port
+
+BIND_TRIES = 5
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +102,38 @@ class NodeMetricsServer:
         self._thread.join(5)
 
 
+def _listen(
+    host: str, wish: PortWish, registry: CollectorRegistry
+) -> tuple[WSGIServer, threading.Thread, int]:
+    for tries_left in reversed(range(BIND_TRIES)):
+        notes: list[str] = []
+        port = take_port(host, "worker metrics", wish, notes)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as e:
+            # Taken between the check and the bind (nodes starting together): a default
+            # gives way again; a chosen port is the user's to change (PortTaken).
+            if e.errno != errno.EADDRINUSE or not tries_left:
+                raise
+            if wish.chosen_by is not None:
+                take_port(host, "worker metrics", wish, notes)
+                raise
+            log.warning("worker metrics port %d was taken meanwhile, taking another", port)
+            wish = PortWish(0)
+            continue
+        for note in notes:
+            log.warning("%s: scrape this node there, or set worker_metrics_port", note)
+        return server, thread, port
+    raise AssertionError("unreachable")
+
+
 def serve_node_metrics(
     path: Path, root_pid: int, *, host: str, wish: PortWish
 ) -> NodeMetricsServer:
     """Listen on ``wish`` (a default that is taken gives way to a free port, logged; a chosen
     one raises PortTaken) in a daemon thread."""
-    notes: list[str] = []
-    port = take_port(host, "worker metrics", wish, notes)
-    for note in notes:
-        log.warning("%s: scrape this node there, or set worker_metrics_port", note)
-    server, thread = start_http_server(port, addr=host, registry=node_registry(path, root_pid))
+    registry = node_registry(path, root_pid)
+    server, thread, port = _listen(host, wish, registry)
     # Pool children are forked later: they must not keep the port open after the main process
     # is gone (a restarted node could not listen again).
     os.register_at_fork(after_in_child=server.socket.close)
