@@ -113,10 +113,12 @@ def _listen(
         except OSError as e:
             # Taken between the check and the bind (nodes starting together): a default
             # gives way again; a chosen port is the user's to change (PortTaken).
-            if e.errno != errno.EADDRINUSE or not tries_left:
+            if e.errno != errno.EADDRINUSE:
                 raise
             if wish.chosen_by is not None:
                 take_port(host, "worker metrics", wish, notes)
+                raise
+            if not tries_left:
                 raise
             log.warning("worker metrics port %d was taken meanwhile, taking another", port)
             wish = PortWish(0)
