@@ -18,7 +18,7 @@ import orjson
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
-from tasklab.database import one_statement, relaxed_writes, write_gate, writing
+from tasklab.database import relaxed_writes, write_gate, writing
 from tasklab.errors import JobError, StaleAttempt
 from tasklab.jobs import hooks, store
 from tasklab.jobs.bundle import Bundle, BundleWatch, HandBack, QueueBusy
@@ -209,7 +209,6 @@ class Executor:
         queue_busy: QueueBusy | None = None,
     ) -> None:
         self.engine = engine
-        self.single = one_statement(engine)  # failures: one statement
         self.relaxed = relaxed_writes(engine)  # claims, completions (see _write)
         self._hot = HotWrites(engine) if engine.dialect.name == "sqlite" else None
         self.lease_owner = lease_owner
