@@ -19,6 +19,7 @@ from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.jobs.conftest import effect_counts, queued_messages
+from tests.support.backends import SQLITE_HERE_POSTGRES_LONG
 from tests.support.frozen import FrozenServer
 
 
@@ -75,6 +76,7 @@ def ledger(jm: JobManager, ids: list[str]) -> dict[str, int]:
 RECOVERY_DEFAULTS = ("lease_s", "requeue_after_s", "reaper_interval_s")
 
 
+@SQLITE_HERE_POSTGRES_LONG
 @pytest.mark.slow
 def test_a_job_whose_worker_is_sigkilled_mid_task_completes_exactly_once(
     fault_settings: Settings, worker_factory

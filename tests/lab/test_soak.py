@@ -25,6 +25,7 @@ from tasklab.lab.soak_faults import OpenLoop, message_jobs, scan_broker
 from tasklab.lab.workload import Probe, Sample, Ticket
 from tasklab.settings import Settings
 from tests.lab.helpers import read_json, slo
+from tests.support.backends import SQLITE_HERE_POSTGRES_LONG
 
 T0 = 1_000_000.0
 
@@ -192,6 +193,7 @@ def alive_children() -> set[int]:
     }
 
 
+@SQLITE_HERE_POSTGRES_LONG
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_soak_loses_nothing_repeats_nothing_and_every_fault_happened(
