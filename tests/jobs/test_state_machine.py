@@ -261,6 +261,19 @@ def test_an_attempt_s_queue_wait_runs_from_its_retry_or_else_its_queueing_or_cre
     assert 100 <= queue_wait_s() - before < 150, waited_from
 
 
+def test_a_committed_job_not_yet_published_waits_unstarted_on_the_broker_path(
+    jm: JobManager,
+) -> None:
+    j = jm.get(inserted(jm, probe_jobs.noop))
+    assert (j.status, j.attempt, j.via, j.cancel_requested) == (
+        JobStatus.PENDING,
+        0,
+        "broker",
+        False,
+    )
+    assert (j.queued_at, j.started_at, j.lease_owner) == (None, None, None)
+
+
 # --- store statements ---------------------------------------------------------------------------
 
 
