@@ -264,7 +264,11 @@ def test_an_attempt_s_queue_wait_runs_from_its_retry_or_else_its_queueing_or_cre
 def test_a_committed_job_not_yet_published_waits_unstarted_on_the_broker_path(
     jm: JobManager,
 ) -> None:
-    j = jm.get(inserted(jm, probe_jobs.noop))
+    """It names the message its relay will publish it in (the publisher sends that id)."""
+    prepared = jm.prepare(probe_jobs.noop, countdown_s=60)
+    with writing(jm.engine) as conn:
+        conn.execute(*prepared.insert)
+    j = jm.get(prepared.id)
     assert (j.status, j.attempt, j.via, j.cancel_requested) == (
         JobStatus.PENDING,
         0,
@@ -272,6 +276,9 @@ def test_a_committed_job_not_yet_published_waits_unstarted_on_the_broker_path(
         False,
     )
     assert (j.queued_at, j.started_at, j.lease_owner) == (None, None, None)
+    assert j.message_id == prepared.values["message_id"] is not None
+    due = next_attempt_at(jm, prepared.id)
+    assert due is not None and 55 < due - j.created_at <= 60
 
 
 # --- store statements ---------------------------------------------------------------------------
