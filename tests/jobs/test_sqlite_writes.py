@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from tasklab.jobs import JobManager, JobStatus, store
-from tasklab.jobs.sqlite_writes import HotWrites
+from tasklab.jobs.sqlite_writes import KEPT_PER_ENGINE, HotWrites
 from tasklab.lab import probe_jobs
 from tasklab.migrations import migrate
 from tasklab.observe.sql import QUERY_STATS
@@ -80,3 +82,62 @@ def test_it_refuses_other_databases(postgres_url: str) -> None:
     with pytest.raises(ValueError, match="SQLite"):
         HotWrites(engine)
     engine.dispose()
+
+
+def _insert(jm: JobManager, writes: HotWrites) -> str:
+    job = jm.prepare(probe_jobs.noop, queue="low")
+    writes.run(job.insert)
+    return job.id
+
+
+def test_a_thread_keeps_one_connection_and_only_the_first_few_threads_keep_one(
+    jm: JobManager,
+) -> None:
+    writes = HotWrites(jm.engine)
+    pool = writes.engine.pool
+    before = pool.checkedout()
+    for _ in range(5):
+        _insert(jm, writes)
+    assert pool.checkedout() == before + 1  # kept between writes, not one per write
+
+    wrote, stop = threading.Barrier(9), threading.Event()
+
+    def writer() -> None:
+        _insert(jm, writes)
+        wrote.wait(10)
+        stop.wait(10)  # alive: a kept connection stays kept
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    wrote.wait(10)
+    # this thread and three of the eight keep one; the other five returned theirs
+    assert pool.checkedout() == before + KEPT_PER_ENGINE
+    stop.set()
+    for t in threads:
+        t.join(10)
+    # a thread that ends gives its connection back, and its slot to the next thread
+    assert pool.checkedout() == before + 1
+    assert writes._kept_count == 1
+    assert jm.counts() == {"PENDING": 13}  # every insert landed
+
+
+def test_a_forked_child_writes_on_its_own_connection_and_the_parent_still_can(
+    jm: JobManager,
+) -> None:
+    writes = HotWrites(jm.engine)
+    parent_job = _insert(jm, writes)  # the parent's thread keeps a connection
+    pid = os.fork()
+    if pid == 0:  # the child: SQLite handles must not cross a fork
+        code = 1
+        try:
+            child_job = _insert(jm, writes)
+            kept = writes._local.kept
+            code = 0 if kept is not None and kept.pid == os.getpid() and child_job else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    _insert(jm, writes)  # the parent's connection still works after the child is gone
+    assert writes.run(_claim(parent_job))[0]
+    assert jm.counts() == {"PENDING": 2, "STARTED": 1}  # the child's insert is there too

@@ -7,16 +7,25 @@ claim holds it for about 0.1 ms of SQLite work; through SQLAlchemy it held it fo
 the same Core statements (``tasklab.jobs.store``), compiled once; their parameters are prepared
 before the gate is taken, and only sqlite3's execute and commit run under it. Their timings
 still go to the SQL metrics and slow-query log.
+
+The first few threads that write keep their pool connection (``KEPT_PER_ENGINE``): a checkout
+and its return (pool events, the rollback of the reset on return) cost a submit about as
+much as its INSERT. Other threads check one out per write, so the pool never runs dry.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import sys
+import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ClauseElement, Executable
@@ -27,6 +36,31 @@ from tasklab.database import one_statement, write_gate
 from tasklab.observe.sql import record_statement
 
 Prepared = tuple[Executable, dict[str, Any]]
+KEPT_PER_ENGINE = 4
+# Connections kept by threads of a parent process, found in a forked child: never used, closed
+# or returned there (SQLite handles must not cross a fork), so never garbage-collected either.
+_inherited: list[Connection] = []
+
+
+class _Kept:
+    """A thread's pool connection, returned when the thread (or the HotWrites) is gone."""
+
+    def __init__(self, writes: HotWrites) -> None:
+        self.conn = writes.engine.connect()
+        self.pid = os.getpid()
+        self._writes = weakref.ref(writes)
+
+    def __del__(self) -> None:
+        if self.pid != os.getpid():  # a parent's, in a forked child
+            _inherited.append(self.conn)
+            return
+        if sys.is_finalizing():
+            return
+        with contextlib.suppress(Exception):  # a connection gone bad returns to nothing
+            self.conn.close()
+        writes = self._writes()
+        if writes is not None:
+            writes._release_slot()
 
 
 class RawStatement:
@@ -100,6 +134,44 @@ class HotWrites:
             raise ValueError("HotWrites is for SQLite engines")
         self.engine = one_statement(engine)  # autocommit: BEGIN/COMMIT are ours
         self._compiled: dict[tuple[int, tuple[str, ...]], RawStatement] = {}
+        self._local = threading.local()
+        self._kept_lock = threading.RLock()  # (a __del__ may run inside it)
+        self._kept_count = 0
+        self._slots_pid = os.getpid()
+
+    def _kept(self) -> _Kept | None:
+        """This thread's kept connection (made on its first write), or None: the others
+        are taken."""
+        kept: _Kept | None = getattr(self._local, "kept", None)
+        if kept is not None and kept.pid == os.getpid():
+            return kept
+        self._local.kept = None  # (a forked child: the parent's, see _Kept.__del__)
+        with self._kept_lock:
+            if self._slots_pid != os.getpid():  # a forked child: no thread keeps one yet
+                self._slots_pid, self._kept_count = os.getpid(), 0
+            if self._kept_count >= KEPT_PER_ENGINE:
+                return None
+            self._kept_count += 1
+        try:
+            self._local.kept = kept = _Kept(self)
+        except BaseException:
+            self._release_slot()
+            raise
+        return kept
+
+    def _release_slot(self) -> None:
+        with self._kept_lock:
+            if self._slots_pid == os.getpid():
+                self._kept_count -= 1
+
+    def _drop_kept(self) -> None:
+        """After an error: the next write gets a fresh connection."""
+        kept: _Kept | None = getattr(self._local, "kept", None)
+        self._local.kept = None
+        if kept is not None:
+            with contextlib.suppress(Exception):
+                kept.conn.invalidate()
+            del kept  # __del__ returns it
 
     def _raw(self, statement: Executable, params: Mapping[str, Any]) -> RawStatement:
         # An INSERT's columns are its parameters' keys; other statements name their binds.
@@ -112,31 +184,45 @@ class HotWrites:
 
     def run(self, *prepared: Prepared) -> list[list[dict[str, Any]] | int]:
         bound = [(raw, *raw.bind(params)) for raw, params in _resolved(self, prepared)]
+        kept = self._kept()
+        if kept is None:
+            with self.engine.connect() as conn:
+                return self._run_on(conn, bound)
+        try:
+            return self._run_on(kept.conn, bound)
+        except IntegrityError:  # the statement's fault, not the connection's
+            raise
+        except Exception:
+            self._drop_kept()
+            raise
+
+    def _run_on(
+        self, conn: Connection, bound: list[tuple[RawStatement, str, tuple[Any, ...]]]
+    ) -> list[list[dict[str, Any]] | int]:
         out: list[list[dict[str, Any]] | int] = []
         timings: list[tuple[str, float]] = []
-        with self.engine.connect() as conn:
-            dbapi = conn.connection.dbapi_connection
-            assert dbapi is not None
-            with write_gate(self.engine):
-                many = len(bound) > 1
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        with write_gate(self.engine):
+            many = len(bound) > 1
+            if many:
+                dbapi.execute("BEGIN IMMEDIATE")
+            try:
+                for raw, sql, params in bound:
+                    started = time.perf_counter()
+                    cursor = dbapi.execute(sql, params)
+                    out.append(raw.rows(cursor) if raw.columns else cursor.rowcount)
+                    timings.append((sql, time.perf_counter() - started))
                 if many:
-                    dbapi.execute("BEGIN IMMEDIATE")
-                try:
-                    for raw, sql, params in bound:
-                        started = time.perf_counter()
-                        cursor = dbapi.execute(sql, params)
-                        out.append(raw.rows(cursor) if raw.columns else cursor.rowcount)
-                        timings.append((sql, time.perf_counter() - started))
-                    if many:
-                        dbapi.execute("COMMIT")
-                except sqlite3.IntegrityError as e:
-                    if many:
-                        dbapi.execute("ROLLBACK")
-                    raise IntegrityError(bound[len(out)][1], bound[len(out)][2], e) from e
-                except BaseException:
-                    if many:
-                        dbapi.execute("ROLLBACK")
-                    raise
+                    dbapi.execute("COMMIT")
+            except sqlite3.IntegrityError as e:
+                if many:
+                    dbapi.execute("ROLLBACK")
+                raise IntegrityError(bound[len(out)][1], bound[len(out)][2], e) from e
+            except BaseException:
+                if many:
+                    dbapi.execute("ROLLBACK")
+                raise
         for sql, duration_s in timings:
             record_statement(self.engine, sql, duration_s)
         return out
