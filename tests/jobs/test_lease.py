@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -261,18 +262,24 @@ def test_a_keeper_keeps_its_one_thread_through_idle_spells(jm: JobManager) -> No
 
 
 def test_a_pool_process_polls_for_a_cancel_with_terminate_between_renewals(
-    jm: JobManager,
+    jm: JobManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The job's lease is renewed every 10 s; the cancel ends the process within the poll."""
+    """The job's lease is renewed every 10 s; the cancel ends the process within the poll.
+    The keeper's kill is recorded instead of sent (the real one: the test above), so that
+    the loop runs in this process."""
+    kills: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        lease, "os", SimpleNamespace(getpid=os.getpid, kill=lambda *a: kills.append(a))
+    )
+    keeper = LeaseKeeper(jm.engine, terminate_self=True)
     job_id = claimed(jm, 30.0)
-    pid = os.fork()
-    if pid == 0:  # the child: run the job 8 s, then leave without the parent's atexit
-        try:
-            keeper = LeaseKeeper(jm.engine, terminate_self=True)
-            keeper.hold(job_id, 1, 30.0)
-            time.sleep(8.0)
-        finally:
-            os._exit(3)
+    keeper.hold(job_id, 1, 30.0)
+    time.sleep(0.2)
+    assert kills == []  # not cancelled yet
+
     cancel_with_terminate(jm, job_id)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    deadline = time.monotonic() + 5.0
+    while not kills and time.monotonic() < deadline:
+        time.sleep(0.05)
+    keeper.release(job_id)
+    assert kills[:1] == [(os.getpid(), signal.SIGKILL)]
