@@ -261,7 +261,7 @@ def test_a_keeper_keeps_its_one_thread_through_idle_spells(jm: JobManager) -> No
     keeper.release(job_id)
 
 
-def test_a_pool_process_polls_for_a_cancel_with_terminate_between_renewals(
+def test_a_pool_keeper_polls_for_a_cancel_with_terminate_between_renewals(
     jm: JobManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The job's lease is renewed every 10 s; the cancel ends the process within the poll.
