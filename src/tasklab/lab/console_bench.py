@@ -28,6 +28,7 @@ from tasklab.celery_app import QUEUES
 from tasklab.database import make_engine
 from tasklab.jobs.records import jobs
 from tasklab.lab.errors import LabError
+from tasklab.lab.noise import CpuWatch
 from tasklab.lab.results import LabResult, print_result, write_result
 from tasklab.service.domain.seed import seed
 from tasklab.settings import Settings, mask_url
@@ -153,20 +154,20 @@ async def _get(c: httpx.AsyncClient, url: str) -> float:
 def run_console_bench(
     settings: Settings, *, rows: int, repeat: int, days: float, console: Console
 ) -> LabResult:
+    result = LabResult("console-bench", params={"rows": rows, "repeat": repeat, "days": days})
     with tempfile.TemporaryDirectory(prefix="tasklab-console-bench-") as tmp:
         bench = settings.model_copy(update={"home_dir": Path(tmp)})
         if bench.database_url is None:
             bench = bench.model_copy(update={"database_url": f"sqlite:///{tmp}/bench.db"})
+        result.servers["database"] = str(mask_url(bench.sync_database_url))
         report = seed(bench, users=2, products=1, stock=1, points=1, reset=True)
         _refuse_existing_jobs(bench)
         token = _admin_token(report.tokens_out)
         fill_s = fill(bench, rows, days=days, console=console)
+        # The machine's other load is read over the timed requests (what it can disturb).
+        result.cpu = CpuWatch()
         timings = asyncio.run(time_pages(bench, token, repeat=repeat))
-    result = LabResult(
-        "console-bench",
-        params={"rows": rows, "repeat": repeat, "days": days},
-        servers={"database": str(mask_url(bench.sync_database_url))},
-    )
+        result.record_noise()
     result.add_figures("fill", {"seconds": round(fill_s, 2)})
     for name, samples in timings.items():
         ordered = sorted(samples)
