@@ -383,6 +383,18 @@ def test_run_bundle_skips_cancelled_jobs_and_still_records_the_ones_before(
     assert jm.get(ids[2]).attempt == 0 and jm.get(ids[4]).attempt == 0
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_without_a_hand_back_a_bundle_past_its_budget_runs_here_and_nothing_watches_it(
+    jm: JobManager,
+) -> None:
+    ids = insert(jm, probe_jobs.effect, [{"hold_s": 0.15}] * 3)
+    outcomes = executor(jm, None, budget_s=0.1).run_bundle(
+        probe_jobs.effect, ids, queue="default", priority=5
+    )
+    assert [o.status for o in outcomes] == ["succeeded"] * 3
+    assert effect_counts(jm) == dict.fromkeys(ids, 1)
+
+
 def test_past_the_budget_the_jobs_not_started_are_handed_back(jm: JobManager) -> None:
     ids = insert(jm, probe_jobs.effect, [{"hold_s": 1.0}, {}, {}, {}])
     hand_backs = HandBacks()
