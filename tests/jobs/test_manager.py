@@ -223,3 +223,20 @@ def test_a_forked_child_gets_connections_and_a_local_executor_of_its_own(
     assert id(jm.local) == parent_local and id(jm.engine.pool) == parent_pool
     assert jm.counts() == {}  # the parent's connection still works
     jm.close()
+
+
+def test_jobs_published_by_the_relay_are_counted_once_each_by_task_queue_and_via(
+    live: JobManager,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    labels = {"task": probe_jobs.noop.name, "queue": "low", "via": "broker"}
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("tasklab_jobs_submitted_total", labels) or 0.0
+
+    before = counted()
+    for _ in range(7):
+        live.submit(probe_jobs.noop, queue="low")
+    assert live.flush(timeout_s=10)
+    assert counted() == before + 7

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import fnmatch
 import functools
 import logging
@@ -375,9 +376,13 @@ class JobManager:
     ) -> builtins.list[str | BaseException]:
         """``_dispatch_many`` for new jobs, counted in jobs_submitted_total by via."""
         outcomes = self._dispatch_many(batch, defer_mark=defer_mark)
-        for (spec, values, _), via in zip(batch, outcomes, strict=True):
-            if isinstance(via, str):
-                metrics.JOBS_SUBMITTED.labels(spec.name, values["queue"], via).inc()
+        counted: collections.Counter[tuple[str, str, str]] = collections.Counter(
+            (spec.name, values["queue"], via)
+            for (spec, values, _), via in zip(batch, outcomes, strict=True)
+            if isinstance(via, str)
+        )
+        for labels, n in counted.items():  # a batch is mostly one task: one update
+            metrics.JOBS_SUBMITTED.labels(*labels).inc(n)
         return outcomes
 
     def _fall_back(
