@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tasklab.embedded import EmbeddedRedis
-from tasklab.jobs import JobManager, JobStatus
+from tasklab.jobs import JobManager, JobStatus, reaper_sql
 from tasklab.jobs.execution import Executor
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.recovery import Reaper
@@ -274,7 +274,7 @@ def test_a_stale_attempt_cannot_commit_its_effects(
             *store.claim(j.id, lease_owner="a", lease_s=-1.0, via="broker", now=time.time())
         ).first()
         assert row is not None and row.attempt == 1
-        conn.execute(store.release_expired(j.id, 1, time.time() + 1, dead=False))
+        conn.execute(reaper_sql.release_expired(j.id, 1, time.time() + 1, dead=False))
     outcomes.append(make("b").run(probe_jobs.effect, j.id).status)  # attempt 2 completes
     from tasklab.jobs.execution import JobContext
 

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from tasklab.database import writing
 from tasklab.errors import StaleAttempt
-from tasklab.jobs import JobManager, JobStatus, execution, lease, store
+from tasklab.jobs import JobManager, JobStatus, execution, lease, reaper_sql, store
 from tasklab.jobs.execution import Executor, JobContext
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.lab import probe_jobs
@@ -97,7 +97,7 @@ def test_a_renewal_that_finds_the_row_taken_back_stops_the_attempt(
     job_id = claimed(jm, -1.0)  # already expired: the reaper takes it back
     keeper.hold(job_id, 1, 5.0)
     with writing(jm.engine) as conn:
-        assert conn.execute(store.release_expired(job_id, 1, time.time(), dead=False)).first()
+        assert conn.execute(reaper_sql.release_expired(job_id, 1, time.time(), dead=False)).first()
     ctx = JobContext(
         id=job_id,
         task=probe_jobs.noop.name,
@@ -166,7 +166,9 @@ def test_a_pool_process_ends_only_while_it_runs_a_job_cancelled_with_terminate(
 ) -> None:
     taken_back = claimed(jm, -1.0)  # the reaper takes it back: lost, but not cancelled
     with writing(jm.engine) as conn:
-        assert conn.execute(store.release_expired(taken_back, 1, time.time(), dead=False)).first()
+        assert conn.execute(
+            reaper_sql.release_expired(taken_back, 1, time.time(), dead=False)
+        ).first()
     keeper = LeaseKeeper(jm.engine, terminate_self=True)
     keeper.hold(taken_back, 1, 30.0)
     assert keeper.renew_now() == 0
@@ -184,7 +186,7 @@ def test_a_renewal_counts_the_leases_still_held_and_extends_each(jm: JobManager)
     ours = [claimed(jm, 2.0) for _ in range(2)]
     gone = claimed(jm, -1.0)
     with writing(jm.engine) as conn:  # the reaper took this one back
-        assert conn.execute(store.release_expired(gone, 1, time.time(), dead=False)).first()
+        assert conn.execute(reaper_sql.release_expired(gone, 1, time.time(), dead=False)).first()
     for job_id in [*ours, gone]:
         keeper.hold(job_id, 1, 20.0)
 

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from tasklab.database import writing
 from tasklab.embedded import EmbeddedRedis
 from tasklab.errors import JobError, JobStateError
-from tasklab.jobs import JobContext, JobManager, JobStatus, job, store
+from tasklab.jobs import JobContext, JobManager, JobStatus, job, reaper_sql, store
 from tasklab.jobs.execution import Outcome, current_job
 from tasklab.jobs.records import effects
 from tasklab.lab import probe_jobs
@@ -237,15 +237,7 @@ def queue_wait_s() -> float:
     ("waited_from", "values"),
     [
         ("queued", {"created_at": -1000.0, "queued_at": -100.0}),
-        pytest.param(
-            "retry due",
-            {"created_at": -1000.0, "queued_at": -500.0, "next_attempt_at": -100.0},
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the claim's RETURNING reads next_attempt_at after the claim set it "
-                "NULL: a retry's wait counts from its failure (queued_at), backoff included",
-            ),
-        ),
+        ("retry due", {"created_at": -1000.0, "queued_at": -500.0, "next_attempt_at": -100.0}),
         ("created", {"created_at": -100.0, "queued_at": None}),
     ],
 )
@@ -293,7 +285,7 @@ def test_a_reaper_takes_only_jobs_still_waiting_or_carried_by_an_old_message(
     started = inserted(jm, probe_jobs.noop, status="STARTED", queued_at=10.0)
     ids = [pending, old_message, new_message, started]
     with writing(jm.engine) as conn:
-        taken = conn.execute(store.take_for_republish(ids, before=20.0, now=40.0)).scalars()
+        taken = conn.execute(reaper_sql.take_for_republish(ids, before=20.0, now=40.0)).scalars()
         assert set(taken) == {pending, old_message}
     for i in (pending, old_message):
         j = jm.get(i)
@@ -313,7 +305,7 @@ def test_a_job_was_handed_to_the_broker_when_queued_or_else_when_created(
     queued = inserted(jm, probe_jobs.noop, queued_at=50.0, created_at=5.0)
     never = inserted(jm, probe_jobs.noop, created_at=6.0)
     with jm.engine.connect() as conn:
-        rows = dict(conn.execute(store.queued_at_of([queued, never])).all())
+        rows = dict(conn.execute(reaper_sql.queued_at_of([queued, never])).all())
     assert rows == {queued: 50.0, never: 6.0}
 
 

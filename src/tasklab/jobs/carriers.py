@@ -29,7 +29,7 @@ import redis
 from sqlalchemy import Engine
 
 from tasklab.celery_app import MAX_PRIORITY, QUEUES
-from tasklab.jobs import store
+from tasklab.jobs import reaper_sql
 from tasklab.jobs.publisher import BUNDLE_TASK
 
 log = logging.getLogger("tasklab.jobs.reaper")
@@ -108,7 +108,7 @@ class RedisCarriers:
         if not waiting:
             return
         with self.engine.connect() as conn:
-            rows = conn.execute(store.queued_at_of(list(set(waiting.values())))).all()
+            rows = conn.execute(reaper_sql.queued_at_of(list(set(waiting.values())))).all()
         published: dict[str, float] = {row[0]: float(row[1]) for row in rows}
         for key, job_id in waiting.items():
             if (at := published.get(job_id)) is not None:

@@ -29,7 +29,7 @@ from sqlalchemy import Engine
 from tasklab.celery_app import MAX_PRIORITY, QUEUES
 from tasklab.database import fork_guard, writing
 from tasklab.errors import BrokerUnavailable, UnknownTask
-from tasklab.jobs import hooks, store
+from tasklab.jobs import hooks, reaper_sql, store
 from tasklab.jobs.carriers import AmqpCarriers, RedisCarriers
 from tasklab.jobs.publisher import Outgoing, Publisher
 from tasklab.jobs.records import JobStatus
@@ -89,7 +89,7 @@ class Reaper:
     def finish_old_cancels(self) -> None:
         try:
             with writing(self.engine) as conn:
-                rows = conn.execute(store.finish_cancel_requested(time.time())).all()
+                rows = conn.execute(reaper_sql.finish_cancel_requested(time.time())).all()
                 for row in rows:
                     hooks.after_change(conn, row)
                 n = len(rows)
@@ -103,14 +103,14 @@ class Reaper:
         released = 0
         # Read first, outside the write gate: almost every tick finds nothing to release.
         with self.engine.connect() as conn:
-            expired = conn.execute(store.expired_leases(BATCH)).all()
+            expired = conn.execute(reaper_sql.expired_leases(BATCH)).all()
         if not expired:
             return 0
         with writing(self.engine) as conn:
             for row in expired:  # each release is fenced: a renewal since the read wins
                 dead = row.attempt >= row.max_attempts
                 changed = conn.execute(
-                    store.release_expired(row.id, row.attempt, now, dead=dead)
+                    reaper_sql.release_expired(row.id, row.attempt, now, dead=dead)
                 ).first()
                 if changed is None:
                     continue
@@ -172,7 +172,7 @@ class Reaper:
         counts = {"unpublished": 0, "message_lost": 0}
         with self.engine.connect() as conn:
             rows = conn.execute(
-                store.stranded(
+                reaper_sql.stranded(
                     pending_before=now - self.pending_grace_s,
                     due_before=now - self.settings.requeue_after_s,
                     left_broker=left,
@@ -186,7 +186,7 @@ class Reaper:
         with writing(self.engine) as conn:
             won = set(
                 conn.execute(
-                    store.take_for_republish([r.id for r in rows], before=before, now=taken_at)
+                    reaper_sql.take_for_republish([r.id for r in rows], before=before, now=taken_at)
                 ).scalars()
             )
         mine = [r for r in rows if r.id in won]
@@ -213,7 +213,7 @@ class Reaper:
             self.publisher.publish_many(outgoing)
         except BrokerUnavailable as e:
             with writing(self.engine) as conn:
-                conn.execute(store.untake([r.id for r in rows], taken_at=taken_at))
+                conn.execute(reaper_sql.untake([r.id for r in rows], taken_at=taken_at))
             log.info("reaper: %d job(s) wait in SQL for the broker: %s", len(rows), e)
             return False
         return True
@@ -232,8 +232,8 @@ class Reaper:
     def purge(self) -> int:
         before = time.time() - self.settings.job_retention_days * 86400
         with writing(self.engine) as conn:
-            purged = int(conn.execute(store.purge_finished(before)).rowcount)
-            conn.execute(store.purge_attempts(before))
+            purged = int(conn.execute(reaper_sql.purge_finished(before)).rowcount)
+            conn.execute(reaper_sql.purge_attempts(before))
             return purged
 
     def close(self) -> None:
