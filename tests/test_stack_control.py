@@ -118,6 +118,7 @@ def test_a_detached_stack_is_found_listed_restarted_and_stopped_by_the_cli(
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ports' choice is tested in tests/test_ports.py; this runs two whole stacks
 def test_two_stacks_share_a_machine_and_a_chosen_port_that_is_taken_fails_at_once(
     tmp_path: Path,
 ) -> None:
