@@ -119,6 +119,8 @@ def test_stress_and_bench_run_against_the_running_workers_of_a_separate_celery_a
     assert mine[0]["processed"] > 0 and risks == []
 
 
+@pytest.mark.long  # tune's trials are tested on the embedded app (test_tune.py), a user app's
+# workers by the stress-and-bench test above
 def test_stress_and_tune_start_the_separate_apps_own_workers_with_celery_a(
     user_app_env: str, tmp_path: Path, console: Console
 ) -> None:
