@@ -29,7 +29,7 @@ PYTEST_ARGS ?= --durations=25
 test: $(STAMP)
 	eval "$$($(BIN)/python scripts/detect_services.py)" && \
 	  bash scripts/test_prereqs.sh && \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 -m "$(PYTEST_MARKS)" $(PYTEST_ARGS)
+	  $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal -m "$(PYTEST_MARKS)" $(PYTEST_ARGS)
 
 test-long: $(STAMP)
 	$(MAKE) test PYTEST_MARKS=long
