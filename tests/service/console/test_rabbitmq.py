@@ -37,6 +37,12 @@ WAITING_JOBS = 12
 SEEN_WAIT_S = 30.0  # the backlog is taken every 1 s and the fleet polled every 2 s
 
 
+def default_cells(html: str, *names: str) -> tuple[str, ...]:
+    """Some of the overview's cells of the default queue, in the order named."""
+    cells = queue_cells(html, "default")
+    return tuple(cells[n] for n in names)
+
+
 @dataclass(frozen=True)
 class Broker:
     url: str
@@ -206,14 +212,7 @@ async def test_on_rabbitmq_a_queue_paused_from_the_console_fills_then_drains_whe
     assert resume.status_code == 303 and "count=1" in resume.headers["location"]
     html = await overview_until(
         admin,
-        lambda h: (
-            (
-                queue_cells(h, "default")["waiting"],
-                queue_cells(h, "default")["depth"],
-                queue_cells(h, "default")["consumers"],
-            )
-            == ("0", "0", "1")
-        ),
+        lambda h: default_cells(h, "waiting", "depth", "consumers") == ("0", "0", "1"),
         "default drained and consumed again",
     )
     default = queue_cells(html, "default")
@@ -240,14 +239,7 @@ async def test_on_rabbitmq_with_the_management_api_the_overview_shows_unacked_me
     assert jobs.flush(timeout_s=30)
     html = await overview_until(
         admin,
-        lambda h: (
-            (
-                queue_cells(h, "default")["waiting"],
-                queue_cells(h, "default")["depth"],
-                queue_cells(h, "default")["unacked"],
-            )
-            == ("2", "2", "1")
-        ),
+        lambda h: default_cells(h, "waiting", "depth", "unacked") == ("2", "2", "1"),
         "2 jobs ready and 1 unacked in default",
     )
     default = queue_cells(html, "default")
