@@ -308,6 +308,35 @@ def test_a_writer_waits_for_the_gate_no_longer_than_the_busy_timeout(tmp_path: P
     engine.dispose()
 
 
+def test_engines_racing_to_open_a_new_file_all_get_in(tmp_path: Path) -> None:
+    """A process's engines (the API's async one, the job layer's, their twins) first connect
+    to a new file at once and race to switch it to WAL; SQLite can refuse the losers with
+    "database is locked" at once (no busy wait): an API's first readiness check once said
+    the database was unavailable."""
+    failures: list[BaseException] = []
+    for trial in range(40):
+        settings = Settings(home_dir=tmp_path / f"t{trial}")
+        start = threading.Barrier(6)
+
+        def connect(settings: Settings = settings, start: threading.Barrier = start) -> None:
+            engine = make_engine(settings)
+            start.wait()
+            try:
+                with engine.connect() as conn:
+                    assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            except BaseException as e:  # collected, asserted below
+                failures.append(e)
+            finally:
+                engine.dispose()
+
+        threads = [threading.Thread(target=connect) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert failures == []
+
+
 @pytest.mark.parametrize("mode, expected", [("NORMAL", 1), ("FULL", 2)])
 def test_sqlite_commits_are_synced_as_configured(tmp_path: Path, mode: str, expected: int) -> None:
     engine = make_engine(Settings(home_dir=tmp_path / ".tasklab", sqlite_synchronous=mode))

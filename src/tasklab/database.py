@@ -45,7 +45,7 @@ def _sqlite_pragmas(settings: Settings, database: str | None) -> Any:
         cur = dbapi_conn.cursor()
         # WAL lets readers proceed while one writer commits; busy_timeout makes concurrent
         # writers wait for the lock instead of failing with "database is locked".
-        cur.execute("PRAGMA journal_mode=WAL")
+        _enter_wal(cur, settings.sqlite_busy_timeout_ms / 1000)
         cur.execute(f"PRAGMA busy_timeout={settings.sqlite_busy_timeout_ms}")
         # NORMAL: a commit survives the process crashing, not the machine losing power
         # (the last commits before it may be lost); FULL syncs the WAL at every commit.
@@ -59,6 +59,23 @@ def _sqlite_pragmas(settings: Settings, database: str | None) -> Any:
         cur.close()
 
     return on_connect
+
+
+def _enter_wal(cur: Any, wait_s: float) -> None:
+    """Switch the file to WAL (persistent, so once per file). Connections racing to switch a
+    new file can get "database is locked" at once, without the busy handler: retry them."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode")
+            if str(cur.fetchone()[0]).lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as e:  # sqlite3's or the async adapter's OperationalError
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _file_of(url: str) -> str | None:
