@@ -3,18 +3,22 @@ per-process fallback while Redis is down, and the per-user quotas on orders and 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from fastapi import FastAPI
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import FixedWindowRateLimiter
 
 from tasklab.service.app import create_app
 from tasklab.service.domain.errors import RateLimited
 from tasklab.service.domain.seed import seed
-from tasklab.service.rate_limits import Limits, RateLimiter
+from tasklab.service.rate_limits import KEY_PREFIX, Limits, RateLimiter, token_key
 from tasklab.settings import Settings
 from tests.service.conftest import SEED, Account, StatementCounter, make_settings, read_tokens
 
@@ -127,6 +131,67 @@ async def test_two_processes_share_the_counters_in_redis(redis_url: str) -> None
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def _replies_sent(stats: aioredis.Redis) -> int:
+    """Replies the Redis server has written to its clients: one per round trip, however many
+    commands a pipeline or a script holds."""
+    return int((await stats.info("stats"))["total_writes_processed"])
+
+
+async def _round_trips(redis_url: str, action: Callable[[], Awaitable[object]]) -> int:
+    async with aioredis.from_url(redis_url) as stats:
+        before = await _replies_sent(stats)
+        own = await _replies_sent(stats) - before  # the reply to the INFO itself
+        before = await _replies_sent(stats)
+        await action()
+        return await _replies_sent(stats) - before - own
+
+
+async def test_a_request_s_two_counters_cost_one_round_trip_to_redis_refused_or_not(
+    redis_url: str,
+) -> None:
+    limits = Limits.from_settings(Settings(rate_limit_per_token="2/minute"))
+    limiter = RateLimiter(limits, redis_url=redis_url)
+    refusals: list[RateLimited] = []
+
+    async def check() -> None:
+        try:
+            await limiter.check_request(token="1.abc", address="10.0.0.1")
+        except RateLimited as e:
+            refusals.append(e)
+
+    try:
+        await check()  # connects and loads the script
+        assert await _round_trips(redis_url, check) == 1
+        assert refusals == []
+        assert await _round_trips(redis_url, check) == 1  # Retry-After included
+        assert [1 <= r.retry_after_s <= 60 for r in refusals] == [True]
+        assert limiter.shared
+    finally:
+        await limiter.aclose()
+
+
+async def test_the_counters_are_those_of_limits_own_redis_storage(redis_url: str) -> None:
+    """Same keys and windows: processes of the previous version count with this one."""
+    limits = Limits.from_settings(Settings(rate_limit_per_token="3/minute"))
+    limiter = RateLimiter(limits, redis_url=redis_url)
+    storage = RedisStorage("async+" + redis_url, implementation="redispy", key_prefix=KEY_PREFIX)
+    theirs = FixedWindowRateLimiter(storage)
+    token = (limits.per_token, "token", token_key("1.abc"))
+    try:
+        await limiter.check_request(token="1.abc", address="10.0.0.1")
+        assert await theirs.hit(*token)
+        stats = await theirs.get_window_stats(*token)
+        assert stats.remaining == 1
+        assert time.time() + 55 < stats.reset_time <= time.time() + 60
+        address = await theirs.get_window_stats(limits.per_address, "address", "10.0.0.1")
+        assert address.remaining == limits.per_address.amount - 1
+        await limiter.check_request(token="1.abc", address="10.0.0.1")
+        with pytest.raises(RateLimited):
+            await limiter.check_request(token="1.abc", address="10.0.0.1")
+    finally:
+        await limiter.aclose()
 
 
 async def test_with_redis_down_each_process_still_enforces_the_limits(

@@ -1,9 +1,11 @@
 """Abuse limits: requests per bearer token and per client address, and failed
-authentications per address, counted by the ``limits`` library (fixed windows).
+authentications per address, in the ``limits`` library's fixed windows.
 
-The counters live in Redis, shared by every API process. While Redis does not answer, each
-process counts in its own memory (``limits``' MemoryStorage) and tries Redis again after
-``SHARED_RETRY_S``: the limits get looser by the number of processes, never switched off.
+The counters live in Redis, shared by every API process, under the keys ``limits``' own
+RedisStorage uses. A request's counters are hit in one round trip (``HIT_LUA``: ``limits``
+hits one counter per call, and the API paid a round trip per counter). While Redis does not
+answer, each process counts in its own memory (``limits``' MemoryStorage) and tries Redis again
+after ``SHARED_RETRY_S``: the limits get looser by the number of processes, never switched off.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import FixedWindowRateLimiter
-from limits.errors import StorageError
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tasklab.service.domain.errors import RateLimited
@@ -30,6 +32,26 @@ KEY_PREFIX = "tasklab:rl"
 SHARED_RETRY_S = 2.0
 REDIS_TIMEOUT_S = 0.25  # a limit check must not hold a request longer than this
 _WHAT = {"auth-failed": "failed authentications from this address"}
+
+# KEYS: the counters in order; ARGV: each one's window (s) and limit. limits' incr_expire.lua
+# per key (the window starts at a counter's first hit), stopping at the first counter over its
+# limit (the ones after it are not counted, as when they were hit one by one); its PTTL comes
+# back with it, for Retry-After without another round trip. Returns {0, 0} when all are within.
+HIT_LUA = """
+for i, key in ipairs(KEYS) do
+    local count = redis.call("incrby", key, 1)
+    if count == 1 then
+        redis.call("expire", key, ARGV[2 * i - 1])
+    end
+    if count > tonumber(ARGV[2 * i]) then
+        return {i, redis.call("pttl", key)}
+    end
+end
+return {0, 0}
+"""
+
+Counter = tuple[RateLimitItem, str, str]
+"""A limit, what it counts (``token``, ``address``, ``auth-failed``) and whose (digest, address)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +69,10 @@ class Limits:
         )
 
 
-def storage_uri(redis_url: str) -> str:
-    """``limits``' spelling of a redis-py URL (``async+redis://``, ``async+redis+unix://``)."""
-    if redis_url.startswith("unix://"):
-        return "async+redis+unix://" + redis_url.removeprefix("unix://")
-    return "async+" + redis_url
+def redis_key(counter: Counter) -> str:
+    """The key ``limits``' RedisStorage (``key_prefix=KEY_PREFIX``) would use."""
+    item, kind, who = counter
+    return f"{KEY_PREFIX}:{item.key_for(kind, who)}"
 
 
 def token_key(token: str) -> str:
@@ -62,8 +83,8 @@ def token_key(token: str) -> str:
 class RateLimiter:
     def __init__(self, limits: Limits, *, redis_url: str | None) -> None:
         self.limits = limits
-        self._pool = (
-            aioredis.ConnectionPool.from_url(
+        self._redis = (
+            aioredis.Redis.from_url(
                 redis_url,
                 socket_timeout=REDIS_TIMEOUT_S,
                 socket_connect_timeout=REDIS_TIMEOUT_S,
@@ -71,19 +92,7 @@ class RateLimiter:
             if redis_url
             else None
         )
-        self._shared = (
-            FixedWindowRateLimiter(
-                RedisStorage(
-                    storage_uri(redis_url),
-                    wrap_exceptions=True,
-                    implementation="redispy",
-                    key_prefix=KEY_PREFIX,
-                    connection_pool=self._pool,  # type: ignore[arg-type]  # passed to redis-py
-                )
-            )
-            if redis_url
-            else None
-        )
+        self._hit_script = self._redis.register_script(HIT_LUA) if self._redis else None
         self._local = FixedWindowRateLimiter(MemoryStorage())
         self._shared_down_until = 0.0
 
@@ -96,62 +105,86 @@ class RateLimiter:
     @property
     def shared(self) -> bool:
         """True while the counters are Redis's (False: this process counts on its own)."""
-        return self._shared is not None and time.monotonic() >= self._shared_down_until
+        return self._redis is not None and time.monotonic() >= self._shared_down_until
 
     async def check_request(self, *, token: str | None, address: str) -> None:
         """Count one request; raise RateLimited naming the limit it went over."""
-        await self._hit(self.limits.per_address, "address", address)
+        counters = [(self.limits.per_address, "address", address)]
         if token:
-            await self._hit(self.limits.per_token, "token", token_key(token))
+            counters.append((self.limits.per_token, "token", token_key(token)))
+        refused = await self._hit(counters)
+        if refused is not None:
+            raise refused
 
     async def check_auth_allowed(self, address: str) -> None:
         """Refuse an address whose failed authentications used up their budget (no query)."""
-        item = self.limits.failed_auth_per_address
-        limiter, allowed = await self._apply("test", item, "auth-failed", address)
-        if not allowed:
-            raise await self._refusal(limiter, item, "auth-failed", address)
+        refused = await self._test((self.limits.failed_auth_per_address, "auth-failed", address))
+        if refused is not None:
+            raise refused
 
     async def note_failed_auth(self, address: str) -> None:
-        await self._apply("hit", self.limits.failed_auth_per_address, "auth-failed", address)
+        await self._hit([(self.limits.failed_auth_per_address, "auth-failed", address)])
 
-    async def _hit(self, item: RateLimitItem, kind: str, key: str) -> None:
-        limiter, allowed = await self._apply("hit", item, kind, key)
-        if not allowed:
-            raise await self._refusal(limiter, item, kind, key)
-
-    async def _apply(
-        self, op: str, item: RateLimitItem, kind: str, key: str
-    ) -> tuple[FixedWindowRateLimiter, bool]:
-        """``hit`` or ``test`` on the shared counters, else on this process's."""
-        if self._shared is not None and self.shared:
+    async def _hit(self, counters: list[Counter]) -> RateLimited | None:
+        """Count on each counter in order up to the first over its limit: its refusal."""
+        if self.shared:
             try:
-                return self._shared, await getattr(self._shared, op)(item, kind, key)
-            except StorageError as e:
+                return await self._hit_in_redis(counters)
+            except RedisError as e:
                 self._shared_failed(e)
-        return self._local, await getattr(self._local, op)(item, kind, key)
+        for item, kind, who in counters:
+            if not await self._local.hit(item, kind, who):
+                return await self._local_refusal((item, kind, who))
+        return None
 
-    def _shared_failed(self, error: StorageError) -> None:
+    async def _test(self, counter: Counter) -> RateLimited | None:
+        """The refusal if ``counter`` has no hit left, without counting one."""
+        if self.shared:
+            try:
+                return await self._test_in_redis(counter)
+            except RedisError as e:
+                self._shared_failed(e)
+        if await self._local.test(*counter):
+            return None
+        return await self._local_refusal(counter)
+
+    async def _hit_in_redis(self, counters: list[Counter]) -> RateLimited | None:
+        assert self._hit_script is not None
+        keys = [redis_key(counter) for counter in counters]
+        args = [n for item, _, _ in counters for n in (item.get_expiry(), item.amount)]
+        over, ttl_ms = await self._hit_script(keys=keys, args=args)
+        return _refusal(counters[over - 1], ttl_ms / 1000) if over else None
+
+    async def _test_in_redis(self, counter: Counter) -> RateLimited | None:
+        assert self._redis is not None
+        pipe = self._redis.pipeline(transaction=False)  # GET and PTTL in one round trip
+        pipe.get(redis_key(counter))
+        pipe.pttl(redis_key(counter))
+        count, ttl_ms = await pipe.execute()
+        return _refusal(counter, ttl_ms / 1000) if int(count or 0) >= counter[0].amount else None
+
+    async def _local_refusal(self, counter: Counter) -> RateLimited:
+        stats = await self._local.get_window_stats(*counter)
+        return _refusal(counter, stats.reset_time - time.time())
+
+    def _shared_failed(self, error: RedisError) -> None:
         log.warning(
             "rate limit counters unavailable in Redis (%s): counting in this process for %.0f s",
-            type(error.storage_error).__name__,
+            type(error).__name__,
             SHARED_RETRY_S,
         )
         self._shared_down_until = time.monotonic() + SHARED_RETRY_S
 
-    async def _refusal(
-        self, limiter: FixedWindowRateLimiter, item: RateLimitItem, kind: str, key: str
-    ) -> RateLimited:
-        try:
-            stats = await limiter.get_window_stats(item, kind, key)
-            retry_after_s = max(1, math.ceil(stats.reset_time - time.time()))
-        except StorageError:
-            retry_after_s = item.get_expiry()
-        what = _WHAT.get(kind, f"requests per {kind}")
-        return RateLimited(f"too many {what}: the limit is {item}", retry_after_s=retry_after_s)
-
     async def aclose(self) -> None:
-        if self._pool is not None:
-            await self._pool.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+def _refusal(counter: Counter, reset_in_s: float) -> RateLimited:
+    item, kind, _ = counter
+    retry_after_s = max(1, math.ceil(reset_in_s))
+    what = _WHAT.get(kind, f"requests per {kind}")
+    return RateLimited(f"too many {what}: the limit is {item}", retry_after_s=retry_after_s)
 
 
 class RateLimitMiddleware:
