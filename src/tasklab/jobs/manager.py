@@ -50,7 +50,7 @@ from tasklab.jobs.fallback import LocalExecutor
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.prepared import PreparedJob, submitted_job
 from tasklab.jobs.publisher import Outgoing, Publisher
-from tasklab.jobs.records import FINAL, Job, JobStatus
+from tasklab.jobs.records import FINAL, Job, JobStatus, count_by_status, status_counts
 from tasklab.jobs.registry import JobSpec, get_spec
 from tasklab.jobs.relay import Relay
 from tasklab.jobs.sqlite_writes import HotWrites
@@ -539,7 +539,7 @@ class JobManager:
 
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
-            return {status: int(n) for status, n in conn.execute(store.count_by_status())}
+            return status_counts(conn.execute(count_by_status()))
 
     def close(self, *, wait: bool = False) -> None:
         # What submit() returned goes to the broker (or the fallback) before the publisher

@@ -8,7 +8,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.sql.dml import Update
 
-from tasklab.jobs.records import CLAIMABLE, FINAL, JobStatus, attempts, jobs
+from tasklab.jobs.records import (
+    CLAIMABLE,
+    FINAL,
+    JobStatus,
+    attempts,
+    carried_rows,
+    jobs,
+    running_rows,
+    waiting_rows,
+)
 from tasklab.jobs.store import ENDED, db_now
 
 
@@ -24,7 +33,7 @@ def expired_leases(limit: int) -> sa.Select[Any]:
             jobs.c.lease_owner,
             jobs.c.started_at,
         )
-        .where(jobs.c.status == JobStatus.STARTED.value, jobs.c.lease_expires_at < db_now())
+        .where(running_rows(), jobs.c.lease_expires_at < db_now())
         .limit(limit)
     )
 
@@ -80,6 +89,7 @@ def finish_cancel_requested(now: float) -> Update:
     return (
         jobs.update()
         .where(
+            waiting_rows(),
             jobs.c.status.in_([s.value for s in CLAIMABLE]),
             jobs.c.cancel_requested == sa.true(),
         )
@@ -115,7 +125,13 @@ def stranded(
       started lost its carrier (reserved by a worker that died, or in a bundle it held). A
       countdown job counts once it is due since ``due_before``.
     """
-    pending = sa.and_(jobs.c.status == JobStatus.PENDING.value, jobs.c.created_at < pending_before)
+    # Each branch names a partial index's predicate and reads a range of it: PENDING jobs by
+    # created_at, published ones by queued_at.
+    pending = sa.and_(
+        waiting_rows(),
+        jobs.c.status == JobStatus.PENDING.value,
+        jobs.c.created_at < pending_before,
+    )
     conds: list[Any] = [pending]
     if left_broker:
         delivered = sa.or_(
@@ -126,7 +142,8 @@ def stranded(
         )
         conds.append(
             sa.and_(
-                jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RETRYING.value]),
+                carried_rows(),
+                jobs.c.queued_at < max(left_broker.values()),
                 delivered,
                 sa.or_(jobs.c.next_attempt_at.is_(None), jobs.c.next_attempt_at < due_before),
             )

@@ -14,7 +14,13 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.functions import FunctionElement
 
-from tasklab.jobs.records import CLAIMABLE, JobStatus, attempts, jobs
+from tasklab.jobs.records import (
+    CLAIMABLE,
+    JobStatus,
+    attempts,
+    index_predicate,
+    jobs,
+)
 
 MAX_ERROR_CHARS = 4000
 MAX_TRACEBACK_CHARS = 16000
@@ -125,11 +131,13 @@ def select_page(
     *, owner: str | None, status: str | None, task: str | None, page: int, page_size: int
 ) -> tuple[sa.Select[Any], sa.Select[Any]]:
     """(rows, total) statements for a listing, newest first."""
-    conds = []
+    conds: list[Any] = []
     if owner is not None:
         conds.append(jobs.c.owner == owner)
     if status is not None:
         conds.append(jobs.c.status == status)
+        if (predicate := index_predicate(status)) is not None:
+            conds.append(predicate)
     if task is not None:
         conds.append(jobs.c.task == task)
     rows = (
@@ -433,10 +441,6 @@ def retry_dead(job_id: str, extra_attempts: int) -> Update:
             next_attempt_at=None,
         )
     )
-
-
-def count_by_status() -> sa.Select[Any]:
-    return sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)
 
 
 def now_s() -> float:

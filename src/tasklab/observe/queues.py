@@ -40,6 +40,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from tasklab.celery_app import MAX_PRIORITY, QUEUES, redis_priority
+from tasklab.jobs.records import count_by_status, status_counts, waiting_rows
 from tasklab.observe.metrics import (
     JOBS_BY_STATUS,
     QUEUE_CONSUMERS,
@@ -260,7 +261,7 @@ def oldest_waiting_ages(
     due = sa.or_(_jobs.c.next_attempt_at.is_(None), _jobs.c.next_attempt_at <= now)
     query = (
         sa.select(_jobs.c.queue, sa.func.min(since))
-        .where(_jobs.c.status.in_(WAITING_STATUSES), due)
+        .where(waiting_rows(), due)
         .group_by(_jobs.c.queue)
     )
     rows = _rows_if_table(engine, query, strict=strict)
@@ -271,13 +272,11 @@ def oldest_waiting_ages(
 
 def jobs_by_status(engine: Engine, *, strict: bool = False) -> dict[str, int]:
     """Job records per status; {} if no job table yet."""
-    query = sa.select(_jobs.c.status, sa.func.count()).group_by(_jobs.c.status)
-    rows = _rows_if_table(engine, query, strict=strict)
-    return {str(status): int(count) for status, count in rows}
+    return status_counts(_rows_if_table(engine, count_by_status(), strict=strict))
 
 
 def _rows_if_table(
-    engine: Engine, query: sa.Select[Any], *, strict: bool = False
+    engine: Engine, query: sa.Select[Any] | sa.CompoundSelect[Any], *, strict: bool = False
 ) -> list[tuple[Any, ...]]:
     """The rows, [] without the table; a failing database gives [] too, or raises when
     ``strict`` (the exporter must know its figures are not fresh)."""

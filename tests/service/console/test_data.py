@@ -55,11 +55,13 @@ def test_throughput_and_queue_wait_are_counted_per_minute_over_the_last_hour(
     [
         data.JobFilter(),
         data.JobFilter(status="DEAD"),
+        data.JobFilter(status="QUEUED"),
+        data.JobFilter(status="SUCCEEDED"),
         data.JobFilter(task="tasklab.probe_job.noop"),
         data.JobFilter(owner="user:7"),
         data.JobFilter(queue="low", since=1.0),
     ],
-    ids=["all", "status", "task", "owner", "queue-and-time"],
+    ids=["all", "dead", "queued", "succeeded", "task", "owner", "queue-and-time"],
 )
 def test_a_jobs_page_reads_an_index_in_key_order_without_sorting_the_table(
     tmp_path: object, redis_url: str, where: data.JobFilter
@@ -78,6 +80,25 @@ def test_a_jobs_page_reads_an_index_in_key_order_without_sorting_the_table(
     # Rows come in created_at order from the index; only rows tied on created_at may be put
     # in id order after it ("RIGHT PART"), never the whole match sorted.
     assert "USING INDEX" in plan and "TEMP B-TREE FOR ORDER BY" not in plan, plan
+
+
+def test_running_jobs_are_listed_from_their_own_index_not_by_walking_every_job(
+    tmp_path: object, redis_url: str
+) -> None:
+    """The few STARTED jobs are read from their partial index and sorted; walking the
+    (created_at, id) index for them would read every job older than the page."""
+    settings = make_settings(tmp_path, redis_url)  # type: ignore[arg-type]
+    migrate(settings)
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            where = data.JobFilter(status="STARTED")
+            stmt = data.job_page_statement(where, after=data.Cursor(2e9, "f" * 32), limit=50)
+            compiled = stmt.compile(conn, compile_kwargs={"literal_binds": True})
+            plan = " ".join(r[-1] for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}"))
+    finally:
+        engine.dispose()
+    assert "USING INDEX ix_tasklab_jobs_running_lease" in plan, plan
 
 
 def test_dead_letter_queries_read_the_index_of_dead_jobs_only(

@@ -17,7 +17,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from tasklab.jobs.records import Job, JobStatus, attempts, jobs
+from tasklab.jobs.records import (
+    Job,
+    JobStatus,
+    attempts,
+    index_predicate,
+    jobs,
+    running_rows,
+    waiting_rows,
+)
 
 PAGE_SIZE = 50
 ERROR_KEY_CHARS = 120  # dead letters group by the error's first characters (ids differ after)
@@ -59,6 +67,8 @@ class JobFilter:
         ):
             if value:
                 conds.append(column == value)
+        if self.status and (predicate := index_predicate(self.status)) is not None:
+            conds.append(predicate)
         if self.since is not None:
             conds.append(c.created_at >= self.since)
         if self.until is not None:
@@ -94,14 +104,20 @@ class JobPage:
 def job_page_statement(where: JobFilter, *, after: Cursor | None, limit: int) -> sa.Select[Any]:
     c = jobs.c
     conds = where.conditions()
+    created: Any = c.created_at
+    if where.status == JobStatus.STARTED and not (where.task or where.owner):
+        # The few running jobs (their partial index), sorted, rather than the newest million
+        # walked for them: as an expression created_at cannot drive an ordered index walk,
+        # which a planner without statistics (SQLite's) would otherwise prefer.
+        created = c.created_at + 0
     if after is not None:
         conds.append(
             sa.or_(
-                c.created_at < after.created_at,
-                sa.and_(c.created_at == after.created_at, c.id < after.id),
+                created < after.created_at,
+                sa.and_(created == after.created_at, c.id < after.id),
             )
         )
-    return sa.select(jobs).where(*conds).order_by(c.created_at.desc(), c.id.desc()).limit(limit)
+    return sa.select(jobs).where(*conds).order_by(created.desc(), c.id.desc()).limit(limit)
 
 
 def job_page(
@@ -283,23 +299,14 @@ def recent_actions(conn: Connection, *, limit: int = 100) -> list[Action]:
 
 def running_locally(conn: Connection) -> int:
     """Jobs the API's local executor runs now (the breaker is open or was)."""
-    stmt = (
-        sa.select(sa.func.count())
-        .select_from(jobs)
-        .where(jobs.c.status == JobStatus.STARTED.value, jobs.c.via == "local")
-    )
+    stmt = sa.select(sa.func.count()).select_from(jobs).where(running_rows(), jobs.c.via == "local")
     return int(conn.execute(stmt).scalar_one())
 
 
 def waiting_by_queue(conn: Connection) -> dict[str, int]:
     """Jobs waiting to start per queue, by their records: several may ride in one broker
     message (a bundle), so this is not the broker's depth."""
-    waiting = [s.value for s in (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RETRYING)]
-    stmt = (
-        sa.select(jobs.c.queue, sa.func.count())
-        .where(jobs.c.status.in_(waiting))
-        .group_by(jobs.c.queue)
-    )
+    stmt = sa.select(jobs.c.queue, sa.func.count()).where(waiting_rows()).group_by(jobs.c.queue)
     return {str(queue): int(n) for queue, n in conn.execute(stmt)}
 
 
