@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,22 @@ def test_one_postgres_url_with_sslmode_serves_both_drivers(
     s = load_settings()
     assert s.sync_database_url.endswith("?sslmode=require")
     assert s.async_database_url == "postgresql+asyncpg://u@db:5432/app?ssl=require"
+
+
+def test_a_rate_limit_a_user_sets_is_checked_and_the_shipped_ones_cost_no_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every process builds settings (each worker too); `limits` (16 MB, 0.1 s to import)
+    is needed only to check a value a user set, and the API that enforces them."""
+    monkeypatch.setenv("TASKLAB_RATE_LIMIT_PER_TOKEN", "lots")
+    with pytest.raises(ConfigError, match="rate_limit_per_token"):
+        load_settings()
+    code = (
+        "import sys; from tasklab.settings import load_settings; load_settings(); "
+        "print('limits' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKLAB_RATE_LIMIT")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False", out.stderr
