@@ -9,6 +9,7 @@ from rich.console import Console
 
 from tasklab.lab.bench import DIMENSIONS, BenchSizes, _queue_rates, configured_brokers, run_bench
 from tasklab.lab.bench_jobs import PATHS as JOB_PATHS
+from tasklab.lab.bench_jobs import trial_size
 from tasklab.lab.errors import LabError
 from tasklab.settings import Settings
 from tests.conftest import required_url
@@ -58,6 +59,10 @@ def test_bench_runs_every_dimension_on_one_embedded_stack_and_writes_its_figures
     # shuffled order; every figure a median with its spread.
     rows = data["tables"]["jobs"]
     assert len(rows) == 3 * BenchSizes.tiny().repeat
+    # tiny sizes: no pilot, every trial its fixed size
+    assert data["params"]["jobs_tasks_per_trial"] == dict.fromkeys(
+        JOB_PATHS, BenchSizes.tiny().jobs_n
+    )
     for round_no in (1, 2):
         assert sorted(r["path"] for r in rows if r["round"] == round_no) == sorted(JOB_PATHS)
     for path in JOB_PATHS:
@@ -133,3 +138,19 @@ def test_the_l2_cache_target_is_judged_on_the_paired_redis_get_not_the_tight_loo
     figures = cache_figures(out)
     assert figures["l2_vs_redis_get_p50_ratio"] == 1.2  # 120 / 100, not 120 / 40
     assert figures["l2_vs_tight_loop_get_p50_ratio"] == 3.0
+
+
+@pytest.mark.parametrize(
+    "rate, at_least, window_s, expected",
+    [
+        (2000.0, 10_000, 12.0, 24_000),  # a 5 s window at 10,000: sized up to 12 s
+        (500.0, 10_000, 12.0, 10_000),  # 20 s already: never fewer than asked
+        (1e6, 10_000, 12.0, 200_000),  # capped
+        (0.0, 10_000, 12.0, 10_000),  # the pilot saw nothing finish
+        (2000.0, 10_000, 0.0, 10_000),  # sizing off
+    ],
+)
+def test_a_pilots_rate_sizes_each_live_trial_to_the_window_asked_for(
+    rate: float, at_least: int, window_s: float, expected: int
+) -> None:
+    assert trial_size(rate, at_least=at_least, window_s=window_s) == expected

@@ -70,7 +70,9 @@ class BenchSizes:
     memory_n: int = 1000  # messages queued (and weighed) per path
     rss_n: int = 2000  # jobs run to measure worker RSS growth
     queue_n: int = 2000
-    jobs_n: int = 10_000  # per path and round: a live window of 10 s or more
+    jobs_n: int = 10_000  # per path and round, at least (see jobs_window_s)
+    jobs_window_s: float = 12.0  # a pilot sizes each path's live trials to last this; 0: off
+    jobs_body: str = "counted"  # the task: tasklab.lab.bench_jobs.BODIES
     jobs_drain_n: int = 5000  # queued first, then drained (worker-bound)
     jobs_submitters: int = 4
     repeat: int = 3  # rounds of the jobs dimension, paths in a shuffled order each time
@@ -91,6 +93,7 @@ class BenchSizes:
             rss_n=40,
             queue_n=50,
             jobs_n=40,
+            jobs_window_s=0,
             jobs_drain_n=30,
             repeat=2,
             cache_reads=300,

@@ -1,6 +1,8 @@
 """``bench --dimension jobs``: raw Celery against tasklab's durable jobs, on equal terms.
 
-Three paths, the same no-op task, the same worker processes and Celery settings:
+Three paths, the same task, the same worker processes and Celery settings. The task is the
+shared peer harness's: one Redis round trip of bookkeeping (``--task-body counted``, the
+default; ``noop`` does nothing at all):
 
 - ``celery``: ``apply_async`` from a publishing app (no task-sent event), a probe that writes
   no STARTED state; its one SUCCESS result in Redis is how it is timed (tasklab writes its
@@ -13,11 +15,14 @@ Three paths, the same no-op task, the same worker processes and Celery settings:
 Each is measured two ways: **live** (several submitters as fast as they can while the
 workers consume; first submit to last finish) and **worker-bound** (the queue filled first
 with nobody consuming, then drained; the workers' rate alone). Each round runs the paths in a
-shuffled order; ``repeat`` rounds give each figure's median and its spread (min, max).
+shuffled order; ``repeat`` rounds give each figure's median and its spread (min, max). Unless
+told how many tasks to run, a short pilot of each path sizes its trials so that each live
+window lasts ``jobs_window_s`` at the pilot's rate.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -34,9 +39,14 @@ if TYPE_CHECKING:
     from tasklab.lab.bench import Bench
 
 PATHS = ("celery", "tasklab_b1", "tasklab")
-UNTRACKED_NOOP = Probe("noop_untracked")
-JOB_NOOP = Probe("noop")
+# --task-body: (raw Celery's probe, the jobs' probe)
+BODIES = {
+    "counted": (Probe("counted_untracked"), Probe("counted")),
+    "noop": (Probe("noop_untracked"), Probe("noop")),
+}
 MIN_WINDOW_S = 10.0
+PILOT_N = 2000  # tasks of a path's sizing pilot (its figures are not kept)
+MAX_N = 200_000  # per trial, whatever the pilot's rate
 INCLUDES = {
     "celery": "apply_async, no task-sent event, no STARTED write, one SUCCESS result in Redis",
     "tasklab_b1": "JobManager.submit, bundle_max=1: job row + one message per job; lease and "
@@ -65,9 +75,11 @@ class JobsBench:
         self.sizes = bench.sizes
         self.rounds: list[dict[str, Any]] = []
         self._b1: JobManager | None = None
+        self._n: dict[str, int] = {}  # tasks per live trial, by path
 
     def run(self, *, repeat: int, rng: random.Random) -> None:
         try:
+            self._size(rng)
             for round_no in range(1, repeat + 1):
                 order = list(PATHS)
                 rng.shuffle(order)
@@ -78,14 +90,26 @@ class JobsBench:
                 self._b1.close()
         self._record()
 
+    def _size(self, rng: random.Random) -> None:
+        """Tasks per trial: ``jobs_n``, or more where a pilot's rate says a window of
+        ``jobs_n`` would be shorter than ``jobs_window_s``."""
+        window_s = self.sizes.jobs_window_s
+        for path in rng.sample(PATHS, len(PATHS)):
+            self._n[path] = self.sizes.jobs_n
+            if window_s > 0:
+                rate = self._live(path, n=PILOT_N, first=False, pilot=True)["throughput_per_s"]
+                self._n[path] = trial_size(rate, at_least=self.sizes.jobs_n, window_s=window_s)
+        self.bench.result.params["jobs_tasks_per_trial"] = dict(self._n)
+
     # --- one path, one round --------------------------------------------------------------
     def _driver(self, path: str, queue: str) -> tuple[Driver, Probe]:
+        celery_probe, job_probe = BODIES[self.sizes.jobs_body]
         if path == "celery":
             return CeleryDriver(
                 self._publishing_app(), queue=queue, priority_of=self.stack.priority
-            ), UNTRACKED_NOOP
+            ), celery_probe
         manager = self.stack.jobs if path == "tasklab" else self._bundle_of_one()
-        return JobsDriver(manager, owner=self.stack.owner(f"jobs-{path}"), queue=queue), JOB_NOOP
+        return JobsDriver(manager, owner=self.stack.owner(f"jobs-{path}"), queue=queue), job_probe
 
     def _publishing_app(self) -> Any:
         from tasklab.celery_app import make_celery
@@ -102,15 +126,16 @@ class JobsBench:
         return self._b1
 
     def _measure(self, path: str) -> dict[str, float]:
-        live = self._live(path, first=not any(r["path"] == path for r in self.rounds))
+        first = not any(r["path"] == path for r in self.rounds)
+        live = self._live(path, n=self._n[path], first=first)
         drained = self._drain(path)
         return {**live, **drained}
 
-    def _live(self, path: str, *, first: bool) -> dict[str, float]:
+    def _live(self, path: str, *, n: int, first: bool, pilot: bool = False) -> dict[str, float]:
         driver, probe = self._driver(path, self.stack.queue)
-        n = self.sizes.jobs_n
         worker_cpu_s, own_cpu_s = self.stack.worker_cpu_s(), time.process_time()
-        with phase(self.bench.progress, f"jobs live ({path})", n) as update:
+        name = f"jobs {'pilot' if pilot else 'live'} ({path})"
+        with phase(self.bench.progress, name, n) as update:
             tickets = submit_all(driver, [probe] * n, submitters=self.sizes.jobs_submitters)
             samples = driver.collect(tickets, timeout_s=self.sizes.timeout_s, progress=update)
         figures = summary.summarize(samples, tickets)
@@ -209,6 +234,14 @@ class JobsBench:
         return float(
             next(r[key] for r in self.rounds if r["round"] == round_no and r["path"] == path)
         )
+
+
+def trial_size(rate_per_s: float, *, at_least: int, window_s: float) -> int:
+    """Tasks for a live window of ``window_s`` at ``rate_per_s``, never fewer than
+    ``at_least`` nor more than MAX_N; ``at_least`` when the rate is unknown."""
+    if rate_per_s <= 0 or window_s <= 0:
+        return at_least
+    return min(MAX_N, max(at_least, math.ceil(rate_per_s * window_s)))
 
 
 def _wait_published(driver: Driver, tickets: Sequence[Any], timeout_s: float = 30.0) -> None:

@@ -3,6 +3,7 @@ run_stress / run_bench / run_tune / run_report / run_drill / run_load."""
 
 from __future__ import annotations
 
+import enum
 import os
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,12 @@ import typer
 from rich.console import Console
 
 from tasklab.settings import Settings
+
+
+class TaskBody(enum.StrEnum):
+    counted = "counted"
+    noop = "noop"
+
 
 console = Console()
 
@@ -104,7 +111,14 @@ def bench(
             "(repeatable; default all)."
         ),
     ] = None,
-    tasks: Annotated[int | None, typer.Option(min=1, help="Tasks of the jobs dimension.")] = None,
+    tasks: Annotated[
+        int | None,
+        typer.Option(min=1, help="Tasks per trial of `jobs` (default: sized by a pilot for 12 s)."),
+    ] = None,
+    task_body: Annotated[
+        TaskBody,
+        typer.Option(help="`jobs`' task: counted (the peer harness's Redis round trip) or noop."),
+    ] = TaskBody.counted,
     submitters: Annotated[int, typer.Option(min=1, help="Threads submitting in `jobs`.")] = 4,
     repeat: Annotated[
         int,
@@ -126,9 +140,11 @@ def bench(
     from tasklab.lab.harness import worker_config
 
     settings = _settings(ctx)
-    sizes = replace(BenchSizes(), jobs_submitters=submitters, repeat=repeat)
+    sizes = replace(
+        BenchSizes(), jobs_submitters=submitters, repeat=repeat, jobs_body=task_body.value
+    )
     if tasks:
-        sizes = replace(sizes, jobs_n=tasks)
+        sizes = replace(sizes, jobs_n=tasks, jobs_window_s=0)
     result = run_bench(
         settings,
         dimensions=dimension or DIMENSIONS,

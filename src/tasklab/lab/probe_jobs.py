@@ -9,10 +9,21 @@ from typing import Any
 
 from tasklab.jobs import JobContext, job
 from tasklab.jobs.records import effects
+from tasklab.lab.bookkeeping import count_done
 
 
 @job(name="tasklab.probe_job.noop", max_attempts=3)
 def noop(sent_at: float | None = None) -> dict[str, Any]:
+    return {"sent_at": sent_at, "finished_at": time.time()}
+
+
+@job(name="tasklab.probe_job.counted", max_attempts=3)
+def counted(sent_at: float | None = None) -> dict[str, Any]:
+    """``noop`` plus the shared harness's bookkeeping (one Redis round trip): the bench's
+    tasklab paths."""
+    from celery import current_app
+
+    count_done(str(current_app.conf.broker_url))
     return {"sent_at": sent_at, "finished_at": time.time()}
 
 

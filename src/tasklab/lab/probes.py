@@ -10,6 +10,8 @@ from typing import Any
 
 from celery import shared_task
 
+from tasklab.lab.bookkeeping import count_done
+
 
 @shared_task(name="tasklab.probe.noop")
 def noop(sent_at: float | None = None) -> dict[str, Any]:
@@ -29,6 +31,20 @@ def noop_untracked(sent_at: float | None = None) -> dict[str, Any]:
     return {
         "sent_at": sent_at,
         "started_at": time.time(),
+        "finished_at": time.time(),
+        "pid": os.getpid(),
+    }
+
+
+@shared_task(name="tasklab.probe.counted_untracked", track_started=False, bind=True)
+def counted_untracked(self: Any, sent_at: float | None = None) -> dict[str, Any]:
+    """``noop_untracked`` plus the shared harness's bookkeeping (one Redis round trip): the
+    bench's raw Celery path."""
+    started = time.time()
+    count_done(str(self.app.conf.broker_url))
+    return {
+        "sent_at": sent_at,
+        "started_at": started,
         "finished_at": time.time(),
         "pid": os.getpid(),
     }

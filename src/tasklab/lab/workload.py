@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 CELERY_PROBES = {
     "noop": "tasklab.probe.noop",
     "noop_untracked": "tasklab.probe.noop_untracked",
+    "counted_untracked": "tasklab.probe.counted_untracked",
     "sleep": "tasklab.probe.sleep",
     "io": "tasklab.probe.sleep",
     "cpu": "tasklab.probe.cpu",
@@ -40,6 +41,7 @@ JOB_PROBES = {
     "io": "tasklab.probe_job.sleep",
     "fail": "tasklab.probe_job.fail",
     "effect": "tasklab.probe_job.effect",
+    "counted": "tasklab.probe_job.counted",
 }
 # How often collectors look for finished work. Latencies come from the records' own
 # timestamps, not from when a poll saw them, so polling slower only saves the CPU that the
