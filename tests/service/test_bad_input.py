@@ -4,18 +4,25 @@ never 5xx, and writes nothing."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
+from tasklab.embedded import EmbeddedRedis
 from tasklab.jobs.records import jobs as jobs_table
+from tasklab.service.app import create_app
 from tasklab.service.domain.models import Order, OrderItem
+from tasklab.service.domain.seed import seed
 from tasklab.settings import Settings
-from tests.service.conftest import Account, count_rows
+from tests.service.conftest import SEED, Account, count_rows, make_settings, read_tokens
 
+# No case writes (each checks it), so the module's cases share one seeded shop and one app:
+# an app's start and stop cost about a second, its requests milliseconds.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 LINE = {"product_id": 1, "quantity": 1}
 
 
@@ -190,6 +197,30 @@ CASES = [
         json={"priority": 1},
     ),
 ]
+
+
+@pytest.fixture(scope="module")
+def shop_settings(
+    tmp_path_factory: pytest.TempPathFactory, embedded_redis: EmbeddedRedis
+) -> Settings:
+    settings = make_settings(tmp_path_factory.mktemp("bad-input"), embedded_redis.url)
+    seed(settings, **SEED)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def accounts(shop_settings: Settings) -> list[Account]:
+    return read_tokens(shop_settings.home_dir / "tokens.jsonl")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(shop_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(shop_settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+    ):
+        yield c
 
 
 @pytest.fixture
