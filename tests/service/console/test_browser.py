@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -49,14 +50,21 @@ def stack(
     console_settings: Settings, api_server_factory: type[ApiServer]
 ) -> Iterator[tuple[str, JobManager]]:
     """The API (console included) and one worker on the same SQLite and Redis."""
-    worker = WorkerProcess(console_settings, concurrency=2, name="w1").start()
+    worker = WorkerProcess(console_settings, concurrency=2, name="w1")
+    server = api_server_factory(console_settings)
     jobs = JobManager(console_settings, local_fallback=False)
+    # Started together (each spends seconds importing), from threads that outlive them: a
+    # child started by a thread is stopped when that thread ends (die_with_parent).
+    pool = ThreadPoolExecutor(2)
     try:
-        server = api_server_factory(console_settings).start()
+        for started in [pool.submit(worker.start), pool.submit(server.start)]:
+            started.result()
         yield server.url, jobs
     finally:
         jobs.close()
         worker.stop()
+        server.stop()
+        pool.shutdown()
 
 
 def shot(page: Page, name: str) -> None:
@@ -105,9 +113,9 @@ def test_an_operator_logs_in_watches_a_queue_fill_and_drain_and_retries_a_dead_j
     asked: list[str] = []
     page.on("request", lambda r: asked.append(r.url) if "/fragments/overview" in r.url else None)
     set_hidden(page, True)
-    page.wait_for_timeout(2500)  # a refresh already on its way may still land
+    page.wait_for_timeout(1000)  # a refresh already on its way may still be reported
     asked.clear()
-    page.wait_for_timeout(4500)  # two refresh periods and more
+    page.wait_for_timeout(3000)  # a refresh period and a half
     assert asked == []
     with page.expect_request(lambda r: "/fragments/overview" in r.url):
         set_hidden(page, False)
