@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
+import pytest_asyncio
 
+from tasklab.embedded import EmbeddedRedis
+from tasklab.service.app import create_app
 from tasklab.service.domain import tokens
-from tests.service.conftest import Account
+from tasklab.service.domain.seed import seed
+from tasklab.settings import Settings
+from tests.service.conftest import SEED, Account, make_settings, read_tokens
 
 PROTECTED = [
     ("GET", "/api/v1/products"),
@@ -27,6 +34,35 @@ PROTECTED = [
 ORDER = {"items": [{"product_id": 1, "quantity": 1}], "use_points": 0}
 
 
+# The tests that write nothing share one seeded shop and one running app (an app's stop waits
+# about a second for the console's first poll); the two that place orders have their own.
+SHARED = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def shared_shop(
+    tmp_path_factory: pytest.TempPathFactory, embedded_redis: EmbeddedRedis
+) -> Settings:
+    settings = make_settings(tmp_path_factory.mktemp("auth"), embedded_redis.url)
+    seed(settings, **SEED)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def shared_accounts(shared_shop: Settings) -> list[Account]:
+    return read_tokens(shared_shop.home_dir / "tokens.jsonl")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_client(shared_shop: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(shared_shop)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+    ):
+        yield c
+
+
 def _assert_401(response: httpx.Response) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["content-type"] == "application/problem+json"
@@ -34,17 +70,21 @@ def _assert_401(response: httpx.Response) -> None:
     assert response.json()["status"] == 401
 
 
+@SHARED
 @pytest.mark.parametrize(("method", "path"), PROTECTED)
 async def test_every_api_endpoint_answers_401_without_a_token(
-    client: httpx.AsyncClient, method: str, path: str
+    shared_client: httpx.AsyncClient, method: str, path: str
 ) -> None:
-    _assert_401(await client.request(method, path, json=ORDER if method == "POST" else None))
+    response = await shared_client.request(method, path, json=ORDER if method == "POST" else None)
+    _assert_401(response)
 
 
+@SHARED
 async def test_wrong_malformed_and_other_users_tokens_are_refused(
-    client: httpx.AsyncClient, accounts: list[Account]
+    shared_client: httpx.AsyncClient, shared_accounts: list[Account]
 ) -> None:
-    alice, bob = accounts[0], accounts[1]
+    client = shared_client
+    alice, bob = shared_accounts[0], shared_accounts[1]
     bob_secret = bob.token.split(".", 1)[1]
     bad = [
         "garbage",
@@ -64,9 +104,12 @@ async def test_wrong_malformed_and_other_users_tokens_are_refused(
     )
 
 
-async def test_health_ready_openapi_and_docs_need_no_token(client: httpx.AsyncClient) -> None:
+@SHARED
+async def test_health_ready_openapi_and_docs_need_no_token(
+    shared_client: httpx.AsyncClient,
+) -> None:
     for path in ("/health", "/ready", "/openapi.json", "/docs"):
-        assert (await client.get(path)).status_code == 200, path
+        assert (await shared_client.get(path)).status_code == 200, path
 
 
 async def test_a_user_sees_only_their_own_orders_and_jobs(

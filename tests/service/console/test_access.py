@@ -2,19 +2,56 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
+import pytest_asyncio
+from fastapi import FastAPI
 
+from tasklab.embedded import EmbeddedRedis
 from tasklab.service.app import create_app
 from tasklab.service.domain.seed import seed
 from tasklab.settings import Settings
 from tests.service.conftest import SEED, Account, make_settings, read_tokens
 from tests.service.console.conftest import VIEWER, csrf_of, insert_jobs, log_in, status_of
 
+# The module's tests share one seeded database and one running app (each test its own client,
+# so its own cookies): an app's stop waits about a second for the console's first poll. The
+# failed-login test starts an app of its own (its own budget).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 PAGES = ["/console", "/console/jobs", "/console/dead", "/console/actions", "/console/lab"]
+
+
+@pytest.fixture(scope="module")
+def console_settings(
+    tmp_path_factory: pytest.TempPathFactory, embedded_redis: EmbeddedRedis
+) -> Settings:
+    home = tmp_path_factory.mktemp("console-access")
+    settings = make_settings(home, embedded_redis.url, console_viewers=[VIEWER])
+    seed(settings, **SEED)
+    return settings
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def running_app(console_settings: Settings) -> AsyncIterator[FastAPI]:
+    app = create_app(console_settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def anonymous(running_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=running_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def admin(anonymous: httpx.AsyncClient, people: dict[str, Account]) -> httpx.AsyncClient:
+    return await log_in(anonymous, people["admin"].token)
 
 
 @pytest.mark.parametrize("path", [*PAGES, "/console/static/htmx-2.0.11.min.js"])
