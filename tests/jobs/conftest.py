@@ -16,6 +16,7 @@ from tasklab.jobs.records import effects
 from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.conftest import _reset_postgres
+from tests.support.schema import migrated
 from tests.support.worker import WorkerProcess
 
 
@@ -26,6 +27,17 @@ def broker(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """As tests/conftest.py's, except that PostgreSQL's schema is left as it was: every
+    fixture here makes it fresh with ``migrated`` (tests/support/schema.py), which empties a
+    migrated schema instead of dropping it and migrating again."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("postgres_url")
+    return url
 
 
 @pytest.fixture
@@ -41,8 +53,7 @@ def job_settings(tmp_path: Path, redis_url: str, database_url: str | None) -> Se
         requeue_after_s=2,
         breaker_reset_s=0.5,
     )
-    migrate(settings)
-    return settings
+    return migrated(settings)
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.publisher import BUNDLE_TASK
 from tasklab.jobs.records import effects
 from tasklab.jobs.recovery import Reaper
-from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.jobs.conftest import queued_messages
+from tests.support.schema import migrated
 
 BACKOFF_S = 5.0
 RETENTION_DAYS = 30.0
@@ -54,7 +54,7 @@ def settings_for(tmp_path: Path, broker: EmbeddedRedis, database_url: str | None
         job_retention_days=RETENTION_DAYS,
         breaker_reset_s=60,
     )
-    migrate(settings)
+    migrated(settings)
     return settings
 
 

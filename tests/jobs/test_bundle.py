@@ -23,10 +23,10 @@ from tasklab.jobs.publisher import BUNDLE_TASK, Outgoing, Publisher
 from tasklab.jobs.records import jobs
 from tasklab.jobs.worker_side import WorkerRuntime
 from tasklab.lab import probe_jobs
-from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.conftest import required_url
 from tests.jobs.conftest import effect_counts, queue_lists, queued_messages
+from tests.support.schema import migrated
 
 NOOP = probe_jobs.noop.name
 EFFECT = probe_jobs.effect.name
@@ -186,7 +186,7 @@ def bundle_settings(tmp_path: Path, broker: EmbeddedRedis, database_url: str | N
         breaker_reset_s=0.3,
         local_workers=0,  # a job the broker refused would wait, not run here
     )
-    migrate(settings)
+    migrated(settings)
     return settings
 
 
@@ -255,7 +255,7 @@ class HandBacks:
 @pytest.fixture
 def db_settings(tmp_path: Path, database_url: str | None) -> Settings:
     settings = Settings(home_dir=tmp_path / ".tasklab", database_url=database_url, lease_s=5)
-    migrate(settings)
+    migrated(settings)
     return settings
 
 

@@ -17,8 +17,8 @@ from tasklab.jobs.execution import Executor
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.recovery import Reaper
 from tasklab.lab import probe_jobs
-from tasklab.migrations import migrate
 from tasklab.settings import Settings
+from tests.support.schema import migrated
 
 _managers: list[JobManager] = []
 
@@ -35,7 +35,7 @@ def jm(tmp_path: Path, database_url: str | None, redis_url: str) -> Iterator[Job
     settings = Settings(
         home_dir=tmp_path / ".tasklab", database_url=database_url, redis_url=redis_url
     )
-    migrate(settings)
+    migrated(settings)
     manager = JobManager(settings, local_fallback=False)
     _managers.append(manager)
     yield manager

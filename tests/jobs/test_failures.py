@@ -16,10 +16,10 @@ from tasklab.jobs.execution import Executor
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.recovery import Reaper
 from tasklab.lab import probe_jobs
-from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.jobs.conftest import effect_counts, queued_messages
 from tests.support.frozen import FrozenServer
+from tests.support.schema import migrated
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def fault_settings(tmp_path: Path, broker: EmbeddedRedis, database_url: str | No
         breaker_reset_s=0.3,
         worker_prefetch_multiplier=1,
     )
-    migrate(settings)
+    migrated(settings)
     return settings
 
 

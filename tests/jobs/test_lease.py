@@ -20,14 +20,14 @@ from tasklab.jobs import JobManager, JobStatus, execution, lease, reaper_sql, st
 from tasklab.jobs.execution import Executor, JobContext
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.lab import probe_jobs
-from tasklab.migrations import migrate
 from tasklab.settings import Settings
+from tests.support.schema import migrated
 
 
 @pytest.fixture
 def jm(tmp_path: Path, database_url: str | None) -> Iterator[JobManager]:
     settings = Settings(home_dir=tmp_path / ".tasklab", database_url=database_url)
-    migrate(settings)
+    migrated(settings)
     manager = JobManager(settings, local_fallback=False)
     yield manager
     manager.close()

@@ -22,9 +22,9 @@ from tasklab.jobs.carriers import redis_list
 from tasklab.jobs.publisher import BUNDLE_TASK
 from tasklab.jobs.recovery import Reaper
 from tasklab.lab import probe_jobs
-from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.jobs.conftest import queued_messages
+from tests.support.schema import migrated
 
 REQUEUE_AFTER_S = 1.0
 
@@ -38,7 +38,7 @@ def settings(tmp_path: Path, broker: EmbeddedRedis, database_url: str | None) ->
         requeue_after_s=REQUEUE_AFTER_S,
         reaper_interval_s=0.2,
     )
-    migrate(s)
+    migrated(s)
     return s
 
 

@@ -11,8 +11,8 @@ import pytest
 from tasklab.embedded import EmbeddedRedis
 from tasklab.jobs import JobManager, JobStatus
 from tasklab.lab import probe_jobs
-from tasklab.migrations import migrate
 from tasklab.settings import Settings
+from tests.support.schema import migrated
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def settings(tmp_path: Path, broker: EmbeddedRedis, database_url: str | None) ->
         reaper_interval_s=0.5,
         requeue_after_s=120,  # recovery by re-publishing is not what this test is about
     )
-    migrate(s)
+    migrated(s)
     return s
 
 

@@ -19,9 +19,9 @@ from tasklab.jobs.execution import Executor
 from tasklab.jobs.lease import LeaseKeeper
 from tasklab.jobs.records import effects
 from tasklab.jobs.recovery import Reaper
-from tasklab.migrations import migrate
 from tasklab.settings import Settings
 from tests.jobs.conftest import effect_counts
+from tests.support.schema import migrated
 
 _seen: dict[str, Any] = {}
 
@@ -60,7 +60,7 @@ def jm(tmp_path: Path, database_url: str | None, redis_url: str) -> Iterator[Job
         redis_url=redis_url,
         sqlite_busy_timeout_ms=3000,
     )
-    migrate(settings)
+    migrated(settings)
     manager = JobManager(settings, local_fallback=False)
     yield manager
     manager.close()
