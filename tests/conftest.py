@@ -120,9 +120,9 @@ def worker_factory(settings: Settings) -> Iterator[type[WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     class Factory(WorkerProcess):
-        def start(self, *, wait_s: float = 60.0) -> WorkerProcess:
+        def spawn(self) -> WorkerProcess:
             started.append(self)
-            return super().start(wait_s=wait_s)
+            return super().spawn()
 
     yield Factory
     for w in started:

@@ -61,7 +61,9 @@ def nodes(
         port = free_port_on("127.0.0.1")
         worker = worker_factory(settings, concurrency=1, name=name)
         worker.argv += ["--metrics-port", str(port)]
-        started.append((worker.start(), port))
+        started.append((worker.spawn(), port))
+    for worker, _ in started:  # both import at once
+        worker.wait_ready(60)
     return started
 
 

@@ -59,6 +59,13 @@ class WorkerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_s: float = 60.0) -> WorkerProcess:
+        self.spawn()
+        self.wait_ready(wait_s)
+        return self
+
+    def spawn(self) -> WorkerProcess:
+        """Start the process without waiting for it (``wait_ready``): workers spawned one
+        after the other import at the same time."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -69,7 +76,6 @@ class WorkerProcess:
             preexec_fn=die_with_parent,
         )
         log.close()
-        self.wait_ready(wait_s)
         return self
 
     def wait_ready(self, wait_s: float) -> None:
