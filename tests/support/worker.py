@@ -86,7 +86,9 @@ class WorkerProcess:
                 assert self.process is not None
                 if self.process.poll() is not None:
                     raise RuntimeError(f"worker exited early:\n{self.log()}")
-                replies = app.control.ping(timeout=0.5) or []
+                # limit=1: back at the first reply, not at the end of the timeout (another
+                # worker on the broker answering first only costs another round)
+                replies = app.control.ping(timeout=0.5, limit=1) or []
                 if any(self.name in next(iter(r)) for r in replies):
                     return
             raise TimeoutError(f"worker did not answer ping in {wait_s}s:\n{self.log()}")
