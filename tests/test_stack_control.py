@@ -284,7 +284,8 @@ def test_up_with_nodes_runs_separate_worker_nodes_that_share_the_work(tmp_path: 
         names: set[str] = set()
         deadline = time.monotonic() + 30
         while not {"worker1", "worker2"} <= names and time.monotonic() < deadline:
-            names |= {n.split("@")[0] for reply in control.ping(timeout=2) or [] for n in reply}
+            replies = control.ping(timeout=2, limit=2) or []  # back once both answered
+            names |= {n.split("@")[0] for reply in replies for n in reply}
         assert {"worker1", "worker2"} <= names
         jm = JobManager(settings)  # the stack's database: the nodes share it
         try:

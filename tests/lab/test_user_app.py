@@ -63,7 +63,8 @@ def user_app_worker(user_app_env: str, tmp_path: Path) -> Iterator[subprocess.Po
         preexec_fn=die_with_parent,
     )
     deadline = time.monotonic() + 60
-    while not any("user@" in name for r in (app.control.ping(timeout=0.5) or []) for name in r):
+    # limit=1: back at the first reply, not at the end of the timeout
+    while not any("user@" in n for r in (app.control.ping(timeout=0.5, limit=1) or []) for n in r):
         assert proc.poll() is None and time.monotonic() < deadline, (
             tmp_path / "user-worker.log"
         ).read_text()[-3000:]
