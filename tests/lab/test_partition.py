@@ -25,9 +25,7 @@ KNOBS = {
     "link_fail_after": 2,
     "worker_concurrency": 1,
 }
-# The cut node runs a job within a second of the load's start (the cut waits until it does)
-# and is back within a second of the heal (cut_node_back_s): 2 s before, 6 s after.
-SIZES = PartitionSizes(hold_s=0.3, cut_after_s=2.0, cut_s=10.0, after_s=6.0, drain_timeout_s=90)
+SIZES = PartitionSizes(hold_s=0.3, cut_after_s=4.0, cut_s=10.0, after_s=15.0, drain_timeout_s=90)
 
 
 def test_the_partition_drill_refuses_a_sqlite_database(tmp_path: Path) -> None:
